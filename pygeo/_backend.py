@@ -1,0 +1,183 @@
+"""The one dispatch point: which backend runs an op, and why another one cannot.
+
+Backends:
+  torch  - pure PyTorch reference (pygeo/reference/), always available; the fallback and the test oracle.
+  cpp    - the compiled extension pygeo._C (C++/OpenMP), CPU tensors.
+  cuda   - CUDA C++ kernels in pygeo._C, when it was built with nvcc, CUDA tensors.
+  triton - Triton kernels (pygeo.triton_kernels), CUDA tensors; CPU tensors too when TRITON_INTERPRET=1.
+
+backend="auto" picks, for CUDA tensors, the op's measured-faster GPU backend among those available, and for CPU
+tensors cpp when compiled, else torch. PYGEO_BACKEND=<name> overrides "auto" everywhere. A backend that is asked for
+by name but cannot run raises BackendUnavailableError saying why.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+BACKEND_NAMES: Tuple[str, ...] = ("torch", "cpp", "cuda", "triton")
+
+# Tests set this to fill every kernel output with NaN before the kernel runs, so an element a kernel forgets to write
+# cannot pass by accident.
+POISON_OUTPUTS: bool = os.environ.get("PYGEO_POISON_OUTPUTS", "0") == "1"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested by name (argument or PYGEO_BACKEND) but cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why not, or what it is
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_module():
+    """pygeo._C, or None when the extension was not built."""
+    try:
+        return importlib.import_module("pygeo._C")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_import_error() -> str:
+    try:
+        importlib.import_module("pygeo._C")
+    except ImportError as error:
+        return str(error)
+    return ""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        importlib.import_module("triton")
+    except Exception as error:  # triton raises more than ImportError when its driver is missing
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus(name, True, "pure PyTorch reference")
+    if name == "cpp":
+        module = compiled_module()
+        if module is None:
+            return BackendStatus(name, False, f"extension pygeo._C not built or not importable ({_compiled_import_error()})")
+        info = module.build_info()
+        return BackendStatus(name, True, f"C++ kernels, OpenMP {'on' if info['openmp'] else 'off'}, {info['max_threads']} threads")
+    if name == "cuda":
+        module = compiled_module()
+        if module is None:
+            return BackendStatus(name, False, "extension pygeo._C not built")
+        if not module.build_info()["cuda"]:
+            return BackendStatus(name, False, "pygeo._C was built without CUDA kernels (no nvcc at build time, or PYGEO_WITH_CUDA=OFF)")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "no CUDA device visible to PyTorch")
+        return BackendStatus(name, True, f"CUDA C++ kernels on {torch.cuda.get_device_name()}")
+    if name == "triton":
+        error = _triton_import_error()
+        if error:
+            return BackendStatus(name, False, f"triton is not importable ({error})")
+        if torch.cuda.is_available():
+            return BackendStatus(name, True, "Triton kernels on the GPU")
+        if triton_interpreting():
+            return BackendStatus(name, True, "Triton interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)")
+        return BackendStatus(name, False, "no CUDA device (set TRITON_INTERPRET=1 before importing pygeo to run the interpreter)")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or 'auto'")
+
+
+class BackendReport(dict):
+    """Maps backend name -> BackendStatus; prints as a table."""
+
+    def __str__(self) -> str:
+        lines = ["backend  available  detail"]
+        for entry in self.values():
+            lines.append(f"{entry.name:<8} {'yes' if entry.available else 'no':<10} {entry.reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def backends() -> BackendReport:
+    """What is available here, and why not."""
+    return BackendReport((name, status(name)) for name in BACKEND_NAMES)
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return False
+
+
+# Under torch.compile the choice is made once at trace time and baked into the graph as a constant.
+@torch._dynamo.assume_constant_result
+def resolve(op: str, device: torch.device, backend: Optional[str], implemented: Sequence[str],
+            gpu_preference: Sequence[str] = ("triton", "cuda")) -> str:
+    """Turn backend='auto' (or None) into a concrete backend for `op` on `device`, or raise saying why not.
+
+    implemented: the backends this op has; gpu_preference: its GPU backends, fastest (by measurement) first.
+    """
+    requested = backend if backend not in (None, "auto") else os.environ.get("PYGEO_BACKEND", "auto")
+    if requested == "auto":
+        if device.type == "cuda":
+            for name in gpu_preference:
+                if name in implemented and status(name).available:
+                    return name
+            return "torch"
+        if "cpp" in implemented and status("cpp").available:
+            return "cpp"
+        return "torch"
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+    if requested not in implemented:
+        raise BackendUnavailableError(f"op {op!r} has no {requested!r} backend; it has {tuple(implemented)}")
+    entry = status(requested)
+    if not entry.available:
+        raise BackendUnavailableError(f"backend {requested!r} for op {op!r} is unavailable: {entry.reason}")
+    if not _runs_on(requested, device):
+        raise BackendUnavailableError(f"backend {requested!r} for op {op!r} cannot run on {device.type} tensors")
+    return requested
+
+
+def empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Output buffer for a kernel: uninitialised, or NaN-filled when POISON_OUTPUTS is set (tests)."""
+    if POISON_OUTPUTS:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device)
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    """The name the compiled kernels dispatch on."""
+    if tensor.dtype == torch.float32:
+        return "float32"
+    if tensor.dtype == torch.float64:
+        return "float64"
+    raise TypeError(f"compiled kernels take float32 or float64, got {tensor.dtype}")
+
+
+def ptr(tensor: Optional[torch.Tensor]) -> int:
+    """Data pointer for the compiled kernels (0 for an absent optional tensor)."""
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def cuda_stream(tensor: torch.Tensor) -> int:
+    return torch.cuda.current_stream(tensor.device).cuda_stream

@@ -1,0 +1,75 @@
+"""Input validation shared by every public op: errors that name the argument and say what was expected."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True) -> torch.Tensor:
+    """A real floating tensor (float32 or float64) with at least `min_dim` dimensions and, by default, no NaN/Inf."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_complex() or not value.is_floating_point():
+        raise TypeError(f"{name} must be a real floating tensor (float32 or float64), got dtype {value.dtype}")
+    if value.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {value.dtype} (convert with .float() or .double())")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    if check_finite and value.numel() and not _is_fake(value) and not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return value
+
+
+def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True) -> torch.Tensor:
+    """A complex tensor (complex64 or complex128)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in (torch.complex64, torch.complex128):
+        raise TypeError(f"{name} must be a complex tensor (complex64 or complex128), got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    if check_finite and value.numel() and not _is_fake(value) and not torch.isfinite(torch.view_as_real(value)).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return value
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """All given tensors (None skipped) live on one device; returns it."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+    return next(iter(devices))
+
+
+def same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    dtypes = {t.dtype for t in present.values()}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{name} is {t.dtype}" for name, t in present.items())
+        raise TypeError(f"all tensors must have the same dtype, got {listing}")
+    return next(iter(dtypes))
+
+
+def last_dims(name: str, value: torch.Tensor, expected: Sequence[Optional[int]], what: str) -> None:
+    """The trailing dimensions of `value` equal `expected` (None = any); `what` names them, e.g. '[..., d, d]'."""
+    got = tuple(value.shape[value.dim() - len(expected):]) if value.dim() >= len(expected) else None
+    if got is None or any(e is not None and g != e for g, e in zip(got, expected)):
+        raise ValueError(f"{name} must have shape {what} with {_describe(expected)}, got {tuple(value.shape)}")
+
+
+def _describe(expected: Sequence[Optional[int]]) -> str:
+    return "trailing dims (" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+
+
+def _is_fake(value: torch.Tensor) -> bool:
+    """True while tracing (torch.compile) or for fake/meta tensors, whose values cannot be inspected."""
+    if torch.compiler.is_compiling() or value.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return is_fake(value)

@@ -1,0 +1,75 @@
+"""The metric contract that geometry and samplers are written against."""
+from __future__ import annotations
+
+import torch
+
+from .. import _linalg
+
+
+class Metric:
+    """A Riemannian metric on R^d given in coordinates.
+
+    Subclasses implement `metric(z)`; the others have generic (autograd) defaults that subclasses may replace by
+    fused kernels or closed forms.
+      metric(z)                 z [..., d] -> G [..., d, d], symmetric positive definite
+      metric_and_derivative(z)  -> (G [..., d, d], dG [..., d, d, d]) with dG[..., k, i, j] = d G[i, j] / d z_k
+      log_volume(z)             -> 1/2 log det G [...], differentiable in z
+      inner(z, u, v)            -> u^T G(z) v [...]
+    """
+
+    def metric(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metric_and_derivative(self, z: torch.Tensor):
+        return metric_and_derivative_by_autograd(self.metric, z)
+
+    def log_volume(self, z: torch.Tensor) -> torch.Tensor:
+        return _linalg.half_log_det(self.metric(z), name=f"{type(self).__name__}.metric(z)")
+
+    def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        G = self.metric(z)
+        return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+    def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.inner(z, v, v).clamp_min(0).sqrt()
+
+
+def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):
+    """(G, dG) for any metric function, dG[..., k, i, j] = d G[i, j] / d z_k.
+
+    Forward mode (d jvps, vmapped) when the function supports it; otherwise reverse mode over the d(d+1)/2 distinct
+    entries of G, summed over the batch (points are independent, so one backward pass serves every point).
+    """
+    batch_shape, d = z.shape[:-1], z.shape[-1]
+    flat = z.reshape(-1, d)
+    def single(point):
+        G = metric_fn(point.unsqueeze(0)).squeeze(0)
+        return G, G
+
+    try:
+        dG_last, G = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(flat)
+        dG = dG_last.permute(0, 3, 1, 2)
+    except Exception:  # not vmap / forward-mode friendly (e.g. a custom op without a forward-AD formula)
+        G, dG = _derivative_by_reverse_mode(metric_fn, flat)
+    return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+
+def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
+    keep_graph = flat.requires_grad  # callers differentiating dG again (curvature) need the graph
+    with torch.enable_grad():
+        point = flat if keep_graph else flat.detach().requires_grad_(True)
+        G = metric_fn(point)
+        d = flat.shape[-1]
+        rows = []
+        for i in range(d):
+            for j in range(i, d):
+                (grad,) = torch.autograd.grad(G[:, i, j].sum(), point, retain_graph=True, create_graph=keep_graph)
+                rows.append(grad)
+    pairs = {}
+    index = 0
+    for i in range(d):
+        for j in range(i, d):
+            pairs[i, j] = pairs[j, i] = rows[index]
+            index += 1
+    dG = torch.stack([torch.stack([pairs[i, j] for j in range(d)], -1) for i in range(d)], -2)  # [B, i, j, k]
+    return (G if keep_graph else G.detach()), dG.permute(0, 3, 1, 2)

@@ -1,0 +1,29 @@
+"""FunctionMetric: any user function z -> G as a metric of the contract (derivatives by autograd)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import _checks
+from .base import Metric
+
+
+class FunctionMetric(Metric):
+    """Wraps fn: z [..., d] -> G [..., d, d] (symmetric positive definite). Derivatives come from autograd, so fn must
+    be written in differentiable torch operations; forward mode (torch.func) is used when fn supports it."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable z -> G, got {type(fn).__name__}")
+        self.fn = fn
+
+    def metric(self, z: torch.Tensor) -> torch.Tensor:
+        _checks.real_tensor("z", z, min_dim=1)
+        G = self.fn(z)
+        d = z.shape[-1]
+        if not isinstance(G, torch.Tensor) or tuple(G.shape) != tuple(z.shape[:-1]) + (d, d):
+            shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+            raise ValueError(f"FunctionMetric: fn(z) must return G of shape {tuple(z.shape[:-1]) + (d, d)} for z of shape "
+                             f"{tuple(z.shape)}, got {shape}")
+        return G

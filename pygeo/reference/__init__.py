@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the CPU fallback, the test oracle and the benchmark baseline of every op."""

@@ -4,7 +4,7 @@ import torch
 
 import pygeo
 
-from conftest import devices, pygeo_backends_for
+from conftest import devices, pygeo_backends_for, record_work
 
 SIZES = {"cpu": [(1024, 784, 16), (4096, 784, 2), (256, 784, 64)], "cuda": [(8192, 784, 2), (8192, 784, 16), (8192, 784, 64)]}
 CASES = [(device, size) for device in devices() for size in SIZES[device]]
@@ -23,6 +23,8 @@ def test_jtj(run_benchmark, benchmark, device, size, provider):
     J = torch.randn(B, D, d, device=device)
     weight = torch.rand(B, D, device=device)
     benchmark.group = f"jtj {device} B={B} D={D} d={d}"
+    element = J.element_size()
+    record_work(benchmark, flops=2.0 * B * D * d * (d + 1) / 2, bytes_moved=element * (B * D * d + B * D + B * d * d))
     if provider == "einsum":
         run_benchmark(lambda: torch.einsum("bri,br,brj->bij", J, weight, J), device)
     else:

@@ -46,3 +46,9 @@ def run_benchmark(benchmark):
             return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
         return benchmark(fn)
     return go
+
+
+def record_work(benchmark, flops: float, bytes_moved: float):
+    """Attach the op's arithmetic and memory traffic, so bench/gpu.py can report the fraction of the roofline."""
+    benchmark.extra_info["flops"] = float(flops)
+    benchmark.extra_info["bytes"] = float(bytes_moved)

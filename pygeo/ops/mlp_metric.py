@@ -13,7 +13,7 @@ import torch
 from .. import _backend, _checks
 from ..reference import mlp_metric as reference
 
-_IMPLEMENTED = ("torch",)
+_IMPLEMENTED = ("torch", "cpp")
 
 ACTIVATIONS = {
     "identity": (reference.IDENTITY, ()),
@@ -52,21 +52,48 @@ def _run(z, weights, biases, activation_codes, activation_params, output_weight,
         return reference.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps)
     B, d = z.shape
     out = _backend.empty((B, d, d), z)
+    weights, biases, output_weight, upper_triangular = _compress_last_layer(
+        B, d, list(weights), list(biases), activation_codes, output_weight, bernoulli)
     if backend == "triton":
         from ..triton_kernels import mlp_metric as triton_mlp_metric
 
         return triton_mlp_metric.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight,
-                                            bernoulli, eps, out)
+                                            bernoulli, eps, upper_triangular, out)
     C = _backend.compiled_module()
     widths = [d] + [W.shape[0] for W in weights]
     args = (_backend.ptr(z), [_backend.ptr(W) for W in weights], [_backend.ptr(b) for b in biases], widths,
             list(activation_codes), list(activation_params), _backend.ptr(output_weight), bool(bernoulli), float(eps),
-            _backend.ptr(out), B, _backend.dtype_name(z))
+            upper_triangular, _backend.ptr(out), B, _backend.dtype_name(z))
     if backend == "cpp":
         C.mlp_metric_cpu(*args)
     else:
         C.mlp_metric_cuda(*args, _backend.cuda_stream(z))
     return out
+
+
+def _compress_last_layer(B, d, weights, biases, activation_codes, output_weight, bernoulli):
+    """With a constant Fisher weight w and an identity last activation, G = T^T (W_L^T diag(w) W_L) T (T: the tangents
+    entering the last layer) equals (R T)^T (R T) for R = C^T, C the Cholesky factor of W_L^T diag(w) W_L [n, n]. R is
+    upper triangular, so the kernels skip half of it: a third of the last layer's work when D = 784 and n = 512.
+    Done only when the B d tangent rows that go through the last layer repay the Gram + Cholesky (about D n^2
+    multiply-adds, in float64 so that the squared condition number costs no accuracy), and when that Gram is
+    numerically positive definite.
+
+    Returns (weights, biases, output_weight, last layer upper triangular?).
+    """
+    W = weights[-1]
+    D, n = W.shape
+    if bernoulli or activation_codes[-1] != reference.IDENTITY or D < n:
+        return weights, biases, output_weight, False
+    if B * d * (D * n - n * n / 2) <= 2 * D * n * n:
+        return weights, biases, output_weight, False
+    W64 = W.detach().double()
+    scaled = W64 if output_weight is None else output_weight.detach().double().sqrt().unsqueeze(-1) * W64
+    C, info = torch.linalg.cholesky_ex(scaled.transpose(0, 1) @ scaled)
+    if bool(info != 0):
+        return weights, biases, output_weight, False
+    R = C.transpose(0, 1).to(W.dtype).contiguous()  # [n, n], upper triangular
+    return weights[:-1] + [R], biases[:-1] + [R.new_zeros(n)], None, True
 
 
 @torch.library.custom_op("pygeo::mlp_metric", mutates_args=())

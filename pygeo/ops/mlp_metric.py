@@ -13,7 +13,7 @@ import torch
 from .. import _backend, _checks
 from ..reference import mlp_metric as reference
 
-_IMPLEMENTED = ("torch", "cpp")
+_IMPLEMENTED = ("torch", "cpp", "triton")
 
 ACTIVATIONS = {
     "identity": (reference.IDENTITY, ()),

@@ -13,7 +13,7 @@ import torch
 from .. import _backend, _checks
 from ..reference import mlp_metric as reference
 
-_IMPLEMENTED = ("torch", "cpp", "triton")
+_IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 
 ACTIVATIONS = {
     "identity": (reference.IDENTITY, ()),

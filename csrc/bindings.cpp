@@ -3,9 +3,11 @@
 // shapes, dtypes, devices and contiguity before calling in; the kernels re-check sizes and throw ValueError.
 // Adding an op: declare its cpu (and cuda) entry points below and add one PYGEO_BIND line per backend.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector arguments (mlp_metric)
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/dispatch.h"
 #include "common/parallel.h"
@@ -16,6 +18,7 @@ using std::uintptr_t;
 namespace pygeo {
 // --- declarations (definitions in cpu/<op>.cpp and cuda/<op>.cu) ---
 template <typename T> void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d);
+template <typename T> void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B);
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void jtj_cuda(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d, uintptr_t stream);
 #endif
@@ -41,6 +44,13 @@ py::dict build_info() {
 
 }  // namespace
 
+template <typename T>
+std::vector<T*> pointer_list(const std::vector<uintptr_t>& addresses) {  // a list of tensors (one per layer)
+  std::vector<T*> pointers;
+  for (uintptr_t address : addresses) pointers.push_back(pygeo::as_ptr<T>(address));
+  return pointers;
+}
+
 #define P(T, x) pygeo::as_ptr<T>(x)
 #define CP(T, x) pygeo::as_ptr<const T>(x)
 
@@ -52,6 +62,12 @@ PYBIND11_MODULE(_C, m) {
   // jtj: J [B, D, d], w [B, D] | [D] | 0 (null), G [B, d, d]
   m.def("jtj_cpu", [](uintptr_t J, uintptr_t w, int64_t ws, uintptr_t G, int64_t B, int64_t D, int64_t d, std::string dtype) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::jtj_cpu<scalar_t>(CP(scalar_t, J), CP(scalar_t, w), ws, P(scalar_t, G), B, D, d));
+  }, nogil);
+
+  // mlp_metric: z [B, d], weights[l] [n_{l+1}, n_l], biases[l] [n_{l+1}], widths (n_0 = d, ..., n_L = D), codes [L],
+  // params [2 L], output_weight [D] | 0 (null), G [B, d, d]
+  m.def("mlp_metric_cpu", [](uintptr_t z, std::vector<uintptr_t> weights, std::vector<uintptr_t> biases, std::vector<int64_t> widths, std::vector<int64_t> codes, std::vector<double> params, uintptr_t output_weight, bool bernoulli, double eps, bool last_upper_triangular, uintptr_t G, int64_t B, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::mlp_metric_cpu<scalar_t>(CP(scalar_t, z), pointer_list<const scalar_t>(weights), pointer_list<const scalar_t>(biases), widths, codes, params, CP(scalar_t, output_weight), bernoulli, eps, last_upper_triangular, P(scalar_t, G), B));
   }, nogil);
 #ifdef PYGEO_WITH_CUDA
   m.def("jtj_cuda", [](uintptr_t J, uintptr_t w, int64_t ws, uintptr_t G, int64_t B, int64_t D, int64_t d, std::string dtype, uintptr_t stream) {

@@ -5,7 +5,8 @@ Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 from . import ops
 from ._backend import BackendUnavailableError, backends
 from .metrics import FunctionMetric, Metric
+from .metrics import PullbackMetric
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric"]
+__all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric", "PullbackMetric"]

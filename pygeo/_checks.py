@@ -34,6 +34,13 @@ def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True
     return value
 
 
+def finite_result(result: torch.Tensor, what: str, cause: str) -> None:
+    """Refuse a non-finite op result, blaming the inputs: checking the (small) output is far cheaper than scanning
+    large inputs, and NaN/Inf inputs propagate into it. Skipped while tracing (torch.compile, torch.func)."""
+    if result.numel() and not _is_fake(result) and not bool(torch.isfinite(result).all()):
+        raise ValueError(f"{cause}: {what} is not finite")
+
+
 def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     """All given tensors (None skipped) live on one device; returns it."""
     present = {name: t for name, t in tensors.items() if t is not None}
@@ -65,8 +72,11 @@ def _describe(expected: Sequence[Optional[int]]) -> str:
 
 
 def _is_fake(value: torch.Tensor) -> bool:
-    """True while tracing (torch.compile) or for fake/meta tensors, whose values cannot be inspected."""
+    """True while tracing (torch.compile), inside torch.func transforms (vmap, jvp) or for fake/meta tensors: values
+    that cannot be inspected on the host."""
     if torch.compiler.is_compiling() or value.device.type == "meta":
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(value):
         return True
     try:
         from torch._subclasses.fake_tensor import is_fake

@@ -73,7 +73,8 @@ def test_jtj_compiles():
     (lambda: pygeo.ops.jtj(torch.randn(4, 3), torch.rand(5)), "weight must have shape"),
     (lambda: pygeo.ops.jtj(torch.randn(2, 4, 3), torch.rand(3, 4)), "must broadcast to J's batch shape"),
     (lambda: pygeo.ops.jtj(torch.randn(4, 3), torch.rand(4, dtype=torch.float64)), "same dtype"),
-    (lambda: pygeo.ops.jtj(torch.full((4, 3), float("nan"))), "J contains NaN"),
+    (lambda: pygeo.ops.jtj(torch.full((4, 3), float("nan"))), "J or weight contains NaN"),
+    (lambda: pygeo.ops.jtj(torch.ones(4, 3), torch.tensor([1.0, float("inf"), 1.0, 1.0])), "J or weight contains NaN or Inf"),
     (lambda: pygeo.ops.jtj(torch.randn(4, 3), backend="nope"), "backend must be"),
 ])
 def test_jtj_bad_input(bad, message):

@@ -1,5 +1,6 @@
 """Metrics of the contract `metric(z)`, `metric_and_derivative(z)`, `log_volume(z)`, `inner(z, u, v)` (see base.Metric)."""
 from .base import Metric
 from .function import FunctionMetric
+from .pullback import PullbackMetric
 
-__all__ = ["Metric", "FunctionMetric"]
+__all__ = ["Metric", "FunctionMetric", "PullbackMetric"]

@@ -78,12 +78,13 @@ def jtj(J: torch.Tensor, weight: Optional[torch.Tensor] = None, *, backend: str 
         G: [..., d, d].
     Differentiable with respect to J and weight.
     """
-    _checks.real_tensor("J", J, min_dim=2)
+    # J is the big input: its finiteness is checked on the small output G instead (NaN/Inf in J or weight reach G).
+    _checks.real_tensor("J", J, min_dim=2, check_finite=False)
     batch_shape, (D, d) = J.shape[:-2], J.shape[-2:]
     if d == 0:
         raise ValueError(f"J must have a non-empty last dimension d, got shape {tuple(J.shape)}")
     if weight is not None:
-        _checks.real_tensor("weight", weight, min_dim=1)
+        _checks.real_tensor("weight", weight, min_dim=1, check_finite=False)
         _checks.same_device(J=J, weight=weight)
         _checks.same_dtype(J=J, weight=weight)
         if weight.shape[-1] != D:
@@ -102,4 +103,5 @@ def jtj(J: torch.Tensor, weight: Optional[torch.Tensor] = None, *, backend: str 
     if weight is not None:
         weight = weight.contiguous() if weight.dim() == 1 else weight.expand(*batch_shape, D).reshape(-1, D).contiguous()
     G = _jtj_op(J_flat, weight, chosen)
+    _checks.finite_result(G, "G = J^T diag(weight) J", "J or weight contains NaN or Inf values")
     return G.reshape(*batch_shape, d, d)

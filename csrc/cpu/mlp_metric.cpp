@@ -1,0 +1,312 @@
+// Fused pullback / Fisher metric of an MLP decoder, G = J^T diag(w) J, without materialising J [B, D, d].
+//
+// Points are processed in blocks. A block's state is one row-major matrix of P * (d + 1) rows: for each point its
+// primal activation row followed by its d tangent rows (the columns of J_l, transposed). One GEMM per layer pushes
+// primal and tangents through W_l together (the weight matrix is reused from cache by every row of the block); the
+// activation then scales the tangent rows by a_l'(h_l). The last layer, the big one (D outputs), is computed in column
+// tiles that are reduced into the d x d Gram at once, so only a [rows, tile] slab of it ever exists.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/parallel.h"
+
+// The GEMM micro-kernel is compiled for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and baseline and picked at load time (the build uses no
+// -march flag, so the wheel runs everywhere and still uses wide vectors where they exist).
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define PYGEO_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PYGEO_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define PYGEO_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PYGEO_ALWAYS_INLINE inline
+#endif
+
+namespace pygeo {
+
+namespace {
+
+// Activation codes: the same numbers as pygeo/reference/mlp_metric.py.
+enum Activation : int64_t { kIdentity = 0, kRelu, kLeakyRelu, kElu, kSilu, kSoftplus, kTanh, kSigmoid, kActivationCount };
+
+constexpr int kRowsPerMicroTile = 8;         // MR: rows of the register tile (8 x 2 vectors)
+constexpr int64_t kTargetBlockRows = 256;    // P (d + 1) rows per point block: the block's slab stays in L2
+constexpr int64_t kLastLayerTileColumns = 128;  // output columns of the last layer reduced at once
+constexpr int64_t kDepthPerChunk = 128;         // K slice of a weight panel kept in L1
+
+template <typename T>
+constexpr int columns_per_micro_tile() {  // NR: two 512-bit vectors
+  return static_cast<int>(128 / sizeof(T));
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+template <typename T>
+PYGEO_ALWAYS_INLINE T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// value = a(h), slope = a'(h); p0/p1: leaky_relu slope, elu alpha, softplus beta and threshold.
+template <typename T>
+PYGEO_ALWAYS_INLINE void activate(int64_t code, T p0, T p1, T h, T& value, T& slope) {
+  switch (code) {
+    case kRelu:
+      value = h > T(0) ? h : T(0);
+      slope = h > T(0) ? T(1) : T(0);
+      return;
+    case kLeakyRelu:
+      value = h > T(0) ? h : p0 * h;
+      slope = h > T(0) ? T(1) : p0;
+      return;
+    case kElu:
+      if (h > T(0)) {
+        value = h;
+        slope = T(1);
+      } else {
+        value = p0 * std::expm1(h);
+        slope = value + p0;
+      }
+      return;
+    case kSilu: {
+      const T s = sigmoid(h);
+      value = h * s;
+      slope = s * (T(1) + h * (T(1) - s));
+      return;
+    }
+    case kSoftplus: {
+      const T scaled = p0 * h;
+      if (scaled > p1) {
+        value = h;
+        slope = T(1);
+      } else {
+        value = std::log1p(std::exp(scaled)) / p0;
+        slope = sigmoid(scaled);
+      }
+      return;
+    }
+    case kTanh: {
+      const T t = std::tanh(h);
+      value = t;
+      slope = T(1) - t * t;
+      return;
+    }
+    case kSigmoid: {
+      const T s = sigmoid(h);
+      value = s;
+      slope = s * (T(1) - s);
+      return;
+    }
+    default:  // kIdentity
+      value = h;
+      slope = T(1);
+  }
+}
+
+// C[MR, NR] (+)= A[MR, k_begin:K] B[k_begin:K, NR]; A row-major (lda), B row-major (ldb), C row-major (ldc).
+// accumulate: add to C instead of overwriting it.
+template <typename T, int MR, int NR>
+PYGEO_ALWAYS_INLINE void micro_tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                    int64_t k_begin, int64_t K, bool accumulate) {
+  T acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = accumulate ? C[r * ldc + c] : T(0);
+  for (int64_t k = k_begin; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * lda + k];
+#pragma omp simd
+      for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) C[r * ldc + c] = acc[r][c];
+}
+
+// C[M, N] = A[M, K] B[K, N] with M % MR == 0 and N % NR == 0 (buffers are padded). B is packed in panels of NR
+// columns, each a contiguous [K, NR] block (no cache-set conflicts from a long row stride). `upper_from` >= 0 says
+// that B is the transpose of an upper-triangular matrix and its first column is absolute column upper_from: rows k of
+// a panel below the panel's first column are zero and skipped.
+template <typename T>
+PYGEO_ALWAYS_INLINE void gemm_impl(const T* A, int64_t lda, const T* B_panels, T* C, int64_t ldc, int64_t M, int64_t N,
+                                   int64_t K, int64_t upper_from) {
+  constexpr int MR = kRowsPerMicroTile;
+  constexpr int NR = columns_per_micro_tile<T>();
+  for (int64_t n0 = 0; n0 < N; n0 += NR) {
+    const int64_t k_begin = upper_from >= 0 ? std::min(K, upper_from + n0) : 0;
+    const T* panel = B_panels + (n0 / NR) * K * NR;
+    // K in chunks whose slice of the panel stays in L1 while every row block of A passes over it.
+    for (int64_t k0 = k_begin; k0 < K || k0 == k_begin; k0 += kDepthPerChunk) {
+      const int64_t k1 = std::min(K, k0 + kDepthPerChunk);
+      for (int64_t m0 = 0; m0 < M; m0 += MR)
+        micro_tile<T, MR, NR>(A + m0 * lda, lda, panel, NR, C + m0 * ldc + n0, ldc, k0, k1, k0 != k_begin);
+      if (k1 >= K) break;
+    }
+  }
+}
+
+PYGEO_SIMD_CLONES void gemm(const float* A, int64_t lda, const float* B_panels, float* C, int64_t ldc, int64_t M,
+                            int64_t N, int64_t K, int64_t upper_from) {
+  gemm_impl<float>(A, lda, B_panels, C, ldc, M, N, K, upper_from);
+}
+
+PYGEO_SIMD_CLONES void gemm(const double* A, int64_t lda, const double* B_panels, double* C, int64_t ldc, int64_t M,
+                            int64_t N, int64_t K, int64_t upper_from) {
+  gemm_impl<double>(A, lda, B_panels, C, ldc, M, N, K, upper_from);
+}
+
+// G[i, j] += sum_o c[o] Y[i, o] Y[j, o] over the upper triangle (i <= j); Y: d rows of stride ldy, n columns.
+template <typename T>
+PYGEO_ALWAYS_INLINE void gram_update_impl(const T* c, const T* Y, int64_t ldy, int64_t d, int64_t n, T* scaled, T* G) {
+  for (int64_t i = 0; i < d; ++i) {
+    const T* yi = Y + i * ldy;
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) scaled[o] = c[o] * yi[o];
+    for (int64_t j = i; j < d; ++j) {
+      const T* yj = Y + j * ldy;
+      T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t o = 0; o < n; ++o) sum += scaled[o] * yj[o];
+      G[i * d + j] += sum;
+    }
+  }
+}
+
+PYGEO_SIMD_CLONES void gram_update(const float* c, const float* Y, int64_t ldy, int64_t d, int64_t n, float* scaled,
+                                   float* G) {
+  gram_update_impl<float>(c, Y, ldy, d, n, scaled, G);
+}
+
+PYGEO_SIMD_CLONES void gram_update(const double* c, const double* Y, int64_t ldy, int64_t d, int64_t n, double* scaled,
+                                   double* G) {
+  gram_update_impl<double>(c, Y, ldy, d, n, scaled, G);
+}
+
+}  // namespace
+
+// z: [B, d]; weights[l]: [n_{l+1}, n_l] row-major (nn.Linear layout) with widths = (n_0 = d, n_1, ..., n_L = D);
+// biases[l]: [n_{l+1}]; codes[l], params[2 l], params[2 l + 1]: the activation after layer l; output_weight: [D] or
+// nullptr (ones), ignored when bernoulli (then w = p (1 - p), p = sigmoid(f) clamped into [eps, 1 - eps]);
+// last_upper_triangular: the last weight matrix is upper triangular (its zeros are skipped); G: [B, d, d].
+template <typename T>
+void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases,
+                    const std::vector<int64_t>& widths, const std::vector<int64_t>& codes,
+                    const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps,
+                    bool last_upper_triangular, T* G, int64_t B) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  check_positive(L, "number of layers");
+  PYGEO_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(codes.size()) == L &&
+                  static_cast<int64_t>(params.size()) == 2 * L && static_cast<int64_t>(widths.size()) == L + 1,
+              "mlp_metric: weights, biases, codes (L each), params (2 L) and widths (L + 1) disagree");
+  for (int64_t l = 0; l <= L; ++l) check_positive(widths[l], "layer width");
+  for (int64_t l = 0; l < L; ++l) {
+    PYGEO_CHECK(weights[l] != nullptr && biases[l] != nullptr, "mlp_metric: null weight or bias pointer");
+    PYGEO_CHECK(codes[l] >= 0 && codes[l] < kActivationCount, "mlp_metric: unknown activation code");
+  }
+  check_nonnegative(B, "B");
+  PYGEO_CHECK(eps > 0 && eps < 0.5, "mlp_metric: eps must be in (0, 0.5)");
+  if (B == 0) return;
+
+  constexpr int NR = columns_per_micro_tile<T>();
+  const int64_t d = widths[0];
+  const int64_t D = widths[L];
+  const int64_t rows_per_point = d + 1;  // primal row, then d tangent rows
+  const int64_t points_per_block = std::max<int64_t>(1, kTargetBlockRows / rows_per_point);
+  const int64_t block_rows = round_up(points_per_block * rows_per_point, kRowsPerMicroTile);
+
+  // W_l^T packed in panels of NR output columns, [n_{l+1} rounded up to NR / NR][n_l][NR], zero-padded, shared by
+  // every thread.
+  std::vector<std::vector<T>> packed(L);
+  std::vector<int64_t> padded(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = widths[l], out = widths[l + 1];
+    padded[l] = round_up(out, NR);
+    packed[l].assign(static_cast<size_t>(in * padded[l]), T(0));
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) packed[l][((o / NR) * in + i) * NR + o % NR] = weights[l][o * in + i];
+  }
+  int64_t state_width = round_up(d, NR);
+  for (int64_t l = 0; l + 1 < L; ++l) state_width = std::max(state_width, padded[l]);
+  const int64_t tile_columns = std::min(padded[L - 1], kLastLayerTileColumns);  // a multiple of NR
+  const T lo = static_cast<T>(eps), hi = static_cast<T>(1.0 - eps);
+  const int64_t n_blocks = (B + points_per_block - 1) / points_per_block;
+
+#pragma omp parallel
+  {
+    std::vector<T> state(static_cast<size_t>(block_rows * state_width));
+    std::vector<T> next(static_cast<size_t>(block_rows * state_width));
+    std::vector<T> tile(static_cast<size_t>(block_rows * tile_columns));
+    std::vector<T> scale(static_cast<size_t>(tile_columns)), scaled(static_cast<size_t>(tile_columns));
+    std::vector<T> acc(static_cast<size_t>(points_per_block * d * d));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t block = 0; block < n_blocks; ++block) {
+      const int64_t first = block * points_per_block;
+      const int64_t count = std::min(points_per_block, B - first);
+      // Layer input: primal row z_p and the identity tangents; rows of absent points stay zero.
+      std::fill(state.begin(), state.end(), T(0));
+      for (int64_t p = 0; p < count; ++p) {
+        T* rows = state.data() + p * rows_per_point * state_width;
+        std::memcpy(rows, z + (first + p) * d, static_cast<size_t>(d) * sizeof(T));
+        for (int64_t k = 0; k < d; ++k) rows[(1 + k) * state_width + k] = T(1);
+      }
+      // Hidden layers: one GEMM for primal and tangents, then a(h) on the primal row, a'(h) on the tangent rows.
+      for (int64_t l = 0; l + 1 < L; ++l) {
+        const int64_t out = widths[l + 1];
+        gemm(state.data(), state_width, packed[l].data(), next.data(), state_width, block_rows, padded[l], widths[l], -1);
+        const T p0 = static_cast<T>(params[2 * l]), p1 = static_cast<T>(params[2 * l + 1]);
+        for (int64_t p = 0; p < count; ++p) {
+          T* rows = next.data() + p * rows_per_point * state_width;
+          for (int64_t o = 0; o < out; ++o) {
+            T value, slope;
+            activate(codes[l], p0, p1, rows[o] + biases[l][o], value, slope);
+            rows[o] = value;
+            for (int64_t k = 1; k <= d; ++k) rows[k * state_width + o] *= slope;
+          }
+        }
+        std::swap(state, next);
+      }
+      // Last layer, tile by tile over its outputs, reduced into G straight away.
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t last = L - 1;
+      const T p0 = static_cast<T>(params[2 * last]), p1 = static_cast<T>(params[2 * last + 1]);
+      for (int64_t o0 = 0; o0 < D; o0 += tile_columns) {
+        const int64_t width = std::min(tile_columns, D - o0);
+        gemm(state.data(), state_width, packed[last].data() + o0 * widths[last], tile.data(), tile_columns, block_rows,
+             round_up(width, NR), widths[last], last_upper_triangular ? o0 : -1);
+        for (int64_t p = 0; p < count; ++p) {
+          const T* rows = tile.data() + p * rows_per_point * tile_columns;
+          for (int64_t o = 0; o < width; ++o) {
+            T value, slope;
+            activate(codes[last], p0, p1, rows[o] + biases[last][o0 + o], value, slope);
+            T w = output_weight ? output_weight[o0 + o] : T(1);
+            if (bernoulli) {
+              const T prob = std::min(std::max(sigmoid(value), lo), hi);
+              w = prob * (T(1) - prob);
+            }
+            scale[o] = w * slope * slope;  // J[o, :] = slope * tangent rows
+          }
+          gram_update(scale.data(), rows + tile_columns, tile_columns, d, width, scaled.data(), acc.data() + p * d * d);
+        }
+      }
+      for (int64_t p = 0; p < count; ++p) {
+        const T* a = acc.data() + p * d * d;
+        T* Gp = G + (first + p) * d * d;
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = i; j < d; ++j) Gp[i * d + j] = Gp[j * d + i] = a[i * d + j];
+      }
+    }
+  }
+}
+
+template void mlp_metric_cpu<float>(const float*, const std::vector<const float*>&, const std::vector<const float*>&,
+                                    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<double>&,
+                                    const float*, bool, double, bool, float*, int64_t);
+template void mlp_metric_cpu<double>(const double*, const std::vector<const double*>&,
+                                     const std::vector<const double*>&, const std::vector<int64_t>&,
+                                     const std::vector<int64_t>&, const std::vector<double>&, const double*, bool,
+                                     double, bool, double*, int64_t);
+
+}  // namespace pygeo

@@ -1,0 +1,263 @@
+"""PullbackMetric: the Fisher / pullback metric of a decoder, G(z) = J^T F J (MATH.md section 1).
+
+The Jacobian is computed in forward mode (d Jacobian-vector products, vmapped), never by reverse mode over the D
+outputs; the weighted Gram reduction runs in pygeo.ops.jtj. Decoders that are an nn.Sequential of nn.Linear layers
+and elementwise activations go through the fused op pygeo.ops.mlp_metric instead, which never materialises J.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+
+from .. import _checks
+from ..ops.jtj import jtj
+from ..ops.mlp_metric import MLPDecoder, mlp_metric
+from ..reference.jtj import jtj as jtj_reference
+from .base import Metric
+
+LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
+
+
+class PullbackMetric(Metric):
+    """G(z) = J(z)^T F J(z), the metric a decoder z [B, d] -> output [B, ...] pulls back from its output distribution.
+
+    Args:
+        decoder: nn.Module or callable z [B, d] -> output [B, ...] (trailing dims are flattened to D). With
+            likelihood="gaussian" and sigma=None it must return a pair (mean [B, ...], std [B, ...]).
+        likelihood:
+            "euclidean":  G = J^T J (plain pullback of R^D).
+            "gaussian":   with sigma (a float, or a tensor of D elements / of the output's trailing shape):
+                          G = J^T diag(1/sigma^2) J; with sigma=None the decoder returns (mean, std) and
+                          G = J_mean^T diag(1/std^2) J_mean + 2 J_logstd^T J_logstd.
+            "bernoulli":  the decoder returns logits l; G = J_l^T diag(p (1 - p)) J_l, p = sigmoid(l) clamped into
+                          [eps, 1 - eps] (so that saturated outputs keep G positive definite).
+        sigma: the fixed standard deviation of the gaussian likelihood (only there).
+        eps: the clamp of the Bernoulli probabilities.
+        backend: "auto", "torch", "cpp", "cuda" or "triton" for the kernels (pygeo.ops.jtj / pygeo.ops.mlp_metric).
+
+    Decoders that are an nn.Sequential of nn.Linear and elementwise activations (ReLU, LeakyReLU, ELU, SiLU, Softplus,
+    Tanh, Sigmoid, Identity) use the fused op pygeo.ops.mlp_metric for `metric(z)` (and so for `log_volume(z)`); other
+    decoders, and the learned-std gaussian, go through forward-mode Jacobians and pygeo.ops.jtj. Both give the same G.
+    """
+
+    def __init__(self, decoder: Callable[[torch.Tensor], object], likelihood: str = "euclidean",
+                 sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6, backend: str = "auto"):
+        if not callable(decoder):
+            raise TypeError(f"decoder must be an nn.Module or a callable z -> output, got {type(decoder).__name__}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if sigma is not None and likelihood != "gaussian":
+            raise ValueError(f"sigma is only used by likelihood='gaussian', got sigma with likelihood={likelihood!r}")
+        if not (isinstance(eps, (int, float)) and 0.0 < eps < 0.5):
+            raise ValueError(f"eps must be a float in (0, 0.5), got {eps!r}")
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.eps = float(eps)
+        self.backend = backend
+        self.sigma = _check_sigma(sigma) if sigma is not None else None
+        self.learned_std = likelihood == "gaussian" and sigma is None
+        self._mlp = None if self.learned_std else MLPDecoder.recognise(decoder)
+
+    @property
+    def has_flat_coordinates(self) -> bool:
+        """True when flat_coordinates(z) exists (every case but the gaussian with a learned std)."""
+        return not self.learned_std
+
+    # ----------------------------------------------------------------------------------------------- the contract
+    def metric(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., d] -> G [..., d, d], differentiable in z."""
+        flat, batch_shape = self._flatten(z)
+        if _inside_function_transform(flat):
+            # pygeo's custom ops have no forward-mode formula (their tangents would come out as zeros under
+            # torch.func.jvp / jacfwd): inside a torch.func transform compute G in plain differentiable torch.
+            rows, J = self._rows_and_jacobian(flat)
+            G = jtj_reference(J, self._weight(rows))
+        elif self._mlp is not None:
+            if flat.shape[-1] != self._mlp.in_features:
+                raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
+                                 f"got {tuple(z.shape)}")
+            G = mlp_metric(flat, self._mlp.weights, self._mlp.biases, self._mlp.activations,
+                           likelihood=self.likelihood, sigma=self._sigma_for(flat, self._mlp.out_features),
+                           eps=self.eps, backend=self.backend)
+        else:
+            rows, J = self._rows_and_jacobian(flat)
+            G = jtj(J, self._weight(rows), backend=self.backend)
+        return G.reshape(*batch_shape, *G.shape[-2:])
+
+    def metric_and_derivative(self, z: torch.Tensor):
+        """(G [..., d, d], dG [..., d, d, d]) with dG[..., k, i, j] = d G[i, j] / d z_k.
+
+        Forward over forward mode: the d(d+1)/2 second directional derivatives f''[e_k, e_i] give
+        dG[k] = H[k]^T W J + J^T W H[k] + J^T diag(dw/dz_k) J (the last term for the point-dependent Bernoulli and
+        learned-std weights).
+        """
+        flat, batch_shape = self._flatten(z)
+        rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
+        weight = self._weight(rows)
+        G = jtj(J, weight, backend=self.backend)
+        WJ = J if weight is None else J * weight.unsqueeze(-1)
+        half = torch.einsum("brki,brj->bkij", H, WJ)
+        dG = half + half.transpose(-1, -2)
+        weight_derivative = self._weight_derivative(rows, J)  # [B, R, d] or None
+        if weight_derivative is not None:
+            dG = dG + torch.einsum("brk,bri,brj->bkij", weight_derivative, J, J)
+        d = flat.shape[-1]
+        return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+    def flat_coordinates(self, z: torch.Tensor) -> torch.Tensor:
+        """phi(z) [..., D] with G(z) = J_phi^T J_phi exactly (MATH.md section 1 table).
+
+        euclidean: phi = f; gaussian with fixed sigma: phi = f / sigma; bernoulli (logits l): phi = 2 arcsin sqrt(p),
+        computed as 2 atan(exp(l / 2)), and continued linearly with slope sqrt(eps (1 - eps)) where p is clamped, so
+        that d phi / d l = sqrt(p (1 - p)) with the same clamped p as metric(z). Raises NotImplementedError for the
+        gaussian with a learned std, which has no flat coordinates.
+        """
+        if not self.has_flat_coordinates:
+            raise NotImplementedError("the gaussian likelihood with a learned std (sigma=None) has no flat coordinates; "
+                                      "use metric(z) / metric_and_derivative(z)")
+        flat, batch_shape = self._flatten(z)
+        output = self._decode(flat)
+        if self.likelihood == "euclidean":
+            phi = output
+        elif self.likelihood == "gaussian":
+            phi = output / self._sigma_for(output, output.shape[-1])
+        else:
+            lo = math.log(self.eps) - math.log1p(-self.eps)  # logit(eps)
+            inside = output.clamp(lo, -lo)
+            phi = 2.0 * torch.atan(torch.exp(0.5 * inside)) + math.sqrt(self.eps * (1 - self.eps)) * (output - inside)
+        return phi.reshape(*batch_shape, phi.shape[-1])
+
+    # --------------------------------------------------------------------------------------------------- helpers
+    def _flatten(self, z: torch.Tensor):
+        _checks.real_tensor("z", z, min_dim=1)
+        if z.shape[-1] == 0:
+            raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
+        return z.reshape(-1, z.shape[-1]), z.shape[:-1]
+
+    def _decode(self, flat: torch.Tensor) -> torch.Tensor:
+        """The decoder's output(s) flattened to rows [B, R]: R = D, or 2D (mean then std) for the learned-std gaussian."""
+        output = self.decoder(flat)
+        B = flat.shape[0]
+        if self.learned_std:
+            if not (isinstance(output, (tuple, list)) and len(output) == 2):
+                raise ValueError("likelihood='gaussian' with sigma=None needs a decoder returning (mean, std); got "
+                                 f"{_describe_output(output)} (pass sigma=... for a fixed standard deviation)")
+            mean, std = output
+            for name, value in (("mean", mean), ("std", std)):
+                if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != B:
+                    raise ValueError(f"decoder {name} must be a tensor [B, ...] with B={B}, got {_describe_output(value)}")
+            if mean.shape != std.shape:
+                raise ValueError(f"decoder mean and std must have the same shape, got {tuple(mean.shape)} and {tuple(std.shape)}")
+            return torch.cat([mean.reshape(B, -1), std.reshape(B, -1)], dim=-1)
+        if not isinstance(output, torch.Tensor):
+            extra = " (a decoder returning (mean, std) needs likelihood='gaussian' with sigma=None)" \
+                if isinstance(output, (tuple, list)) else ""
+            raise ValueError(f"decoder must return a tensor [B, ...] for likelihood={self.likelihood!r}, got "
+                             f"{_describe_output(output)}{extra}")
+        if output.dim() < 1 or output.shape[0] != B:
+            raise ValueError(f"decoder must return a tensor [B, ...] with B={B}, got shape {tuple(output.shape)}")
+        return output.reshape(B, -1)
+
+    def _rows_and_jacobian(self, flat: torch.Tensor):
+        """rows [B, R] and J [B, R, d] by d forward-mode jvps, vmapped over the basis tangents."""
+        B, d = flat.shape
+        basis = torch.eye(d, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(d, B, d)
+        rows, columns = torch.func.vmap(lambda tangent: torch.func.jvp(self._decode, (flat,), (tangent,)),
+                                        out_dims=(None, 0))(basis)
+        self._check_rows(rows)
+        return rows, columns.permute(1, 2, 0)
+
+    def _rows_jacobian_hessian(self, flat: torch.Tensor):
+        """rows [B, R], J [B, R, d], H [B, R, d, d] (H[..., k, i] = d^2 rows / dz_k dz_i) from the d(d+1)/2 second
+        directional derivatives (jvp of jvp over the pairs k <= i)."""
+        B, d = flat.shape
+        pairs_k, pairs_i = torch.triu_indices(d, d, device=flat.device)
+        eye = torch.eye(d, dtype=flat.dtype, device=flat.device)
+        outer = eye[pairs_k].unsqueeze(1).expand(-1, B, d)  # [P, B, d]
+        inner = eye[pairs_i].unsqueeze(1).expand(-1, B, d)
+
+        def second(outer_tangent, inner_tangent):
+            def first(point):
+                return torch.func.jvp(self._decode, (point,), (inner_tangent,))
+
+            (rows, column), (_, curvature) = torch.func.jvp(first, (flat,), (outer_tangent,))
+            return rows, column, curvature
+
+        rows, columns, curvatures = torch.func.vmap(second, out_dims=(None, 0, 0))(outer, inner)  # [B,R], [P,B,R] x2
+        self._check_rows(rows)
+        diagonal = (pairs_k == pairs_i).nonzero().squeeze(-1)  # pairs (i, i) carry the columns J e_i in order
+        J = columns[diagonal].permute(1, 2, 0)
+        R = rows.shape[-1]
+        H = curvatures.new_zeros(d, d, B, R)
+        H[pairs_k, pairs_i] = curvatures
+        H[pairs_i, pairs_k] = curvatures
+        return rows, J, H.permute(2, 3, 0, 1)
+
+    def _check_rows(self, rows: torch.Tensor) -> None:
+        if not _checks._is_fake(rows) and not torch.isfinite(rows).all():
+            raise ValueError("decoder output contains NaN or Inf values")
+        if self.learned_std and not _checks._is_fake(rows):
+            std = rows[:, rows.shape[-1] // 2:]
+            if not bool((std > 0).all()):
+                raise ValueError("decoder std must be positive everywhere (likelihood='gaussian', sigma=None)")
+
+    def _sigma_for(self, like: torch.Tensor, D: int) -> Optional[torch.Tensor]:
+        """sigma as a tensor [D] (or [1]) in like's dtype/device, or None outside the fixed-sigma gaussian."""
+        if self.likelihood != "gaussian" or self.sigma is None:
+            return None
+        sigma = self.sigma.to(dtype=like.dtype, device=like.device).reshape(-1)
+        if sigma.numel() not in (1, D):
+            raise ValueError(f"sigma must be a float or have D={D} elements (the decoder's flattened output), "
+                             f"got {sigma.numel()} elements")
+        return sigma.expand(D).contiguous()
+
+    def _weight(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """The diagonal Fisher weight of each row: None (ones), [D] or [B, R]."""
+        if self.likelihood == "euclidean":
+            return None
+        if self.likelihood == "bernoulli":
+            p = torch.sigmoid(rows).clamp(self.eps, 1 - self.eps)
+            return p * (1 - p)
+        if not self.learned_std:
+            return self._sigma_for(rows, rows.shape[-1]).pow(-2)
+        std = rows[:, rows.shape[-1] // 2:]
+        precision = std.pow(-2)
+        return torch.cat([precision, 2 * precision], dim=-1)  # 2 J_logstd^T J_logstd = J_std^T diag(2/std^2) J_std
+
+    def _weight_derivative(self, rows: torch.Tensor, J: torch.Tensor) -> Optional[torch.Tensor]:
+        """d weight / d z_k [B, R, d] for the point-dependent weights (the chain rule through rows), else None."""
+        if self.likelihood == "euclidean" or (self.likelihood == "gaussian" and not self.learned_std):
+            return None
+        weight_of_rows = self._weight
+
+        def along(column):  # column [B, R]: d rows / dz_k
+            return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
+
+        return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _inside_function_transform(z: torch.Tensor) -> bool:
+    """True when z is wrapped by a torch.func transform (vmap, grad, jvp) or carries a forward-mode tangent."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(z)
+            or torch.autograd.forward_ad.unpack_dual(z).tangent is not None)
+
+
+def _check_sigma(sigma) -> torch.Tensor:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+        raise TypeError(f"sigma must be a positive float or a tensor of positive values, got {type(sigma).__name__}")
+    if isinstance(sigma, torch.Tensor) and (sigma.is_complex() or not sigma.is_floating_point()):
+        raise TypeError(f"sigma must be a real floating tensor, got dtype {sigma.dtype}")
+    value = sigma.detach() if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma), dtype=torch.float64)
+    if value.numel() == 0 or not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        raise ValueError("sigma must be finite and positive everywhere")
+    return value
+
+
+def _describe_output(output) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)} items"
+    return type(output).__name__

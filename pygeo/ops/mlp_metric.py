@@ -1,0 +1,274 @@
+"""pygeo.ops.mlp_metric: the pullback / Fisher metric of an MLP decoder, fused, without materialising J [B, D, d].
+
+The d tangent columns ride along with the forward pass (J_l = S_l W_l J_{l-1}); the last layer, the big one (D
+outputs), is reduced into G = J^T diag(w) J tile by tile over its output rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _backend, _checks
+from ..reference import mlp_metric as reference
+
+_IMPLEMENTED = ("torch", "cpp", "triton")
+
+ACTIVATIONS = {
+    "identity": (reference.IDENTITY, ()),
+    "relu": (reference.RELU, ()),
+    "leaky_relu": (reference.LEAKY_RELU, (0.01,)),  # (negative slope,)
+    "elu": (reference.ELU, (1.0,)),  # (alpha,)
+    "silu": (reference.SILU, ()),
+    "softplus": (reference.SOFTPLUS, (1.0, 20.0)),  # (beta, threshold)
+    "tanh": (reference.TANH, ()),
+    "sigmoid": (reference.SIGMOID, ()),
+}
+LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
+
+Activation = Union[str, Tuple]
+
+
+def _encode_activation(layer: int, spec: Activation) -> Tuple[int, float, float]:
+    """'name' or ('name', *params) -> (code, param0, param1)."""
+    name, params = (spec, ()) if isinstance(spec, str) else (spec[0], tuple(spec[1:]))
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activations[{layer}] must be one of {tuple(ACTIVATIONS)} (optionally as (name, *params)), got {spec!r}")
+    code, defaults = ACTIVATIONS[name]
+    if len(params) > len(defaults):
+        raise ValueError(f"activations[{layer}]: {name} takes at most {len(defaults)} parameters, got {params}")
+    values = tuple(float(p) for p in params) + defaults[len(params):]
+    if name == "softplus" and values[0] <= 0:
+        raise ValueError(f"activations[{layer}]: softplus beta must be positive, got {values[0]}")
+    values = values + (0.0,) * (2 - len(values))
+    return code, values[0], values[1]
+
+
+# --------------------------------------------------------------------------------------------------- the custom op
+def _run(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend):
+    """z [B, d]; weights[l] [n_l, n_{l-1}] (n_0 = d); biases[l] [n_l]; output_weight [D] or None -> G [B, d, d]."""
+    if backend == "torch":
+        return reference.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps)
+    B, d = z.shape
+    out = _backend.empty((B, d, d), z)
+    weights, biases, output_weight, upper_triangular = _compress_last_layer(
+        B, d, list(weights), list(biases), activation_codes, output_weight, bernoulli)
+    if backend == "triton":
+        from ..triton_kernels import mlp_metric as triton_mlp_metric
+
+        return triton_mlp_metric.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight,
+                                            bernoulli, eps, upper_triangular, out)
+    C = _backend.compiled_module()
+    widths = [d] + [W.shape[0] for W in weights]
+    args = (_backend.ptr(z), [_backend.ptr(W) for W in weights], [_backend.ptr(b) for b in biases], widths,
+            list(activation_codes), list(activation_params), _backend.ptr(output_weight), bool(bernoulli), float(eps),
+            upper_triangular, _backend.ptr(out), B, _backend.dtype_name(z))
+    if backend == "cpp":
+        C.mlp_metric_cpu(*args)
+    else:
+        C.mlp_metric_cuda(*args, _backend.cuda_stream(z))
+    return out
+
+
+def _compress_last_layer(B, d, weights, biases, activation_codes, output_weight, bernoulli):
+    """With a constant Fisher weight w and an identity last activation, G = T^T (W_L^T diag(w) W_L) T (T: the tangents
+    entering the last layer) equals (R T)^T (R T) for R = C^T, C the Cholesky factor of W_L^T diag(w) W_L [n, n]. R is
+    upper triangular, so the kernels skip half of it: a third of the last layer's work when D = 784 and n = 512.
+    Done only when the B d tangent rows that go through the last layer repay the Gram + Cholesky (about D n^2
+    multiply-adds, in float64 so that the squared condition number costs no accuracy), and when that Gram is
+    numerically positive definite.
+
+    Returns (weights, biases, output_weight, last layer upper triangular?).
+    """
+    W = weights[-1]
+    D, n = W.shape
+    if bernoulli or activation_codes[-1] != reference.IDENTITY or D < n:
+        return weights, biases, output_weight, False
+    if B * d * (D * n - n * n / 2) <= 2 * D * n * n:
+        return weights, biases, output_weight, False
+    W64 = W.detach().double()
+    scaled = W64 if output_weight is None else output_weight.detach().double().sqrt().unsqueeze(-1) * W64
+    C, info = torch.linalg.cholesky_ex(scaled.transpose(0, 1) @ scaled)
+    if bool(info != 0):
+        return weights, biases, output_weight, False
+    R = C.transpose(0, 1).to(W.dtype).contiguous()  # [n, n], upper triangular
+    return weights[:-1] + [R], biases[:-1] + [R.new_zeros(n)], None, True
+
+
+@torch.library.custom_op("pygeo::mlp_metric", mutates_args=())
+def _mlp_metric_op(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor], activation_codes: List[int],
+                   activation_params: List[float], output_weight: Optional[torch.Tensor], bernoulli: bool, eps: float,
+                   backend: str) -> torch.Tensor:
+    return _run(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend)
+
+
+@_mlp_metric_op.register_fake
+def _(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend):
+    B, d = z.shape
+    return z.new_empty((B, d, d))
+
+
+def _setup_context(ctx, inputs, output):
+    z, weights, biases, codes, params, output_weight, bernoulli, eps, _ = inputs
+    ctx.layers = len(weights)
+    ctx.has_output_weight = output_weight is not None
+    ctx.settings = (list(codes), list(params), bool(bernoulli), float(eps))
+    saved = [z, *weights, *biases] + ([output_weight] if output_weight is not None else [])
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_G):
+    # Recompute through the differentiable torch reference and take its vector-Jacobian product: plain torch, so it
+    # runs on every device and can be differentiated again.
+    saved = ctx.saved_tensors
+    L = ctx.layers
+    codes, params, bernoulli, eps = ctx.settings
+    z, weights, biases = saved[0], list(saved[1:1 + L]), list(saved[1 + L:1 + 2 * L])
+    output_weight = saved[1 + 2 * L] if ctx.has_output_weight else None
+
+    def metric(z, weights, biases, *output_weight):
+        return reference.mlp_metric(z, weights, biases, codes, params, *(output_weight or (None,)), bernoulli, eps)
+
+    _, vjp = torch.func.vjp(metric, z, weights, biases, *([output_weight] if output_weight is not None else []))
+    grad_z, grad_weights, grad_biases, *grad_output_weight = vjp(grad_G)
+    return (grad_z, list(grad_weights), list(grad_biases), None, None, (grad_output_weight or [None])[0], None, None,
+            None)
+
+
+_mlp_metric_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- the public wrapper
+def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+               activations: Sequence[Activation], *, likelihood: str = "euclidean",
+               sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6,
+               backend: str = "auto") -> torch.Tensor:
+    """Metric G = J^T diag(w) J of the MLP decoder f(z) = a_L(W_L ... a_1(W_1 z + b_1) ... + b_L), fused.
+
+    Args:
+        z: [..., d] latent points.
+        weights: L matrices W_l [n_l, n_{l-1}] (nn.Linear layout, n_0 = d, n_L = D).
+        biases: L vectors b_l [n_l] or None.
+        activations: L activations, one after each linear layer: a name among "identity", "relu", "leaky_relu",
+            "elu", "silu", "softplus", "tanh", "sigmoid", or a tuple (name, *params): ("leaky_relu", slope),
+            ("elu", alpha), ("softplus", beta, threshold) with torch.nn's defaults.
+        likelihood: "euclidean" (w = 1), "gaussian" (w = 1/sigma^2, sigma a float or [D]) or "bernoulli" (the MLP
+            outputs logits l, w = p (1 - p), p = sigmoid(l) clamped into [eps, 1 - eps]).
+        backend: "auto", "torch", "cpp", "cuda" or "triton".
+    Returns:
+        G: [..., d, d], exactly symmetric; differentiable in z, the weights, the biases and sigma.
+    """
+    _checks.real_tensor("z", z, min_dim=1)
+    batch_shape, d = z.shape[:-1], z.shape[-1]
+    if d == 0:
+        raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
+    weights, biases, activations = list(weights), list(biases), list(activations)
+    L = len(weights)
+    if L == 0:
+        raise ValueError("weights must hold at least one layer matrix W_l [n_l, n_{l-1}]")
+    if len(biases) != L or len(activations) != L:
+        raise ValueError(f"weights, biases and activations must have one entry per layer, got {L}, {len(biases)} and "
+                         f"{len(activations)}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if (sigma is None) != (likelihood != "gaussian"):
+        raise ValueError("sigma is required by likelihood='gaussian' and only used there")
+    if not (0.0 < eps < 0.5):
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    width = d
+    for layer, W in enumerate(weights):
+        _checks.real_tensor(f"weights[{layer}]", W, min_dim=2)
+        if W.dim() != 2 or W.shape[1] != width or W.shape[0] == 0:
+            raise ValueError(f"weights[{layer}] must have shape [n_{layer + 1}, {width}] (layer input width {width}), "
+                             f"got {tuple(W.shape)}")
+        width = W.shape[0]
+        if biases[layer] is None:
+            biases[layer] = W.new_zeros(W.shape[0])
+        _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=1)
+        if tuple(biases[layer].shape) != (W.shape[0],):
+            raise ValueError(f"biases[{layer}] must have shape [{W.shape[0]}], got {tuple(biases[layer].shape)}")
+    D = width
+    output_weight = None
+    if likelihood == "gaussian":
+        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
+        _checks.real_tensor("sigma", sigma)
+        if sigma.numel() not in (1, D):
+            raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
+        if not _checks._is_fake(sigma) and not bool((sigma > 0).all()):
+            raise ValueError("sigma must be positive everywhere")
+        output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
+    encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
+    codes = [code for code, _, _ in encoded]
+    params = [p for _, p0, p1 in encoded for p in (p0, p1)]
+    tensors = dict(z=z, **{f"weights[{l}]": W for l, W in enumerate(weights)},
+                   **{f"biases[{l}]": b for l, b in enumerate(biases)}, sigma=output_weight)
+    _checks.same_device(**tensors)
+    _checks.same_dtype(**tensors)
+    chosen = _backend.resolve("mlp_metric", z.device, backend, _IMPLEMENTED)
+    G = _mlp_metric_op(z.reshape(-1, d).contiguous(), [W.contiguous() for W in weights],
+                       [b.contiguous() for b in biases], codes, params, output_weight, likelihood == "bernoulli",
+                       float(eps), chosen)
+    return G.reshape(*batch_shape, d, d)
+
+
+# ------------------------------------------------------------------------------------------ recognising a decoder
+_MODULE_ACTIVATIONS = {
+    torch.nn.ReLU: lambda m: "relu",
+    torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+    torch.nn.ELU: lambda m: ("elu", m.alpha),
+    torch.nn.SiLU: lambda m: "silu",
+    torch.nn.Softplus: lambda m: ("softplus", m.beta, m.threshold),
+    torch.nn.Tanh: lambda m: "tanh",
+    torch.nn.Sigmoid: lambda m: "sigmoid",
+}
+
+
+@dataclass(frozen=True)
+class MLPDecoder:
+    """An nn.Sequential of nn.Linear layers, each followed by at most one supported elementwise activation.
+
+    Holds the modules, not their tensors, so that a decoder trained, moved or cast later is read as it is at call time.
+    """
+
+    linears: Tuple[torch.nn.Linear, ...]
+    activations: Tuple[Activation, ...]
+
+    @staticmethod
+    def recognise(decoder) -> Optional["MLPDecoder"]:
+        """The MLP structure of `decoder`, or None when it is anything else (then the generic path is used)."""
+        if not isinstance(decoder, torch.nn.Sequential):
+            return None
+        linears: List[torch.nn.Linear] = []
+        activations: List[Activation] = []
+        for module in decoder:
+            if isinstance(module, torch.nn.Identity):
+                continue
+            if type(module) is torch.nn.Linear:
+                linears.append(module)
+                activations.append("identity")
+                continue
+            describe = _MODULE_ACTIVATIONS.get(type(module))
+            # An activation must follow a linear layer directly (no two in a row, none before the first layer).
+            if describe is None or not linears or activations[-1] != "identity":
+                return None
+            activations[-1] = describe(module)
+        if not linears:
+            return None
+        return MLPDecoder(tuple(linears), tuple(activations))
+
+    @property
+    def weights(self) -> List[torch.Tensor]:
+        return [linear.weight for linear in self.linears]
+
+    @property
+    def biases(self) -> List[Optional[torch.Tensor]]:
+        return [linear.bias for linear in self.linears]
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linears[-1].out_features

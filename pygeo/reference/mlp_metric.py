@@ -1,0 +1,74 @@
+"""Pure-PyTorch reference of pygeo.ops.mlp_metric: the pullback / Fisher metric of an MLP decoder by pushing the d
+tangent columns through the layers with the forward pass (J_l = S_l W_l J_{l-1}), then G = J^T diag(w) J."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .jtj import jtj
+
+# Activation codes shared by every backend (C++, CUDA, Triton mirror these numbers and formulas).
+IDENTITY, RELU, LEAKY_RELU, ELU, SILU, SOFTPLUS, TANH, SIGMOID = range(8)
+
+
+def activation_and_slope(h: torch.Tensor, code: int, param0: float, param1: float):
+    """(a(h), a'(h)) of an elementwise activation. param0/param1: leaky_relu slope; elu alpha; softplus beta and
+    threshold (linear above beta h > threshold, as torch.nn.Softplus)."""
+    if code == IDENTITY:
+        return h, torch.ones_like(h)
+    if code == RELU:
+        return torch.relu(h), (h > 0).to(h.dtype)
+    if code == LEAKY_RELU:
+        positive = h > 0
+        return torch.where(positive, h, param0 * h), torch.where(positive, torch.ones_like(h), torch.full_like(h, param0))
+    if code == ELU:
+        positive = h > 0
+        negative_part = param0 * torch.expm1(torch.clamp_max(h, 0))
+        return torch.where(positive, h, negative_part), torch.where(positive, torch.ones_like(h), negative_part + param0)
+    if code == SILU:
+        sig = torch.sigmoid(h)
+        return h * sig, sig * (1 + h * (1 - sig))
+    if code == SOFTPLUS:
+        scaled = param0 * h
+        linear = scaled > param1
+        value = torch.where(linear, h, torch.nn.functional.softplus(scaled) / param0)
+        return value, torch.where(linear, torch.ones_like(h), torch.sigmoid(scaled))
+    if code == TANH:
+        t = torch.tanh(h)
+        return t, 1 - t * t
+    if code == SIGMOID:
+        sig = torch.sigmoid(h)
+        return sig, sig * (1 - sig)
+    raise ValueError(f"unknown activation code {code}")
+
+
+def forward_with_tangents(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                          activation_codes: Sequence[int], activation_params: Sequence[float]):
+    """z [B, d] -> (output f [B, D], J [B, D, d])."""
+    B, d = z.shape
+    a = z
+    T = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # [B, n_0 = d, d] tangent columns
+    for layer, (W, b) in enumerate(zip(weights, biases)):
+        h = a @ W.transpose(0, 1) + b
+        T = torch.matmul(W, T)  # [B, n_l, d]
+        a, slope = activation_and_slope(h, activation_codes[layer], activation_params[2 * layer],
+                                        activation_params[2 * layer + 1])
+        T = slope.unsqueeze(-1) * T
+    return a, T
+
+
+def output_weight_of(f: torch.Tensor, output_weight: Optional[torch.Tensor], bernoulli: bool, eps: float):
+    """The Fisher weight per output: p(1-p) of the clamped sigmoid (bernoulli logits), else output_weight [D] or None."""
+    if bernoulli:
+        p = torch.sigmoid(f).clamp(eps, 1 - eps)
+        return p * (1 - p)
+    return output_weight
+
+
+def mlp_metric(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor], activation_codes: List[int],
+               activation_params: List[float], output_weight: Optional[torch.Tensor], bernoulli: bool,
+               eps: float) -> torch.Tensor:
+    """G [B, d, d] = J^T diag(w) J of the MLP z [B, d] -> f [B, D] (see pygeo.ops.mlp_metric for the arguments)."""
+    f, J = forward_with_tangents(z, weights, biases, activation_codes, activation_params)
+    return jtj(J, output_weight_of(f, output_weight, bernoulli, eps))

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import pygeo
+from pygeo import _linalg
+from pygeo.metrics.base import metric_and_derivative_by_autograd
+
+
+def poincare(z):
+    y = z[..., 1]
+    eye = torch.eye(2, dtype=z.dtype, device=z.device)
+    return eye / (y * y)[..., None, None]
+
+
+def test_function_metric_contract_on_the_half_plane():
+    metric = pygeo.FunctionMetric(poincare)
+    z = torch.tensor([[0.3, 0.5], [1.0, 2.0]], dtype=torch.float64)
+    G = metric.metric(z)
+    torch.testing.assert_close(G, poincare(z))
+    torch.testing.assert_close(metric.log_volume(z), -2 * z[:, 1].log())
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(metric.inner(z, u, u), 1 / z[:, 1] ** 2)
+
+
+def test_metric_derivative_matches_closed_form():
+    metric = pygeo.FunctionMetric(poincare)
+    z = torch.tensor([[0.3, 0.5], [1.0, 2.0], [-1.0, 0.25]], dtype=torch.float64)
+    G, dG = metric.metric_and_derivative(z)
+    expected = torch.zeros(3, 2, 2, 2, dtype=torch.float64)
+    expected[:, 1] = (-2 / z[:, 1] ** 3)[:, None, None] * torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(dG, expected)
+
+
+def test_reverse_mode_fallback_agrees_with_forward_mode():
+    calls = {"n": 0}
+
+    def not_vmappable(z):
+        calls["n"] += 1
+        if isinstance(z, torch.Tensor) and torch._C._functorch.is_batchedtensor(z):
+            raise RuntimeError("no vmap here")
+        return poincare(z) + torch.sin(z[..., :1, None]) * torch.eye(2, dtype=z.dtype)
+
+    z = torch.tensor([[0.3, 0.5], [1.0, 2.0]], dtype=torch.float64)
+    G_ref, dG_ref = torch.func.vmap(lambda p: (poincare(p) + torch.sin(p[:1, None]) * torch.eye(2, dtype=p.dtype),
+                                               torch.func.jacfwd(lambda q: poincare(q) + torch.sin(q[:1, None]) * torch.eye(2, dtype=q.dtype))(p)))(z)
+    G, dG = metric_and_derivative_by_autograd(not_vmappable, z)
+    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(dG, dG_ref.permute(0, 3, 1, 2))
+
+
+def test_log_volume_gradient_matches_finite_differences():
+    metric = pygeo.FunctionMetric(lambda z: torch.eye(2, dtype=z.dtype) * (1 + (z ** 2).sum(-1))[..., None, None]
+                                  + 0.1 * z[..., :, None] * z[..., None, :])
+    z = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(metric.log_volume, (z,))
+
+
+def test_function_metric_rejects_wrong_shapes():
+    metric = pygeo.FunctionMetric(lambda z: z)
+    with pytest.raises(ValueError, match="must return G of shape"):
+        metric.metric(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="fn must be callable"):
+        pygeo.FunctionMetric(3)
+
+
+def test_cholesky_jitter_rescues_semidefinite_and_refuses_indefinite():
+    G = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]], dtype=torch.float64)  # first is singular
+    L = _linalg.cholesky(G)
+    assert torch.isfinite(L).all()
+    torch.testing.assert_close(L[1], torch.linalg.cholesky(G[1]))
+    bad = torch.tensor([[[1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite at 1 of 1 points"):
+        _linalg.cholesky(bad, name="G")

@@ -1,0 +1,227 @@
+import pytest
+import torch
+
+import pygeo
+from pygeo.ops.mlp_metric import _IMPLEMENTED as MLP_METRIC_BACKENDS
+from pygeo.ops.mlp_metric import MLPDecoder
+from pygeo.reference.mlp_metric import forward_with_tangents
+from pygeo.reference.jtj import jtj as jtj_reference
+
+from conftest import assert_close, backend_params
+
+BACKENDS = backend_params(MLP_METRIC_BACKENDS)
+F64 = torch.float64
+
+ACTIVATION_MODULES = {
+    "identity": torch.nn.Identity,
+    "relu": torch.nn.ReLU,
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.2),
+    "elu": lambda: torch.nn.ELU(0.7),
+    "silu": torch.nn.SiLU,
+    "softplus": lambda: torch.nn.Softplus(beta=2.0, threshold=3.0),  # low threshold: both branches get exercised
+    "tanh": torch.nn.Tanh,
+    "sigmoid": torch.nn.Sigmoid,
+}
+
+
+def make_mlp(widths, activation, last=None, dtype=F64):
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+        is_last = i == len(widths) - 2
+        if not is_last:
+            layers.append(ACTIVATION_MODULES[activation]())
+        elif last is not None:
+            layers.append(ACTIVATION_MODULES[last]())
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def layer_arguments(decoder):
+    plan = MLPDecoder.recognise(decoder)
+    assert plan is not None
+    return plan.weights, plan.biases, plan.activations
+
+
+def explicit_metric(decoder, z, likelihood, sigma=None):
+    """J by torch.func.jacfwd through the nn.Module itself, then the Fisher weight of MATH.md section 1."""
+    J = torch.func.vmap(torch.func.jacfwd(lambda p: decoder(p.unsqueeze(0))[0]))(z)
+    if likelihood == "euclidean":
+        weight = None
+    elif likelihood == "gaussian":
+        weight = torch.as_tensor(sigma, dtype=z.dtype).reshape(-1).expand(J.shape[1]).pow(-2)
+    else:
+        p = torch.sigmoid(decoder(z)).clamp(1e-6, 1 - 1e-6)
+        weight = p * (1 - p)
+    return jtj_reference(J, weight)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B, widths", [(1, (1, 5, 3)), (7, (3, 17, 9, 40)), (33, (17, 24, 70))])
+@pytest.mark.parametrize("likelihood", ["euclidean", "gaussian", "bernoulli"])
+def test_matches_float64_reference(backend_device, dtype, B, widths, likelihood):
+    backend, device = backend_device
+    decoder = make_mlp(widths, "softplus")
+    z = torch.randn(B, widths[0], dtype=F64)
+    sigma = torch.rand(widths[-1], dtype=F64) + 0.5 if likelihood == "gaussian" else None
+    with torch.no_grad():
+        expected = explicit_metric(decoder, z, likelihood, sigma)
+        weights, biases, activations = layer_arguments(decoder.to(device=device, dtype=dtype))
+        G = pygeo.ops.mlp_metric(z.to(device=device, dtype=dtype), weights, biases, activations, likelihood=likelihood,
+                                 sigma=None if sigma is None else sigma.to(device=device, dtype=dtype), backend=backend)
+    assert G.shape == (B, widths[0], widths[0]) and G.dtype == dtype
+    assert torch.equal(G, G.transpose(-1, -2)), "G must be exactly symmetric"
+    assert_close(G.cpu(), expected, dtype)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("activation", list(ACTIVATION_MODULES))
+@pytest.mark.parametrize("last", [None, "sigmoid"])
+def test_fused_equals_generic_for_every_activation(backend_device, activation, last):
+    backend, device = backend_device
+    decoder = make_mlp((3, 16, 12, 20), activation, last).to(device)
+    z = 1.5 * torch.randn(9, 3, dtype=F64, device=device)
+    for likelihood in ("euclidean", "bernoulli"):
+        fused = pygeo.PullbackMetric(decoder, likelihood, backend=backend)
+        generic = pygeo.PullbackMetric(lambda x: decoder(x), likelihood, backend="torch")
+        assert fused._mlp is not None and generic._mlp is None
+        with torch.no_grad():
+            assert_close(fused.metric(z).cpu(), generic.metric(z).cpu(), F64)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("likelihood", ["euclidean", "gaussian"])
+def test_triangular_last_layer_path(backend_device, likelihood):
+    """Large batches with a constant weight take the Cholesky-compressed last layer: same G."""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        B = 40  # the interpreter: few programs
+    else:
+        B = 300
+    decoder = make_mlp((4, 24, 48), "tanh")
+    z = torch.randn(B, 4, dtype=F64)
+    sigma = torch.rand(48, dtype=F64) + 0.5 if likelihood == "gaussian" else None
+    with torch.no_grad():
+        expected = explicit_metric(decoder, z, likelihood, sigma)
+        for dtype in (torch.float32, torch.float64):
+            weights, biases, activations = layer_arguments(decoder.to(device=device, dtype=dtype))
+            G = pygeo.ops.mlp_metric(z.to(device=device, dtype=dtype), weights, biases, activations,
+                                     likelihood=likelihood, backend=backend,
+                                     sigma=None if sigma is None else sigma.to(device=device, dtype=dtype))
+            assert_close(G.cpu(), expected, dtype)
+
+
+def test_batch_dims_and_none_bias():
+    W1, W2 = torch.randn(6, 2, dtype=F64), torch.randn(5, 6, dtype=F64)
+    b2 = torch.randn(5, dtype=F64)
+    z = torch.randn(3, 4, 2, dtype=F64)
+    G = pygeo.ops.mlp_metric(z, [W1, W2], [None, b2], ["elu", "identity"])
+    assert G.shape == (3, 4, 2, 2)
+    _, J = forward_with_tangents(z.reshape(-1, 2), [W1, W2], [torch.zeros(6, dtype=F64), b2], [3, 0], [1.0, 0, 0, 0])
+    assert_close(G.reshape(-1, 2, 2), jtj_reference(J), F64)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("likelihood", ["euclidean", "gaussian", "bernoulli"])
+def test_gradcheck(backend_device, likelihood):
+    backend, device = backend_device
+    to = dict(dtype=F64, device=device)
+    z = torch.randn(3, 2, **to, requires_grad=True)
+    W1 = torch.randn(5, 2, **to, requires_grad=True)
+    b1 = torch.randn(5, **to, requires_grad=True)
+    W2 = torch.randn(4, 5, **to, requires_grad=True)
+    b2 = torch.randn(4, **to, requires_grad=True)
+    sigma = (torch.rand(4, **to) + 0.5).requires_grad_(likelihood == "gaussian")
+
+    def fn(z, W1, b1, W2, b2, sigma):
+        return pygeo.ops.mlp_metric(z, [W1, W2], [b1, b2], ["silu", "identity"], likelihood=likelihood,
+                                    sigma=sigma if likelihood == "gaussian" else None, backend=backend)
+
+    inputs = (z, W1, b1, W2, b2, sigma)
+    assert torch.autograd.gradcheck(fn, inputs)
+    if backend == "torch":  # the backward is the same plain-torch code whichever backend ran the forward
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    to = dict(dtype=F64, device=device)
+    z = torch.randn(4, 3, **to, requires_grad=True)
+    weights = [torch.randn(6, 3, **to, requires_grad=True), torch.randn(7, 6, **to, requires_grad=True)]
+    biases = [torch.randn(6, **to), torch.randn(7, **to, requires_grad=True)]
+    output_weight = torch.rand(7, **to) + 0.5
+    op = torch.ops.pygeo.mlp_metric.default
+    torch.library.opcheck(op, (z, weights, biases, [6, 0], [0.0, 0.0, 0.0, 0.0], None, True, 1e-6, backend))
+    torch.library.opcheck(op, (z, weights, biases, [5, 7], [1.0, 20.0, 0.0, 0.0], output_weight, False, 1e-6, backend))
+
+
+def test_compiles():
+    decoder = make_mlp((2, 8, 5), "tanh", dtype=torch.float32)
+    z = torch.randn(6, 2)
+    compiled = torch.compile(lambda z: pygeo.ops.mlp_metric(z, *layer_arguments(decoder), likelihood="bernoulli"),
+                             fullgraph=True)
+    with torch.no_grad():
+        G = compiled(z)
+        assert_close(G, explicit_metric(decoder.double(), z.double(), "bernoulli"), torch.float32)
+
+
+def test_recognise():
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.Linear(2, 3))) is not None
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Identity(), torch.nn.ReLU())) is not None
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 3))) is None
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Tanh())) is None
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.GELU())) is None
+    assert MLPDecoder.recognise(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout())) is None
+    assert MLPDecoder.recognise(torch.nn.Linear(2, 3)) is None
+    assert MLPDecoder.recognise(lambda z: z) is None
+
+
+def test_decoder_changed_after_construction_is_read_at_call_time():
+    decoder = make_mlp((2, 6, 4), "tanh")
+    metric = pygeo.PullbackMetric(decoder)
+    z = torch.randn(3, 2, dtype=F64)
+    with torch.no_grad():
+        decoder[2].weight.mul_(3.0)
+        assert_close(metric.metric(z), explicit_metric(decoder, z, "euclidean"), F64)
+    decoder.float()
+    assert metric.metric(z.float()).dtype == torch.float32
+
+
+def _layers():
+    return [torch.randn(4, 2), torch.randn(3, 4)], [torch.randn(4), torch.randn(3)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 3), W, b, ["tanh", "identity"]), r"weights\[0\] must have shape \[n_1, 3\]"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b[:1], ["tanh", "identity"]), "one entry per layer"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["gelu", "identity"]), r"activations\[0\] must be one of"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, [("elu", 1.0, 2.0), "identity"]), "at most 1 parameters"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, [b[0], torch.randn(4)], ["tanh", "identity"]), r"biases\[1\] must have shape \[3\]"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["tanh", "identity"], likelihood="poisson"), "likelihood must be one of"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["tanh", "identity"], likelihood="gaussian"), "sigma is required"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["tanh", "identity"], likelihood="gaussian", sigma=torch.ones(2)), "sigma must be a float or have D=3"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["tanh", "identity"], likelihood="gaussian", sigma=-1.0), "sigma must be positive"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2, dtype=F64), W, b, ["tanh", "identity"]), "same dtype"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randint(0, 3, (5, 2)), W, b, ["tanh", "identity"]), "z must be a real floating tensor"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.full((5, 2), float("nan")), W, b, ["tanh", "identity"]), "z contains NaN"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), [W[0], W[1] * float("inf")], b, ["tanh", "identity"]), r"weights\[1\] contains NaN or Inf"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), [], [], []), "at least one layer"),
+    (lambda W, b: pygeo.ops.mlp_metric(torch.randn(5, 2), W, b, ["tanh", "identity"], backend="nope"), "backend must be"),
+])
+def test_bad_input(bad, message):
+    W, b = _layers()
+    with pytest.raises((ValueError, TypeError), match=message):
+        bad(W, b)
+
+
+def test_kernel_rechecks_sizes():
+    C = pygeo._backend.compiled_module()
+    if C is None:
+        pytest.skip("extension not built")
+    z = torch.randn(2, 2)
+    with pytest.raises(ValueError, match="disagree"):
+        C.mlp_metric_cpu(z.data_ptr(), [z.data_ptr()], [], [2, 2], [0], [0.0, 0.0], 0, False, 1e-6, False, 0, 2, "float32")
+    with pytest.raises(ValueError, match="unknown activation code"):
+        C.mlp_metric_cpu(z.data_ptr(), [z.data_ptr()], [z.data_ptr()], [2, 2], [99], [0.0, 0.0], 0, False, 1e-6, False,
+                         z.data_ptr(), 1, "float32")

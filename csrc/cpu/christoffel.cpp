@@ -17,7 +17,8 @@ void christoffel_cpu(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t
   check_nonnegative(B, "B");
   check_positive(d, "d");
   const int64_t dd = d * d, ddd = d * d * d;
-#pragma omp parallel
+  // Small batches run on the calling thread: waking a team costs more than the work (and stalls on a busy machine).
+#pragma omp parallel if (B * ddd >= 65536)
   {
     std::vector<T> L(static_cast<size_t>(dd));  // lower Cholesky factor, row-major
     std::vector<T> x(static_cast<size_t>(d));

@@ -64,7 +64,8 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
     method="energy": minimise the discrete curve energy (curve_energy) over the n_points - 2 interior points with a
       batched L-BFGS (per-pair histories and Armijo line searches); a pair stops being updated as soon as it converges,
       when its scaled gradient |grad E| |z1 - z0| / E falls below tol (default 1e-6 in float64, 1e-2 in float32).
-      init [B, n_points, d] is an optional starting curve (default: the straight line).
+      init [B, n_points, d] is an optional starting curve (default: the straight line, or for n_points > 17 the
+      solution on a curve of (n_points - 1) // 4 + 1 points, resampled).
     method="shooting": Newton's method on the initial velocity v with exp_map(z0, v) = z1 (finite-difference
       Jacobians, backtracking on the residual); converged when |exp_map(z0, v) - z1| <= tol (|z1 - z0| + 1).
       n_steps RK4 steps per unit time.
@@ -79,6 +80,12 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
         tol = 1e-6 if z0.dtype == torch.float64 else 1e-2  # float32: the gradient's rounding floor is near 1e-3
     with torch.no_grad():
         if method == "energy":
+            coarse_iterations = 0
+            if init is None and n_points > _COARSE_FROM:
+                # Long curves converge slowly from a straight line (the energy's Hessian is a discrete Laplacian with
+                # condition ~ n_points^2): start from the solution on a coarser curve, resampled.
+                coarse = geodesic(metric, z0, z1, n_points=(n_points - 1) // 4 + 1, max_iter=max_iter, tol=tol)
+                init, coarse_iterations = _resample(coarse.points, n_points), coarse.iterations
             if init is None:
                 weights = torch.linspace(0, 1, n_points, dtype=z0.dtype, device=z0.device)[:, None]
                 init = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
@@ -88,8 +95,22 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
                     raise ValueError(f"init must have shape [B, n_points, d] = {(z0.shape[0], n_points, z0.shape[1])}, "
                                      f"got {tuple(init.shape)}")
                 init = torch.cat([z0[:, None], init[:, 1:-1].to(z0), z1[:, None]], 1)
-            return _minimise_energy(metric, init, max_iter, tol, progress)
+            result = _minimise_energy(metric, init, max_iter, tol, progress)
+            result.iterations += coarse_iterations
+            return result
         return _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress)
+
+
+_COARSE_FROM = 17  # curves with more points than this start from a solved coarser curve
+
+
+def _resample(points: torch.Tensor, n_points: int) -> torch.Tensor:
+    """Piecewise-linear resampling of curves points [B, T, d] (uniform in the parameter) to [B, n_points, d]."""
+    T = points.shape[1]
+    position = torch.linspace(0, T - 1, n_points, dtype=points.dtype, device=points.device)
+    left = position.floor().long().clamp(max=T - 2)
+    fraction = (position - left.to(points.dtype))[:, None]
+    return points[:, left] * (1 - fraction) + points[:, left + 1] * fraction
 
 
 def _energy_and_gradient(metric, points: torch.Tensor):

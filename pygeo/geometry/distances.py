@@ -6,8 +6,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import dijkstra
 from tqdm.auto import tqdm
 
 from .. import _checks
@@ -73,6 +71,10 @@ def geodesic_distances(metric, x: torch.Tensor, y: Optional[torch.Tensor] = None
 def _graph_paths(metric, nodes: torch.Tensor, n_neighbors: int, n_sources: int):
     """Dijkstra from the first n_sources nodes over the symmetrised kNN graph; edge weight = Riemannian length of the
     straight edge (3 segments). Returns (predecessors [n_sources, n_nodes] numpy, reachable [n_sources, n_nodes])."""
+    # scipy is imported here, not at module level, so that `import pygeo` works without it (mlxtend depends on it).
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+
     n = nodes.shape[0]
     k = min(n_neighbors, n - 1)
     if k == 0:

@@ -23,6 +23,10 @@ template <typename T> void mlp_metric_cpu(const T* z, const std::vector<const T*
 template <typename T> void jtj_cuda(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d, uintptr_t stream);
 template <typename T> void mlp_metric_cuda(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B, uintptr_t stream);
 #endif
+template <typename T> void christoffel_cpu(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t B, int64_t d);
+#ifdef PYGEO_WITH_CUDA
+template <typename T> void christoffel_cuda(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t B, int64_t d, uintptr_t stream);
+#endif
 }  // namespace pygeo
 
 namespace {
@@ -76,6 +80,16 @@ PYBIND11_MODULE(_C, m) {
   }, nogil);
   m.def("mlp_metric_cuda", [](uintptr_t z, std::vector<uintptr_t> weights, std::vector<uintptr_t> biases, std::vector<int64_t> widths, std::vector<int64_t> codes, std::vector<double> params, uintptr_t output_weight, bool bernoulli, double eps, bool last_upper_triangular, uintptr_t G, int64_t B, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::mlp_metric_cuda<scalar_t>(CP(scalar_t, z), pointer_list<const scalar_t>(weights), pointer_list<const scalar_t>(biases), widths, codes, params, CP(scalar_t, output_weight), bernoulli, eps, last_upper_triangular, P(scalar_t, G), B, stream));
+  }, nogil);
+#endif
+
+  // christoffel: G [B, d, d], dG [B, d, d, d], Gamma [B, d, d, d], failed [B] int32
+  m.def("christoffel_cpu", [](uintptr_t G, uintptr_t dG, uintptr_t Gamma, uintptr_t failed, int64_t B, int64_t d, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::christoffel_cpu<scalar_t>(CP(scalar_t, G), CP(scalar_t, dG), P(scalar_t, Gamma), P(int32_t, failed), B, d));
+  }, nogil);
+#ifdef PYGEO_WITH_CUDA
+  m.def("christoffel_cuda", [](uintptr_t G, uintptr_t dG, uintptr_t Gamma, uintptr_t failed, int64_t B, int64_t d, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::christoffel_cuda<scalar_t>(CP(scalar_t, G), CP(scalar_t, dG), P(scalar_t, Gamma), P(int32_t, failed), B, d, stream));
   }, nogil);
 #endif
 }

@@ -1,6 +1,7 @@
 """Low-level fused operations on tensors. Each is a torch.library custom op (pygeo::<name>) with a fake
 implementation and an autograd formula, dispatched to a backend by pygeo._backend."""
+from .christoffel import christoffel
 from .jtj import jtj
 from .mlp_metric import mlp_metric
 
-__all__ = ["jtj", "mlp_metric"]
+__all__ = ["jtj", "mlp_metric", "christoffel"]

@@ -1,0 +1,7 @@
+"""Geometry over the metric contract: Christoffel symbols, curvature, geodesics and geodesic distances."""
+from .curvature import Curvature, christoffel, curvature, sectional_curvature
+from .distances import geodesic_distances
+from .geodesic import GeodesicResult, curve_energy, exp_map, geodesic
+
+__all__ = ["Curvature", "christoffel", "curvature", "sectional_curvature", "GeodesicResult", "curve_energy",
+           "exp_map", "geodesic", "geodesic_distances"]

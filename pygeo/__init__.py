@@ -9,3 +9,6 @@ from .metrics import FunctionMetric, Metric
 __version__ = "0.1.0"
 
 __all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric"]
+from .metrics import LatentMetric  # noqa: E402
+
+__all__ += ["LatentMetric"]

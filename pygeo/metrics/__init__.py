@@ -3,3 +3,6 @@ from .base import Metric
 from .function import FunctionMetric
 
 __all__ = ["Metric", "FunctionMetric"]
+from .latent import LatentMetric  # noqa: E402
+
+__all__ += ["LatentMetric"]

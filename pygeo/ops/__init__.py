@@ -3,3 +3,6 @@ implementation and an autograd formula, dispatched to a backend by pygeo._backen
 from .jtj import jtj
 
 __all__ = ["jtj"]
+from .latent_metric import latent_metric  # noqa: E402
+
+__all__ += ["latent_metric"]

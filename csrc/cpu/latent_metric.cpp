@@ -28,6 +28,9 @@ namespace pygeo {
 namespace {
 
 constexpr int64_t kBlock = 64;  // centroids per block: the block's scratch ([d][kBlock]) stays in L1/L2
+// Below this many point-centroid-entry products a call runs on one thread: waking an OpenMP team costs more (samplers
+// call with a few hundred points and few centroids, thousands of times).
+constexpr int64_t kParallelWork = 1 << 16;
 
 // The per-point loops are compiled for AVX2+FMA and for the baseline ISA, picked at load time (the build flags target
 // the baseline only); helpers are force-inlined into both versions.
@@ -269,7 +272,7 @@ void latent_metric_forward_cpu(const T* z, const T* centroids, const T* precisio
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
   const int64_t dd = p.dd;
-#pragma omp parallel
+#pragma omp parallel if (B * N * dd >= kParallelWork)
   {
     Scratch<T> s(d, dd, dG_s != nullptr);
 #pragma omp for schedule(static)
@@ -319,7 +322,7 @@ void latent_metric_vjp_cpu(const T* z, const T* centroids, const T* precisions, 
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
   const int64_t dd = p.dd;
-#pragma omp parallel
+#pragma omp parallel if (B * N * dd >= kParallelWork)
   {
     Scratch<T> s(d, dd, false);
 #pragma omp for schedule(static)

@@ -15,15 +15,22 @@ class KMedoidsResult(NamedTuple):
     n_iter: int  # alternating iterations run
 
 
-def _nearest(points: torch.Tensor, medoids: torch.Tensor, chunk_size: int):
-    """(labels [n], distances [n]) of every point to its nearest medoid, in chunks of rows (O(chunk * k) memory)."""
+def _nearest(points: torch.Tensor, medoid_indices: torch.Tensor, chunk_size: int):
+    """(labels [n], distances [n]) of every point to its nearest medoid, in chunks of rows (O(chunk * k) memory).
+
+    A medoid is always labelled with its own cluster (ties between duplicate points could say otherwise), so the
+    clusters are disjoint, never empty, and the updated medoids stay distinct."""
+    medoids = points[medoid_indices]
     labels, distances = [], []
     for start in range(0, points.shape[0], chunk_size):
         dist = torch.cdist(points[start:start + chunk_size], medoids)
         best = dist.min(-1)
         labels.append(best.indices)
         distances.append(best.values)
-    return torch.cat(labels), torch.cat(distances)
+    labels, distances = torch.cat(labels), torch.cat(distances)
+    labels[medoid_indices] = torch.arange(medoid_indices.shape[0], device=labels.device)
+    distances[medoid_indices] = 0
+    return labels, distances
 
 
 def _init_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,12 +105,12 @@ def kmedoids(points: torch.Tensor, k: int, seed: Optional[int] = None, max_iter:
     medoids = _init_plus_plus(points, k, generator)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        labels, _ = _nearest(points, points[medoids], chunk_size)
+        labels, _ = _nearest(points, medoids, chunk_size)
         updated = _update_medoids(points, labels, k, medoids, chunk_size)
         if torch.equal(updated, medoids):
             break
         medoids = updated
-    labels, distances = _nearest(points, points[medoids], chunk_size)
+    labels, distances = _nearest(points, medoids, chunk_size)
     order = torch.argsort(medoids)
     relabel = torch.empty_like(order)
     relabel[order] = torch.arange(k, device=order.device)

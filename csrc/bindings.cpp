@@ -19,6 +19,12 @@ namespace pygeo {
 // --- declarations (definitions in cpu/<op>.cpp and cuda/<op>.cu) ---
 template <typename T> void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d);
 template <typename T> void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B);
+template <typename T> void latent_metric_forward_cpu(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, T* G_s, T* scale, T* dG_s, int64_t B, int64_t N, int64_t d);
+template <typename T> void latent_metric_vjp_cpu(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, const T* A, const T* scale, T* v, int64_t B, int64_t N, int64_t d);
+#ifdef PYGEO_WITH_CUDA
+template <typename T> void latent_metric_forward_cuda(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, T* G_s, T* scale, T* dG_s, int64_t B, int64_t N, int64_t d, uintptr_t stream);
+template <typename T> void latent_metric_vjp_cuda(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, const T* A, const T* scale, T* v, int64_t B, int64_t N, int64_t d, uintptr_t stream);
+#endif
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void jtj_cuda(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d, uintptr_t stream);
 template <typename T> void mlp_metric_cuda(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B, uintptr_t stream);
@@ -90,6 +96,23 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PYGEO_WITH_CUDA
   m.def("christoffel_cuda", [](uintptr_t G, uintptr_t dG, uintptr_t Gamma, uintptr_t failed, int64_t B, int64_t d, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::christoffel_cuda<scalar_t>(CP(scalar_t, G), CP(scalar_t, dG), P(scalar_t, Gamma), P(int32_t, failed), B, d, stream));
+  }, nogil);
+#endif
+
+  // latent_metric: z [B, d], c [N, d], P [N, d] | [N, d, d] (full), G_s [B, d] | [B, d, d], scale [B],
+  // dG_s [B, d, d] | [B, d, d, d] | 0 (null); vjp: A [B, d] | [B, d, d], scale [B], v [B, d]
+  m.def("latent_metric_forward_cpu", [](uintptr_t z, uintptr_t c, uintptr_t prec, bool full, double lam, double tau, double rho, uintptr_t G, uintptr_t scale, uintptr_t dG, int64_t B, int64_t N, int64_t d, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::latent_metric_forward_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), full, lam, tau, rho, P(scalar_t, G), P(scalar_t, scale), P(scalar_t, dG), B, N, d));
+  }, nogil);
+  m.def("latent_metric_vjp_cpu", [](uintptr_t z, uintptr_t c, uintptr_t prec, bool full, double lam, double tau, double rho, uintptr_t A, uintptr_t scale, uintptr_t v, int64_t B, int64_t N, int64_t d, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::latent_metric_vjp_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), full, lam, tau, rho, CP(scalar_t, A), CP(scalar_t, scale), P(scalar_t, v), B, N, d));
+  }, nogil);
+#ifdef PYGEO_WITH_CUDA
+  m.def("latent_metric_forward_cuda", [](uintptr_t z, uintptr_t c, uintptr_t prec, bool full, double lam, double tau, double rho, uintptr_t G, uintptr_t scale, uintptr_t dG, int64_t B, int64_t N, int64_t d, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::latent_metric_forward_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), full, lam, tau, rho, P(scalar_t, G), P(scalar_t, scale), P(scalar_t, dG), B, N, d, stream));
+  }, nogil);
+  m.def("latent_metric_vjp_cuda", [](uintptr_t z, uintptr_t c, uintptr_t prec, bool full, double lam, double tau, double rho, uintptr_t A, uintptr_t scale, uintptr_t v, int64_t B, int64_t N, int64_t d, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::latent_metric_vjp_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), full, lam, tau, rho, CP(scalar_t, A), CP(scalar_t, scale), P(scalar_t, v), B, N, d, stream));
   }, nogil);
 #endif
 }

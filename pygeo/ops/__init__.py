@@ -2,6 +2,7 @@
 implementation and an autograd formula, dispatched to a backend by pygeo._backend."""
 from .christoffel import christoffel
 from .jtj import jtj
+from .latent_metric import latent_metric
 from .mlp_metric import mlp_metric
 
-__all__ = ["jtj", "mlp_metric", "christoffel"]
+__all__ = ["jtj", "mlp_metric", "christoffel", "latent_metric"]

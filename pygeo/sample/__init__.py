@@ -1,0 +1,4 @@
+"""Batched multi-chain samplers over the metric contract."""
+from .hmc import HMCResult, riemannian_uniform
+
+__all__ = ["HMCResult", "riemannian_uniform"]

@@ -3,3 +3,6 @@ implementation and an autograd formula, dispatched to a backend by pygeo._backen
 from .jtj import jtj
 
 __all__ = ["jtj"]
+from .langevin_step import langevin_step  # noqa: E402
+
+__all__ += ["langevin_step"]

@@ -3,6 +3,7 @@
 Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 """
 from . import ops
+from . import sample
 from ._backend import BackendUnavailableError, backends
 from .metrics import FunctionMetric, Metric
 

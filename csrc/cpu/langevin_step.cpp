@@ -23,7 +23,9 @@ void langevin_step_cpu(const T* z, const T* G, const T* grad, const T* h, const 
   PYGEO_CHECK(!(dG && div_Ginv), "langevin_step: give dG or div_Ginv, not both");
   PYGEO_CHECK((target == nullptr) == (log_q_target == nullptr), "langevin_step: target and log_q_target go together");
   const int n = static_cast<int>(d);
-#pragma omp parallel
+  // Small batches run on one thread: waking a team costs more than the work (and much more on a loaded machine).
+  const bool worth_threads = B * (d * d * d + 8 * d) > 65536;
+#pragma omp parallel if (worth_threads)
   {
     // Per-thread scratch, allocated once: C, and Cinv + Ginv when dG is given, plus 3 vectors.
     std::vector<T> scratch(langevin_chain_scratch_size(n, dG != nullptr));

@@ -37,14 +37,14 @@ def cholesky_with_jitter(G: torch.Tensor):
     scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     for relative in JITTERS:
-        failed = info > 0
-        if not bool(failed.any()):
+        failed = (info > 0).nonzero().squeeze(-1)  # retry only the failed chains
+        if failed.numel() == 0:
             break
-        trial = relative * scale
-        C_retry, info_retry = torch.linalg.cholesky_ex(G + trial[:, None, None] * eye)
-        C = torch.where(failed[:, None, None], C_retry, C)
-        jitter = torch.where(failed, trial, jitter)
-        info = torch.where(failed, info_retry, info)
+        trial = relative * scale[failed]
+        C_retry, info_retry = torch.linalg.cholesky_ex(G[failed] + trial[:, None, None] * eye)
+        C = C.index_copy(0, failed, C_retry)
+        jitter = jitter.index_copy(0, failed, trial)
+        info = info.index_copy(0, failed, info_retry)
     ok = info == 0
     C = torch.where(ok[:, None, None], C, eye)
     return C, jitter, ok

@@ -127,7 +127,7 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()) or (
             isinstance(step_size, torch.Tensor) and step_size.requires_grad and torch.is_grad_enabled()):
         raise ValueError("langevin_step is not differentiable (a sampler step): detach its inputs or use torch.no_grad()")
-    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED, gpu_preference=("cuda", "triton"))
+    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED, gpu_preference=("triton", "cuda"))
 
     def flat(value, tail):
         return None if value is None else value.reshape(-1, *tail).contiguous()

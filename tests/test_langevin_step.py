@@ -49,7 +49,7 @@ def compare(result, expected, dtype):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B,d", [(1, 1), (7, 3), (5, 17), (1000, 2)])
+@pytest.mark.parametrize("B,d", [(1, 1), (7, 3), (19, 3), (13, 17), (1000, 2)])
 @pytest.mark.parametrize("drift", ["simplified", "dG", "div"])
 def test_langevin_step_matches_float64_reference(backend_device, dtype, B, d, drift):
     backend, device = backend_device
@@ -92,20 +92,21 @@ def test_reference_is_the_langevin_proposal_density():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_langevin_step_flags_non_spd_chains(backend_device, dtype):
     backend, device = backend_device
-    inputs = random_inputs(6, 3, "dG")
+    inputs = random_inputs(10, 3, "dG")  # 10 chains: a block of 8 (the C++ kernel's lanes) and 2 more
     inputs["G"][1] = -torch.eye(3, dtype=torch.float64)  # negative definite: no jitter helps
     inputs["G"][3] = torch.zeros(3, 3, dtype=torch.float64)  # zero: jitter scale is zero
     G4 = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))  # singular PSD: rescued by jitter
     inputs["G"][4] = G4
+    inputs["G"][9] = -torch.eye(3, dtype=torch.float64)
     result = run(inputs, backend, device, dtype)
-    assert result.ok.cpu().tolist() == [True, False, True, False, True, True]
+    assert result.ok.cpu().tolist() == [True, False, True, False, True, True, True, True, True, False]
     for name in ("proposal", "mean", "half_log_det", "log_q_proposal", "log_q_target"):
         assert torch.isfinite(getattr(result, name)).all(), name
     z = inputs["z"].to(dtype)
-    for b in (1, 3):
+    for b in (1, 3, 9):
         assert torch.equal(result.proposal[b].cpu(), z[b]) and torch.equal(result.mean[b].cpu(), z[b])
         assert result.half_log_det[b] == 0 and result.log_q_proposal[b] == 0 and result.log_q_target[b] == 0
-    good = [0, 2, 5]
+    good = [0, 2, 5, 6, 7, 8]
     expected = reference({k: v[good] for k, v in inputs.items()})
     actual = run({k: v[good] for k, v in inputs.items()}, backend, device, dtype)
     for name in ("proposal", "half_log_det"):
@@ -113,6 +114,20 @@ def test_langevin_step_flags_non_spd_chains(backend_device, dtype):
         assert_close(getattr(actual, name).cpu(), getattr(expected, name), dtype)
     # The jitter-rescued chain is finite and 1/2 log det reflects the small jitter.
     assert result.half_log_det[4] < -3
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_langevin_step_flags_non_finite_metric(backend_device):
+    backend, device = backend_device
+    inputs = random_inputs(9, 3, "dG")
+    inputs["G"][1, 2, 0] = float("nan")
+    inputs["G"][2, 1, 1] = float("inf")
+    inputs["dG"][3, 0, 1, 2] = float("inf")
+    result = run(inputs, backend, device, torch.float64)
+    assert result.ok.cpu().tolist() == [True, False, False, False] + [True] * 5
+    for name in ("proposal", "mean", "half_log_det", "log_q_proposal", "log_q_target"):
+        assert torch.isfinite(getattr(result, name)).all(), name
+    assert torch.equal(result.proposal[1:4].cpu(), inputs["z"][1:4])
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

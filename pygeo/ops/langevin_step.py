@@ -1,6 +1,7 @@
 """pygeo.ops.langevin_step: one fused Riemannian Langevin (MMALA) step for a batch of chains (MATH.md section 4)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -88,11 +89,15 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
         LangevinStepResult with proposal [..., d], mean [..., d], half_log_det [...] (1/2 log det G),
         log_q_proposal [...] = log q(proposal | z), log_q_target [...] (None without target) and ok [...] (bool).
         log q(a | z) = -(d/2) log(2 pi h) + 1/2 log det G - (1/(2h)) (a - mean)^T G (a - mean), normalised.
-    Non-positive-definite G: retried with jitter 1e-10 ... 1e-4 times its mean |diagonal| (the jittered G is then used
-    throughout); a chain that still fails has ok = False, proposal = mean = z and zero log terms: reject it.
+    Only the lower triangle of G is read. Non-positive-definite G: retried with jitter 1e-10 ... 1e-4 times its mean
+    |diagonal| (the jittered G is then used throughout); a chain that still fails, or whose step is not finite (NaN/Inf
+    in G or dG, which are not scanned up front, or an overflow), has ok = False, proposal = mean = z and zero log
+    terms: reject it. NaN/Inf in the other inputs raise ValueError.
     Not differentiable (a sampler step): inputs that require grad are refused; detach them.
     """
-    _checks.real_tensor("z", z, min_dim=1)
+    # NaN/Inf are not scanned for up front (at small d that costs as much as the step): a non-finite input shows in
+    # the outputs, checked below in one pass; then the small inputs are scanned to name the culprit.
+    _checks.real_tensor("z", z, min_dim=1, check_finite=False)
     batch_shape, d = z.shape[:-1], z.shape[-1]
     if d == 0:
         raise ValueError(f"z must have a non-empty last dimension d, got shape {tuple(z.shape)}")
@@ -103,7 +108,7 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
         if name == "z" or value is None:
             continue
         what = "[..., " + ", ".join(["d"] * len(expected[name])) + "]"
-        _checks.real_tensor(name, value, min_dim=len(expected[name]))
+        _checks.real_tensor(name, value, min_dim=len(expected[name]), check_finite=False)
         _checks.last_dims(name, value, expected[name], f"{what} with d={d}")
         if value.shape[: value.dim() - len(expected[name])] != batch_shape:
             raise ValueError(f"{name} must have shape {what} with batch shape {tuple(batch_shape)} like z "
@@ -119,11 +124,12 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
             raise ValueError(f"step_size must be a scalar or have the batch shape {tuple(batch_shape)} of z, "
                              f"got {tuple(step_size.shape)}")
         step = step_size.to(z.dtype).expand(batch_shape)
+        if step.numel() and not _checks._is_fake(step) and not bool(((step > 0) & (step < math.inf)).all()):
+            raise ValueError(f"step_size must be positive and finite, got a tensor with minimum {float(step.min())}")
     else:
+        if not 0 < float(step_size) < math.inf:
+            raise ValueError(f"step_size must be positive and finite, got {step_size}")
         step = torch.full(batch_shape, float(step_size), dtype=z.dtype, device=z.device)
-    if step.numel() and not _checks._is_fake(step) and not bool((step > 0).all() & torch.isfinite(step).all()):
-        smallest = float(step.min()) if step.numel() else float(step_size)
-        raise ValueError(f"step_size must be positive and finite, got {smallest if isinstance(step_size, torch.Tensor) else step_size}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()) or (
             isinstance(step_size, torch.Tensor) and step_size.requires_grad and torch.is_grad_enabled()):
         raise ValueError("langevin_step is not differentiable (a sampler step): detach its inputs or use torch.no_grad()")
@@ -135,6 +141,21 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     outputs = _langevin_step_op(flat(z, (d,)), flat(G, (d, d)), flat(grad_log_prob, (d,)), step.reshape(-1).contiguous(),
                                 flat(noise, (d,)), flat(dG, (d, d, d)), flat(div_Ginv, (d,)), flat(target, (d,)), chosen)
     proposal, mean, half_log_det, log_q_proposal, log_q_target, ok = outputs
+    # One pass over the outputs: a sum is finite iff its terms are (or it overflows, which flags the chain too).
+    total = proposal.sum(-1) + mean.sum(-1) + half_log_det + log_q_proposal
+    finite = torch.isfinite(total + log_q_target if target is not None else total)
+    if not _checks._is_fake(finite) and finite.numel() and not bool(finite.all()):
+        for name in ("z", "grad_log_prob", "noise", "div_Ginv", "target"):
+            if tensors[name] is not None:
+                _checks.real_tensor(name, tensors[name])  # raises, naming the argument, on NaN/Inf
+        # Otherwise the step is not finite because of NaN/Inf in G or dG, or an overflowing drift: flag the chain.
+        z_flat, zero = z.reshape(-1, d), torch.zeros_like(half_log_det)
+        ok = ok & finite
+        proposal = torch.where(ok[:, None], proposal, z_flat)
+        mean = torch.where(ok[:, None], mean, z_flat)
+        half_log_det, log_q_proposal = torch.where(ok, half_log_det, zero), torch.where(ok, log_q_proposal, zero)
+        if target is not None:
+            log_q_target = torch.where(ok, log_q_target, zero)
     return LangevinStepResult(
         proposal=proposal.reshape(*batch_shape, d), mean=mean.reshape(*batch_shape, d),
         half_log_det=half_log_det.reshape(batch_shape), log_q_proposal=log_q_proposal.reshape(batch_shape),

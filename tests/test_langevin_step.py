@@ -49,7 +49,7 @@ def compare(result, expected, dtype):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B,d", [(1, 1), (7, 3), (19, 3), (13, 17), (1000, 2)])
+@pytest.mark.parametrize("B,d", [(1, 1), (7, 3), (19, 3), (9, 17), (1000, 2)])
 @pytest.mark.parametrize("drift", ["simplified", "dG", "div"])
 def test_langevin_step_matches_float64_reference(backend_device, dtype, B, d, drift):
     backend, device = backend_device

@@ -88,20 +88,21 @@ def _langevin_step_kernel(
     Gm = tl.where(mat_mask, G, tl.where(rows == cols, 1.0, 0.0).to(G.dtype))
     zero = tl.zeros((BLOCK_CHAINS,), dtype=G.dtype)
     C, Cinv, Ginv, half_log_det, ok = _factor(Gm, zero, d, BLOCK_CHAINS, BLOCK_DIM, HAS_DG)
-    if tl.sum((ok == 0).to(tl.int32)) > 0:
-        scale = tl.sum(tl.sum(tl.where(mat_mask & (rows == cols), tl.abs(G), 0.0), axis=2), axis=1) / d
-        relative = 1e-10
-        for _attempt in tl.static_range(4):  # relative jitters 1e-10, 1e-8, 1e-6, 1e-4
-            retry = ok == 0
-            if tl.sum(retry.to(tl.int32)) > 0:
-                trial = relative * scale
-                C2, Cinv2, Ginv2, half_log_det2, ok2 = _factor(Gm, trial, d, BLOCK_CHAINS, BLOCK_DIM, HAS_DG)
-                C = tl.where(retry[:, None, None], C2, C)
-                Cinv = tl.where(retry[:, None, None], Cinv2, Cinv)
-                Ginv = tl.where(retry[:, None, None], Ginv2, Ginv)
-                half_log_det = tl.where(retry, half_log_det2, half_log_det)
-                ok = ok | ok2
-            relative = relative * 100.0
+    # Jitter retries (relative 1e-10, 1e-8, 1e-6, 1e-4 of the mean |diagonal|), only while some chain of the block
+    # still fails; a runtime loop, so the factorisation is compiled once more, not four times.
+    scale = tl.sum(tl.sum(tl.where(mat_mask & (rows == cols), tl.abs(G), 0.0), axis=2), axis=1) / d
+    relative = scale * 0.0 + 1e-10
+    attempt = 0
+    while (attempt < 4) & (tl.sum((ok == 0).to(tl.int32)) > 0):
+        retry = ok == 0
+        C2, Cinv2, Ginv2, half_log_det2, ok2 = _factor(Gm, relative * scale, d, BLOCK_CHAINS, BLOCK_DIM, HAS_DG)
+        C = tl.where(retry[:, None, None], C2, C)
+        Cinv = tl.where(retry[:, None, None], Cinv2, Cinv)
+        Ginv = tl.where(retry[:, None, None], Ginv2, Ginv)
+        half_log_det = tl.where(retry, half_log_det2, half_log_det)
+        ok = ok | ok2
+        relative = relative * 100.0
+        attempt += 1
 
     force = tl.load(grad_ptr + vec_offsets, mask=vec_mask, other=0.0)
     if HAS_DG:
@@ -138,11 +139,12 @@ def _langevin_step_kernel(
 
 
 def launch_settings(d: int):
-    """(BLOCK_CHAINS, BLOCK_DIM, num_warps): about 2048 elements per [chains, d, d] register tile (four such tiles
-    live at once: the working matrix, C, C^-1, G^-1), i.e. 16 registers per tile and thread up to d = 32."""
+    """(BLOCK_CHAINS, BLOCK_DIM, num_warps): [chains, d, d] register tiles of about 512 elements on 4 warps (four such
+    tiles live at once: the working matrix, C, C^-1, G^-1), so about 4 registers per tile and thread; larger tiles
+    spilled in a compile for sm_90 (ptxas: 255 registers plus stack). d = 64 holds one chain on 16 warps."""
     block_dim = max(2, triton.next_power_of_2(d))
-    block_chains = max(1, 2048 // (block_dim * block_dim))
-    num_warps = 4 if block_dim <= 32 else 8
+    block_chains = max(1, 512 // (block_dim * block_dim))
+    num_warps = max(4, min(16, block_chains * block_dim * block_dim // 256))
     return block_chains, block_dim, num_warps
 
 

@@ -42,10 +42,11 @@ class _Dual:
 
 
 def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                        *, n_chains: int = 64, n_steps: Optional[int] = None, step_size: Union[str, float] = "auto",
+                        n_chains: int = 64, n_steps: Optional[int] = None, step_size: Union[str, float] = "auto",
                         mala: bool = True, full_drift: bool = True, init: Optional[torch.Tensor] = None,
-                        dim: Optional[int] = None, seed: Optional[int] = None, warmup: int = 200,
-                        target_acceptance: float = 0.57, progress: bool = True, backend: str = "auto") -> LangevinResult:
+                        seed: Optional[int] = None, warmup: int = 200, progress: bool = True, *,
+                        dim: Optional[int] = None, target_acceptance: float = 0.57,
+                        backend: str = "auto") -> LangevinResult:
     """Sample pi(z) with Riemannian Langevin proposals N(mean(z), h G(z)^-1), made exact by a Metropolis test (MMALA).
 
     Each iteration runs one fused step (pygeo.ops.langevin_step) for all chains at z, evaluates the metric at the
@@ -65,10 +66,12 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
         full_drift: include the div(G^-1) drift term (needs metric_and_derivative); False is simplified MMALA, also
             exact with the Metropolis test, and cheaper.
         init: [m, d] starting points; chains start at m rows drawn at random (in order when m == n_chains).
-            Without init, chains start at N(0, I) draws and `dim` (or metric.dim) gives d.
+            Without init, chains start at N(0, I) draws (d from `dim`).
         seed: seeds the noise, the Metropolis uniforms and the choice of starting rows.
         warmup: steps before sampling (step-size adaptation when step_size="auto"); not kept.
         progress: tqdm progress bar. Ctrl-C stops cleanly and returns the samples kept so far (interrupted=True).
+        dim: the latent dimension d when init is not given (default: metric.dim if the metric has it).
+        target_acceptance: acceptance rate the warm-up adapts the step size toward.
         backend: backend of the fused step (see pygeo.backends()).
     Returns:
         LangevinResult: samples [n_samples, d], chains [kept, n_chains, d], acceptance [n_chains], step_size,

@@ -169,3 +169,16 @@ def test_riemannian_langevin_bad_input(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         riemannian_langevin(constant_metric(torch.eye(2)), **arguments)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_backends_agree(backend):
+    """The sampler with another backend of the fused step takes the same path (same seed, float64)."""
+    if not pygeo.backends()[backend].available or (backend == "triton" and torch.cuda.is_available()):
+        pytest.skip(f"backend {backend} unavailable for CPU tensors")
+    metric = pygeo.FunctionMetric(_metric_2d)
+    common = dict(n_chains=6, dim=2, seed=8, warmup=4, n_steps=6, progress=False)
+    expected = riemannian_langevin(metric, 12, None, backend="cpp" if pygeo.backends()["cpp"].available else "torch", **common)
+    result = riemannian_langevin(metric, 12, None, backend=backend, **common)
+    torch.testing.assert_close(result.chains, expected.chains)
+    assert torch.equal(result.acceptance, expected.acceptance)

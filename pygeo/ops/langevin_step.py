@@ -11,7 +11,6 @@ from ..reference import langevin_step as reference
 from ..reference.langevin_step import LangevinStepResult
 
 _IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-_OPTIONAL = ("dG", "div_Ginv", "target")
 
 
 def _run(z, G, grad_log_prob, step_size, noise, dG, div_Ginv, target, backend):

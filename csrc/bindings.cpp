@@ -33,6 +33,10 @@ template <typename T> void christoffel_cpu(const T* G, const T* dG, T* Gamma, in
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void christoffel_cuda(const T* G, const T* dG, T* Gamma, int32_t* failed, int64_t B, int64_t d, uintptr_t stream);
 #endif
+template <typename T> void langevin_step_cpu(const T* z, const T* G, const T* grad, const T* h, const T* noise, const T* dG, const T* div_Ginv, const T* target, T* proposal, T* mean, T* half_log_det, T* log_q_proposal, T* log_q_target, uint8_t* ok, int64_t B, int64_t d);
+#ifdef PYGEO_WITH_CUDA
+template <typename T> void langevin_step_cuda(const T* z, const T* G, const T* grad, const T* h, const T* noise, const T* dG, const T* div_Ginv, const T* target, T* proposal, T* mean, T* half_log_det, T* log_q_proposal, T* log_q_target, uint8_t* ok, int64_t B, int64_t d, uintptr_t stream);
+#endif
 }  // namespace pygeo
 
 namespace {
@@ -113,6 +117,21 @@ PYBIND11_MODULE(_C, m) {
   }, nogil);
   m.def("latent_metric_vjp_cuda", [](uintptr_t z, uintptr_t c, uintptr_t prec, bool full, double lam, double tau, double rho, uintptr_t A, uintptr_t scale, uintptr_t v, int64_t B, int64_t N, int64_t d, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::latent_metric_vjp_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), full, lam, tau, rho, CP(scalar_t, A), CP(scalar_t, scale), P(scalar_t, v), B, N, d, stream));
+  }, nogil);
+#endif
+
+  // langevin_step: z, grad, noise, div_Ginv | 0, target | 0, proposal, mean [B, d]; G [B, d, d]; dG [B, d, d, d] | 0;
+  // h, half_log_det, log_q_proposal, log_q_target | 0 [B]; ok [B] bool
+  m.def("langevin_step_cpu", [](uintptr_t z, uintptr_t G, uintptr_t grad, uintptr_t h, uintptr_t noise, uintptr_t dG, uintptr_t div, uintptr_t target,
+                                uintptr_t proposal, uintptr_t mean, uintptr_t hld, uintptr_t lqp, uintptr_t lqt, uintptr_t ok, int64_t B, int64_t d, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::langevin_step_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, G), CP(scalar_t, grad), CP(scalar_t, h), CP(scalar_t, noise), CP(scalar_t, dG), CP(scalar_t, div), CP(scalar_t, target),
+                                                                      P(scalar_t, proposal), P(scalar_t, mean), P(scalar_t, hld), P(scalar_t, lqp), P(scalar_t, lqt), P(uint8_t, ok), B, d));
+  }, nogil);
+#ifdef PYGEO_WITH_CUDA
+  m.def("langevin_step_cuda", [](uintptr_t z, uintptr_t G, uintptr_t grad, uintptr_t h, uintptr_t noise, uintptr_t dG, uintptr_t div, uintptr_t target,
+                                 uintptr_t proposal, uintptr_t mean, uintptr_t hld, uintptr_t lqp, uintptr_t lqt, uintptr_t ok, int64_t B, int64_t d, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::langevin_step_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, G), CP(scalar_t, grad), CP(scalar_t, h), CP(scalar_t, noise), CP(scalar_t, dG), CP(scalar_t, div), CP(scalar_t, target),
+                                                                       P(scalar_t, proposal), P(scalar_t, mean), P(scalar_t, hld), P(scalar_t, lqp), P(scalar_t, lqt), P(uint8_t, ok), B, d, stream));
   }, nogil);
 #endif
 }

@@ -2,7 +2,7 @@
 
 Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 """
-from . import ops
+from . import ops, sample
 from ._backend import BackendUnavailableError, backends
 from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
 from .metrics import FunctionMetric, LatentMetric, Metric, PullbackMetric
@@ -10,7 +10,7 @@ from .metrics import FunctionMetric, LatentMetric, Metric, PullbackMetric
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "backends", "BackendUnavailableError",
+    "ops", "sample", "backends", "BackendUnavailableError",
     "Metric", "FunctionMetric", "PullbackMetric", "LatentMetric",
     "christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances",
 ]

@@ -2,7 +2,8 @@
 implementation and an autograd formula, dispatched to a backend by pygeo._backend."""
 from .christoffel import christoffel
 from .jtj import jtj
+from .langevin_step import langevin_step
 from .latent_metric import latent_metric
 from .mlp_metric import mlp_metric
 
-__all__ = ["jtj", "mlp_metric", "christoffel", "latent_metric"]
+__all__ = ["jtj", "mlp_metric", "christoffel", "latent_metric", "langevin_step"]

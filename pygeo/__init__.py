@@ -9,3 +9,5 @@ from .metrics import FunctionMetric, Metric
 __version__ = "0.1.0"
 
 __all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric"]
+from .metrics import ComplexGaussianFisherMetric, LSEKahlerMetric
+__all__ += ["LSEKahlerMetric", "ComplexGaussianFisherMetric"]

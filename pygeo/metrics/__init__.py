@@ -3,3 +3,5 @@ from .base import Metric
 from .function import FunctionMetric
 
 __all__ = ["Metric", "FunctionMetric"]
+from .kahler import ComplexGaussianFisherMetric, HermitianMetric, LSEKahlerMetric, RealFormMetric
+__all__ += ["LSEKahlerMetric", "ComplexGaussianFisherMetric", "HermitianMetric", "RealFormMetric"]

@@ -3,3 +3,5 @@ implementation and an autograd formula, dispatched to a backend by pygeo._backen
 from .jtj import jtj
 
 __all__ = ["jtj"]
+from .lse_kahler_metric import lse_kahler_metric
+__all__ += ["lse_kahler_metric"]

@@ -310,3 +310,126 @@ def test_torch_grad_of_a_real_loss_at_a_complex_tensor_is_twice_d_dzbar():
     loss.backward()
     d_dzbar = (z.detach() - a) + (b * z.detach()).conj()
     torch.testing.assert_close(z.grad, 2 * d_dzbar)
+
+
+# ----------------------------------------------------------------------------------- det-weighted sampling (real form)
+def _hmc(log_prob, x0, n_steps, n_leapfrog, step_size, generator):
+    """Minimal HMC (identity mass, log-space Metropolis) for the test only: the pygeo samplers take the same real form."""
+    def grad(x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            value = log_prob(x)
+            return value.detach(), torch.autograd.grad(value.sum(), x)[0]
+
+    x, samples = x0.clone(), []
+    value, g = grad(x)
+    for _ in range(n_steps):
+        p = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        h0 = -value + 0.5 * (p ** 2).sum(-1)
+        x_new, p_new, g_new = x.clone(), p + 0.5 * step_size * g, g
+        for step in range(n_leapfrog):
+            x_new = x_new + step_size * p_new
+            value_new, g_new = grad(x_new)
+            p_new = p_new + (step_size if step < n_leapfrog - 1 else 0.5 * step_size) * g_new
+        h1 = -value_new + 0.5 * (p_new ** 2).sum(-1)
+        accept = torch.rand(x.shape[0], generator=generator, dtype=x.dtype).log() < h0 - h1
+        x = torch.where(accept.unsqueeze(-1), x_new, x)
+        value = torch.where(accept, value_new, value)
+        g = torch.where(accept.unsqueeze(-1), g_new, g)
+        samples.append(x)
+    return torch.stack(samples)
+
+
+def test_det_weighted_sampling_through_the_real_form():
+    """Target w(z) det G(z) with the prior w = CN(0, 1) (density exp(-|z|^2)), n = 1: HMC on the real form's
+    log_volume (= log det G + const) against grid quadrature."""
+    centers = torch.tensor([[1.0 + 0.5j], [-1.0 - 0.2j], [0.2 - 1.2j]], dtype=C128)
+    metric = pygeo.LSEKahlerMetric(centers, torch.tensor([[2.0], [0.7], [1.5]], dtype=torch.float64), temperature=0.5)
+    real = metric.as_real()
+
+    def log_prob(x):
+        return -(x ** 2).sum(-1) + real.log_volume(x)
+
+    grid = torch.linspace(-5, 5, 121, dtype=torch.float64)
+    points = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    density = (log_prob(points) - log_prob(points).max()).exp()
+    density = density / density.sum()
+    expected_mean = (density.unsqueeze(-1) * points).sum(0)
+    expected_radius2 = (density * (points ** 2).sum(-1)).sum()
+
+    generator = torch.Generator().manual_seed(1)
+    chains = _hmc(log_prob, torch.randn(128, 2, generator=generator, dtype=torch.float64) * 0.7, n_steps=70,
+                  n_leapfrog=4, step_size=0.3, generator=generator)[20:].reshape(-1, 2)
+    torch.testing.assert_close(chains.mean(0), expected_mean, atol=0.06, rtol=0)
+    torch.testing.assert_close((chains ** 2).sum(-1).mean(), expected_radius2, atol=0.08, rtol=0.05)
+    # the det weighting matters: the prior's own E|z|^2 = 1 is far from the target's
+    assert abs(float(expected_radius2) - 1.0) > 0.15
+
+
+# ------------------------------------------------------------------------------------------------------ regularisers
+def test_log_det_regularisers_values_and_gradients():
+    from pygeo.regularizers import log_det_gradient_penalty, log_det_variance
+
+    z, centers, precisions, log_weights = random_problem(12, 4, 2, diagonal=False)
+    centers = centers.clone().requires_grad_(True)
+    metric = pygeo.LSEKahlerMetric(centers, precisions, log_weights, 0.7)
+    samples = z.reshape(3, 4, 2)  # [S, batch, n]
+    log_det = torch.linalg.slogdet(reference(z, centers, precisions, log_weights, 0.7))[1].reshape(3, 4)
+    torch.testing.assert_close(log_det_variance(metric, samples), log_det.var(0).mean())
+
+    penalty = log_det_gradient_penalty(metric, z)
+    x = to_real(z).requires_grad_(True)
+    real_log_det = torch.linalg.slogdet(reference(to_complex(x), centers, precisions, log_weights, 0.7))[1]
+    (grad_x,) = torch.autograd.grad(real_log_det.sum(), x, create_graph=True)
+    expected = (grad_x ** 2).sum(-1).mean()
+    torch.testing.assert_close(penalty, expected)
+    (dp,) = torch.autograd.grad(penalty, centers)
+    (de,) = torch.autograd.grad(expected, centers)
+    torch.testing.assert_close(dp, de)
+    assert float(dp.abs().sum()) > 0
+
+
+def test_log_det_variance_trains_a_decoder():
+    """Differentiable w.r.t. decoder parameters through the complex Fisher metric: gradient vs finite differences."""
+    from pygeo.regularizers import log_det_variance
+
+    torch.manual_seed(3)
+    W = torch.randn(6, 2, dtype=C128, requires_grad=True)
+
+    def variance(W):
+        metric = pygeo.ComplexGaussianFisherMetric(lambda z: torch.tanh(z @ W.T) + 0.3 * (z @ W.T).conj() ** 2, 0.5)
+        return log_det_variance(metric, torch.randn(3, 4, 2, dtype=C128, generator=torch.Generator().manual_seed(0)))
+
+    (grad,) = torch.autograd.grad(variance(W), W)
+    direction = torch.randn(6, 2, dtype=C128)
+    eps = 1e-6
+    fd = (variance(W.detach() + eps * direction) - variance(W.detach() - eps * direction)) / (2 * eps)
+    torch.testing.assert_close((grad.conj() * direction).real.sum(), fd, rtol=1e-5, atol=1e-8)  # .grad = dL/dRe + i dL/dIm
+
+
+def test_regulariser_bad_input():
+    from pygeo.regularizers import log_det_variance
+
+    metric = pygeo.LSEKahlerMetric(torch.zeros(1, 2, dtype=C128), torch.ones(1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="S >= 2"):
+        log_det_variance(metric, torch.zeros(1, 3, 2, dtype=C128))
+    with pytest.raises(TypeError, match="metric must be"):
+        log_det_variance(object(), torch.zeros(2, 3, 2, dtype=C128))
+
+
+# ------------------------------------------------------------------------------------------------------- complex VAE
+def test_complex_vae_trains_and_samples_its_posterior():
+    from pygeo.models import ComplexVAE, train_complex_vae
+
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.rand(256, 20, generator=generator) > 0.5).float()
+    model = ComplexVAE(data_dim=20, latent_dim=1, hidden=32)
+    mu, logvar = model.encoder(data[:5])
+    assert mu.shape == (5, 1) and mu.is_complex() and logvar.shape == (5, 1) and not logvar.is_complex()
+    z = model.sample_posterior(mu.detach(), logvar.detach(), n_samples=20000)
+    torch.testing.assert_close((z - mu.detach()).abs().pow(2).mean(0), logvar.detach().exp(), rtol=0.05, atol=0)
+    assert model.decoder(z[0]).shape == (5, 20)
+    losses = train_complex_vae(model, data, epochs=6, batch_size=64, progress=False)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="likelihood must be"):
+        ComplexVAE(20, likelihood="poisson")

@@ -433,3 +433,19 @@ def test_complex_vae_trains_and_samples_its_posterior():
     assert len(losses) == 6 and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="likelihood must be"):
         ComplexVAE(20, likelihood="poisson")
+
+
+# ------------------------------------------------------------------------------------------------------ demo section
+def test_demo_section_runs_on_a_tiny_context(tmp_path):
+    import contextlib
+    from types import SimpleNamespace
+
+    from pygeo.cli.sections import kahler as section
+
+    generator = torch.Generator().manual_seed(0)
+    ctx = SimpleNamespace(out_dir=tmp_path, images=torch.rand(300, 784, generator=generator), labels=torch.zeros(300),
+                          seed=0, quick=True, device=torch.device("cpu"),
+                          timed=lambda name: contextlib.nullcontext(), progress=lambda iterable, desc=None: iterable)
+    text = section.run(ctx)
+    assert isinstance(section.TITLE, str) and "det G" in text
+    assert (tmp_path / "kahler_det_heatmap.png").exists() and (tmp_path / "kahler_samples.png").exists()

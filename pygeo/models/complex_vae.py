@@ -88,10 +88,10 @@ class ComplexVAE(nn.Module):
 
 def train_complex_vae(model: ComplexVAE, data: torch.Tensor, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
                       max_seconds: Optional[float] = None, seed: int = 0, progress: bool = True) -> List[float]:
-    """Adam on the negative ELBO; returns the mean loss of each finished epoch.
+    """Adam on the negative ELBO; returns the mean loss of each epoch (the last one possibly partial).
 
-    Shows a tqdm bar (progress=False to hide). Stops early after max_seconds, and on KeyboardInterrupt returns the
-    losses so far, leaving the model as trained up to that step.
+    Shows a tqdm bar (progress=False to hide). Stops after max_seconds (checked after every step), and on
+    KeyboardInterrupt returns the losses so far, leaving the model as trained up to that step.
     """
     from tqdm.auto import tqdm
 
@@ -113,9 +113,12 @@ def train_complex_vae(model: ComplexVAE, data: torch.Tensor, epochs: int = 10, b
                 loss.backward()
                 optimiser.step()
                 total, count = total + float(loss.detach()) * batch.shape[0], count + batch.shape[0]
+                out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
+                if out_of_time:
+                    break
             losses.append(total / count)
             bar.set_postfix(loss=f"{losses[-1]:.2f}")
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            if out_of_time:
                 break
     except KeyboardInterrupt:
         warnings.warn(f"train_complex_vae interrupted after {len(losses)} epoch(s); returning the model as trained so far")

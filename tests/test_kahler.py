@@ -237,13 +237,14 @@ def test_real_form_determinant_is_det_G_squared_up_to_a_constant():
 
 
 def test_real_form_has_derivatives_for_geometry():
-    z, centers, precisions, log_weights = random_problem(2, 3, 1, diagonal=True)
+    z, centers, precisions, log_weights = random_problem(2, 3, 2, diagonal=False)
     real = pygeo.LSEKahlerMetric(centers, precisions, log_weights).as_real()
     x = to_real(z)
-    G, dG = real.metric_and_derivative(x)
+    G, dG = real.metric_and_derivative(x)  # dG[..., k, i, j] = d G_real[i, j] / d x_k
+    torch.testing.assert_close(G, real.metric(x))
     eps = 1e-6
-    for k in range(2):
-        step = torch.zeros(2, dtype=torch.float64)
+    for k in range(4):
+        step = torch.zeros(4, dtype=torch.float64)
         step[k] = eps
         fd = (real.metric(x + step) - real.metric(x - step)) / (2 * eps)
         torch.testing.assert_close(dG[:, k], fd, rtol=1e-6, atol=1e-8)

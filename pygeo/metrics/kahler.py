@@ -18,7 +18,7 @@ import torch
 
 from .. import _checks
 from ..ops.lse_kahler_metric import check_precisions, log_det, lse_kahler_metric
-from .base import Metric, _derivative_by_reverse_mode
+from .base import Metric
 
 
 class HermitianMetric:
@@ -77,11 +77,37 @@ class RealFormMetric(Metric):
         return 2 * torch.cat([top, bottom], dim=-2)
 
     def metric_and_derivative(self, x: torch.Tensor):
-        """(G_real [..., 2n, 2n], dG [..., 2n, 2n, 2n]) by reverse mode: the fused op has no forward-mode formula, and
-        jacfwd through a custom op without one returns zeros instead of failing."""
+        """(G_real [..., 2n, 2n], dG [..., 2n, 2n, 2n]) with dG[..., k, i, j] = d G_real[i, j] / d x_k.
+
+        Reverse mode over the n^2 real numbers that determine G (Re G_ab for a <= b, Im G_ab for a < b), one backward
+        pass each, summed over the batch (points are independent): the fused op has no forward-mode formula (and
+        jacfwd through a custom op without one returns zeros instead of failing). Keeps the graph when x requires grad.
+        """
         batch_shape, d = x.shape[:-1], x.shape[-1]
-        G, dG = _derivative_by_reverse_mode(self.metric, x.reshape(-1, d))
-        return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+        n = d // 2
+        flat = x.reshape(-1, d)
+        keep_graph = flat.requires_grad
+        with torch.enable_grad():
+            point = flat if keep_graph else flat.detach().requires_grad_(True)
+            G = self.hermitian.metric(self._complex_point(point))  # [B, n, n] complex
+
+            def grad_of(entry):
+                return torch.autograd.grad(entry.sum(), point, retain_graph=True, create_graph=keep_graph)[0]  # [B, d]
+
+            zero = torch.zeros_like(flat)
+            d_re = [[None] * n for _ in range(n)]
+            d_im = [[zero] * n for _ in range(n)]
+            for a in range(n):
+                for b in range(a, n):
+                    d_re[a][b] = d_re[b][a] = grad_of(G[:, a, b].real)
+                    if b > a:
+                        d_im[a][b] = grad_of(G[:, a, b].imag)
+                        d_im[b][a] = -d_im[a][b]
+        dR = torch.stack([torch.stack(row, -1) for row in d_re], -2)  # [B, k, a, b]
+        dI = torch.stack([torch.stack(row, -1) for row in d_im], -2)
+        dG = 2 * torch.cat([torch.cat([dR, -dI], -1), torch.cat([dI, dR], -1)], -2)
+        G_real = self.metric(point if keep_graph else flat)
+        return G_real.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
 
     def log_volume(self, x: torch.Tensor) -> torch.Tensor:
         """1/2 log det G_real = n log 2 + log det G (through the n x n complex Cholesky factor)."""

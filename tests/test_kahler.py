@@ -347,9 +347,10 @@ def test_det_weighted_sampling_through_the_real_form():
     centers = torch.tensor([[1.0 + 0.5j], [-1.0 - 0.2j], [0.2 - 1.2j]], dtype=C128)
     metric = pygeo.LSEKahlerMetric(centers, torch.tensor([[2.0], [0.7], [1.5]], dtype=torch.float64), temperature=0.5)
     real = metric.as_real()
-
-    def log_prob(x):
-        return -(x ** 2).sum(-1) + real.log_volume(x)
+    log_prob = metric.det_weighted_log_prob(gamma=1.0, base_log_prob=lambda z: -(z.abs() ** 2).sum(-1))
+    x = torch.randn(5, 2, dtype=torch.float64)
+    # the same target through the real form's volume: sqrt(det G_real) = 2^n det G
+    torch.testing.assert_close(log_prob(x), -(x ** 2).sum(-1) + real.log_volume(x) - math.log(2.0))
 
     grid = torch.linspace(-5, 5, 121, dtype=torch.float64)
     points = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)

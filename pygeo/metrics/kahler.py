@@ -40,6 +40,29 @@ class HermitianMetric:
     def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.inner(z, v, v).real.clamp_min(0).sqrt()
 
+    def det_weighted_log_prob(self, gamma: float = 1.0,
+                              base_log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The log density (up to a constant) of the target w(z) det G(z)^gamma as a function of x = [Re z, Im z]:
+        x [..., 2n] real -> log w + gamma log det G [...], differentiable in x. Pass it as `log_prob` to a sampler on
+        R^{2n} (e.g. pygeo.sample's, with metric.as_real() where the sampler also wants the metric).
+
+        base_log_prob: log w, a function of complex z [..., n] (default: none, w = 1); e.g. the CN(0, I) prior
+        lambda z: -(z.abs() ** 2).sum(-1).
+        """
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
+            raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+
+        def log_prob(x: torch.Tensor) -> torch.Tensor:
+            _checks.real_tensor("x", x, min_dim=1)
+            if x.shape[-1] % 2:
+                raise ValueError(f"x must have shape [..., 2n] (x = [Re z, Im z]), got {tuple(x.shape)}")
+            z = to_complex(x)
+            value = gamma * self.log_volume(z)
+            return value if base_log_prob is None else value + base_log_prob(z)
+
+        return log_prob
+
     def as_real(self) -> "RealFormMetric":
         """The real metric of ds^2 = 2 h(dz, dz) on x = [Re z, Im z] in R^{2n}: a pygeo Metric, so geodesics, curvature
         and samplers work on complex latents."""

@@ -37,6 +37,10 @@ template <typename T> void langevin_step_cpu(const T* z, const T* G, const T* gr
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void langevin_step_cuda(const T* z, const T* G, const T* grad, const T* h, const T* noise, const T* dG, const T* div_Ginv, const T* target, T* proposal, T* mean, T* half_log_det, T* log_q_proposal, T* log_q_target, uint8_t* ok, int64_t B, int64_t d, uintptr_t stream);
 #endif
+template <typename T> void lse_kahler_metric_cpu(const T* z, const T* centers, const T* precisions, const T* log_weights, double temperature, bool diagonal, T* G, int64_t B, int64_t K, int64_t n);
+#ifdef PYGEO_WITH_CUDA
+template <typename T> void lse_kahler_metric_cuda(const T* z, const T* centers, const T* precisions, const T* log_weights, double temperature, bool diagonal, T* G, int64_t B, int64_t K, int64_t n, uintptr_t stream);
+#endif
 }  // namespace pygeo
 
 namespace {
@@ -132,6 +136,16 @@ PYBIND11_MODULE(_C, m) {
                                  uintptr_t proposal, uintptr_t mean, uintptr_t hld, uintptr_t lqp, uintptr_t lqt, uintptr_t ok, int64_t B, int64_t d, std::string dtype, uintptr_t stream) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::langevin_step_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, G), CP(scalar_t, grad), CP(scalar_t, h), CP(scalar_t, noise), CP(scalar_t, dG), CP(scalar_t, div), CP(scalar_t, target),
                                                                        P(scalar_t, proposal), P(scalar_t, mean), P(scalar_t, hld), P(scalar_t, lqp), P(scalar_t, lqt), P(uint8_t, ok), B, d, stream));
+  }, nogil);
+#endif
+
+  // lse_kahler_metric: z [B, n, 2], centers [K, n, 2], precisions [K, n, n, 2] | [K, n] (diagonal), log_weights [K], G [B, n, n, 2]
+  m.def("lse_kahler_metric_cpu", [](uintptr_t z, uintptr_t c, uintptr_t prec, uintptr_t lw, double T, bool diagonal, uintptr_t G, int64_t B, int64_t K, int64_t n, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::lse_kahler_metric_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), CP(scalar_t, lw), T, diagonal, P(scalar_t, G), B, K, n));
+  }, nogil);
+#ifdef PYGEO_WITH_CUDA
+  m.def("lse_kahler_metric_cuda", [](uintptr_t z, uintptr_t c, uintptr_t prec, uintptr_t lw, double T, bool diagonal, uintptr_t G, int64_t B, int64_t K, int64_t n, std::string dtype, uintptr_t stream) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::lse_kahler_metric_cuda<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), CP(scalar_t, lw), T, diagonal, P(scalar_t, G), B, K, n, stream));
   }, nogil);
 #endif
 }

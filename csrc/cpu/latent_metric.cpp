@@ -100,8 +100,9 @@ PYGEO_INLINE float exp_scaled(float x) {
 }
 
 // Centroids [N, d] -> [d][stride] and precisions [N, dd] -> [dd][stride] (dd = d diagonal, d*d full), with the
-// centroid axis zero-padded to stride = N rounded up to kBlock, so vector loops may read whole blocks.
-inline int64_t padded(int64_t N) { return (N + kBlock - 1) / kBlock * kBlock; }
+// centroid axis zero-padded to stride = N rounded up to kBlock, so vector loops may read whole blocks, plus 16 more
+// elements so that rows are not a multiple of 4 KiB apart (rows read together would evict each other from L1).
+inline int64_t padded(int64_t N) { return (N + kBlock - 1) / kBlock * kBlock + 16; }
 
 template <typename T>
 std::vector<T> transpose(const T* x, int64_t rows, int64_t cols) {

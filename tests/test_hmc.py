@@ -41,8 +41,8 @@ def test_hmc_full_precision_2d_marginal_variances():
     precision = torch.tensor([[[3.0, 1.2], [1.2, 1.0]]], dtype=torch.float64)
     lam, tau, rho = 0.2, 0.4, 1.0
     metric = pygeo.LatentMetric(torch.zeros(1, 2, dtype=torch.float64), precision, lam=lam, tau=tau, rho=rho)
-    result = riemannian_uniform(metric, 600, n_chains=300, n_steps=40, n_leapfrog=8, step_size=0.1, seed=1,
-                                warmup=40, init=torch.zeros(2, dtype=torch.float64), progress=False)
+    result = riemannian_uniform(metric, 600, n_chains=200, n_steps=30, n_leapfrog=6, step_size=0.1, seed=1,
+                                warmup=30, init=torch.zeros(2, dtype=torch.float64), progress=False)
     grid = torch.linspace(-9, 9, 361, dtype=torch.float64)
     X, Y = torch.meshgrid(grid, grid, indexing="ij")
     points = torch.stack([X, Y], -1).reshape(-1, 2)

@@ -31,6 +31,7 @@ constexpr int64_t kBlock = 64;  // centroids per block: the block's scratch ([d]
 // Below this many point-centroid-entry products a call runs on one thread: waking an OpenMP team costs more (samplers
 // call with a few hundred points and few centroids, thousands of times).
 constexpr int64_t kParallelWork = 1 << 16;
+constexpr int64_t kMaxD = 64;  // point-blocked diagonal path: d up to this (larger d takes the general path)
 
 // The per-point loops are compiled for AVX2+FMA and for the baseline ISA, picked at load time (the build flags target
 // the baseline only); helpers are force-inlined into both versions.
@@ -98,12 +99,17 @@ PYGEO_INLINE float exp_scaled(float x) {
   return x < lowest ? 0.0f : p * power;
 }
 
-// Centroids [N, d] -> [d][N] and precisions [N, dd] -> [dd][N] (dd = d diagonal, d*d full).
+// Centroids [N, d] -> [d][stride] and precisions [N, dd] -> [dd][stride] (dd = d diagonal, d*d full), with the
+// centroid axis zero-padded to stride = N rounded up to kBlock, so vector loops may read whole blocks, plus 16 more
+// elements so that rows are not a multiple of 4 KiB apart (rows read together would evict each other from L1).
+inline int64_t padded(int64_t N) { return (N + kBlock - 1) / kBlock * kBlock + 16; }
+
 template <typename T>
 std::vector<T> transpose(const T* x, int64_t rows, int64_t cols) {
-  std::vector<T> out(static_cast<size_t>(rows * cols));
+  const int64_t stride = padded(rows);
+  std::vector<T> out(static_cast<size_t>(stride * cols), T(0));
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = x[r * cols + c];
+    for (int64_t c = 0; c < cols; ++c) out[c * stride + r] = x[r * cols + c];
   return out;
 }
 
@@ -123,14 +129,14 @@ struct Problem {
   const T* z;
   std::vector<T> cT, PT;
   bool full;
-  int64_t N, d, dd;
+  int64_t N, stride, d, dd;  // stride: row length of cT / PT (N padded to a multiple of kBlock)
   double lam, tau;
   T inv_rho2, derivative_factor;  // 1/rho^2 and -2/rho^2 (dw_i/dz = -(2/rho^2) w_i M_i (z - c_i))
 
   Problem(const T* z_, const T* centroids, const T* precisions, bool full_, double lam_, double tau_, double rho,
           int64_t N_, int64_t d_)
       : z(z_), cT(transpose(centroids, N_, d_)), PT(transpose(precisions, N_, full_ ? d_ * d_ : d_)), full(full_),
-        N(N_), d(d_), dd(full_ ? d_ * d_ : d_), lam(lam_), tau(tau_), inv_rho2(T(1.0 / (rho * rho))),
+        N(N_), stride(padded(N_)), d(d_), dd(full_ ? d_ * d_ : d_), lam(lam_), tau(tau_), inv_rho2(T(1.0 / (rho * rho))),
         derivative_factor(T(-2.0 / (rho * rho))) {}
 };
 
@@ -143,7 +149,7 @@ PYGEO_INLINE void block_exponents(const Problem<T>& p, const T* zb, int64_t i0, 
   T* e = s.e.data();
   for (int64_t k = 0; k < d; ++k) {
     const T zk = zb[k];
-    const T* ck = p.cT.data() + k * N + i0;
+    const T* ck = p.cT.data() + k * p.stride + i0;
 #pragma omp simd
     for (int64_t t = 0; t < nb; ++t) diff[k * kBlock + t] = zk - ck[t];
   }
@@ -154,13 +160,13 @@ PYGEO_INLINE void block_exponents(const Problem<T>& p, const T* zb, int64_t i0, 
     if (p.full) {
       std::fill(yk, yk + nb, T(0));
       for (int64_t l = 0; l < d; ++l) {
-        const T* Mkl = p.PT.data() + (k * d + l) * N + i0;
+        const T* Mkl = p.PT.data() + (k * d + l) * p.stride + i0;
         const T* dl = diff + l * kBlock;
 #pragma omp simd
         for (int64_t t = 0; t < nb; ++t) yk[t] += Mkl[t] * dl[t];
       }
     } else {
-      const T* mk = p.PT.data() + k * N + i0;
+      const T* mk = p.PT.data() + k * p.stride + i0;
 #pragma omp simd
       for (int64_t t = 0; t < nb; ++t) yk[t] = mk[t] * dk[t];
     }
@@ -208,7 +214,7 @@ PYGEO_VECTOR_CLONES T forward_point(const Problem<T>& p, const T* zb, T e0, Scra
     for (int64_t j = 0; j < d; ++j) {
       for (int64_t l = p.full ? j : 0; l < (p.full ? d : 1); ++l) {  // full: upper triangle, mirrored by the caller
         const int64_t jl = p.full ? j * d + l : j;
-        s.acc[jl] += dot(w, p.PT.data() + jl * N + i0, nb);
+        s.acc[jl] += dot(w, p.PT.data() + jl * p.stride + i0, nb);
       }
     }
     if (derivative) {
@@ -221,13 +227,85 @@ PYGEO_VECTOR_CLONES T forward_point(const Problem<T>& p, const T* zb, T e0, Scra
         for (int64_t j = 0; j < d; ++j) {
           for (int64_t l = p.full ? j : 0; l < (p.full ? d : 1); ++l) {
             const int64_t jl = p.full ? j * d + l : j;
-            s.dacc[k * dd + jl] += dot(wyk, p.PT.data() + jl * N + i0, nb);
+            s.dacc[k * dd + jl] += dot(wyk, p.PT.data() + jl * p.stride + i0, nb);
           }
         }
       }
     }
   }
   return running;
+}
+
+// Diagonal precisions, G only: kPoints points at a time against vectors of kLanes centroids, with the partial sums in
+// fixed-size local arrays the compiler keeps in registers, so each centroid value loaded serves kPoints points.
+constexpr int kPoints = 4;
+
+template <typename T>
+struct PointBlock {
+  T e[kPoints][kBlock];  // exponents, then weights, of the current centroid block
+  T acc[kPoints][kMaxD]; // G_s diagonal
+  T running[kPoints];
+};
+
+template <typename T>
+PYGEO_VECTOR_CLONES void forward_points_diagonal(const Problem<T>& p, const T* const* zs, const T* e0, PointBlock<T>& s) {
+  constexpr int kLanes = 64 / sizeof(T);
+  const int64_t N = p.N, d = p.d;
+  const T inv_rho2 = p.inv_rho2;
+  for (int q = 0; q < kPoints; ++q) {
+    s.running[q] = p.lam > 0 ? e0[q] : -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < d; ++j) s.acc[q][j] = 0;
+  }
+  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - i0);
+    const int64_t nb_lanes = (nb + kLanes - 1) / kLanes * kLanes;  // reads past N hit the zero padding
+    for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes) {
+      T quad[kPoints][kLanes] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        const T* ck = p.cT.data() + k * p.stride + i0 + t0;
+        const T* mk = p.PT.data() + k * p.stride + i0 + t0;
+        for (int q = 0; q < kPoints; ++q) {
+          const T zq = zs[q][k];
+#pragma omp simd
+          for (int v = 0; v < kLanes; ++v) {
+            const T diff = zq - ck[v];
+            quad[q][v] += mk[v] * diff * diff;
+          }
+        }
+      }
+      for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+        for (int v = 0; v < kLanes; ++v)
+          s.e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
+    }
+    for (int q = 0; q < kPoints; ++q) {
+      T* e = s.e[q];
+      T block_max = e[0];
+#pragma omp simd reduction(max : block_max)
+      for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
+      if (block_max > s.running[q]) {
+        const T factor = std::exp(s.running[q] - block_max);
+        for (int64_t j = 0; j < d; ++j) s.acc[q][j] *= factor;
+        s.running[q] = block_max;
+      }
+      const T running = s.running[q];
+#pragma omp simd
+      for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
+    }
+    for (int64_t j = 0; j < d; ++j) {
+      const T* mj = p.PT.data() + j * p.stride + i0;
+      T sums[kPoints][kLanes] = {};
+      for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
+        for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+          for (int v = 0; v < kLanes; ++v) sums[q][v] += s.e[q][t0 + v] * mj[t0 + v];
+      for (int q = 0; q < kPoints; ++q) {
+        T total = 0;
+        for (int v = 0; v < kLanes; ++v) total += sums[q][v];
+        s.acc[q][j] += total;
+      }
+    }
+  }
 }
 
 // s.acc[k] = sum_i exp(e_i - sb) <A, M_i> (-2/rho^2) (M_i (z - c_i))_k for the point zb.
@@ -242,7 +320,7 @@ PYGEO_VECTOR_CLONES void vjp_point(const Problem<T>& p, const T* zb, const T* Ab
     std::fill(coef, coef + nb, T(0));
     for (int64_t jl = 0; jl < dd; ++jl) {  // coef_i = <A, M_i>
       const T a = Ab[jl];
-      const T* Mjl = p.PT.data() + jl * N + i0;
+      const T* Mjl = p.PT.data() + jl * p.stride + i0;
 #pragma omp simd
       for (int64_t t = 0; t < nb; ++t) coef[t] += a * Mjl[t];
     }
@@ -261,6 +339,33 @@ void check_sizes(int64_t B, int64_t N, int64_t d, double rho) {
   PYGEO_CHECK(rho > 0, "rho must be positive");
 }
 
+// G_s and scale for diagonal precisions without dG, kPoints points per task (the last block padded with its last point).
+template <typename T>
+void forward_diagonal_blocked(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
+  const int64_t d = p.d;
+#pragma omp parallel if (B * p.N * d >= kParallelWork)
+  {
+    PointBlock<T> s;
+#pragma omp for schedule(static)
+    for (int64_t b0 = 0; b0 < B; b0 += kPoints) {
+      const T* zs[kPoints];
+      T e0[kPoints];
+      for (int q = 0; q < kPoints; ++q) {
+        zs[q] = p.z + std::min(b0 + q, B - 1) * d;
+        T norm2 = 0;
+        for (int64_t k = 0; k < d; ++k) norm2 += zs[q][k] * zs[q][k];
+        e0[q] = T(-p.tau) * norm2;
+      }
+      forward_points_diagonal(p, zs, e0, s);
+      for (int q = 0; q < kPoints && b0 + q < B; ++q) {
+        const T prior = p.lam > 0 ? T(p.lam) * std::exp(e0[q] - s.running[q]) : T(0);
+        scale[b0 + q] = s.running[q];
+        for (int64_t j = 0; j < d; ++j) G_s[(b0 + q) * d + j] = s.acc[q][j] + prior;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // z: [B, d]; centroids: [N, d]; precisions: [N, d] (full = false) or [N, d, d] (full = true).
@@ -272,6 +377,10 @@ void latent_metric_forward_cpu(const T* z, const T* centroids, const T* precisio
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
   const int64_t dd = p.dd;
+  if (!full && !dG_s && d <= kMaxD) {
+    forward_diagonal_blocked(p, G_s, scale, B);
+    return;
+  }
 #pragma omp parallel if (B * N * dd >= kParallelWork)
   {
     Scratch<T> s(d, dd, dG_s != nullptr);

@@ -26,6 +26,7 @@ from .context import DemoContext, record_time
 # Report sections, in order: module names under pygeo/cli/sections/ (one per line; add yours at the end).
 SECTIONS = [
     "pullback",
+    "latent_metric",
     "geodesics",
     "langevin",
     "kahler",

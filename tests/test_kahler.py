@@ -314,33 +314,6 @@ def test_torch_grad_of_a_real_loss_at_a_complex_tensor_is_twice_d_dzbar():
 
 
 # ----------------------------------------------------------------------------------- det-weighted sampling (real form)
-def _hmc(log_prob, x0, n_steps, n_leapfrog, step_size, generator):
-    """Minimal HMC (identity mass, log-space Metropolis) for the test only: the pygeo samplers take the same real form."""
-    def grad(x):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            value = log_prob(x)
-            return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-    x, samples = x0.clone(), []
-    value, g = grad(x)
-    for _ in range(n_steps):
-        p = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        h0 = -value + 0.5 * (p ** 2).sum(-1)
-        x_new, p_new, g_new = x.clone(), p + 0.5 * step_size * g, g
-        for step in range(n_leapfrog):
-            x_new = x_new + step_size * p_new
-            value_new, g_new = grad(x_new)
-            p_new = p_new + (step_size if step < n_leapfrog - 1 else 0.5 * step_size) * g_new
-        h1 = -value_new + 0.5 * (p_new ** 2).sum(-1)
-        accept = torch.rand(x.shape[0], generator=generator, dtype=x.dtype).log() < h0 - h1
-        x = torch.where(accept.unsqueeze(-1), x_new, x)
-        value = torch.where(accept, value_new, value)
-        g = torch.where(accept.unsqueeze(-1), g_new, g)
-        samples.append(x)
-    return torch.stack(samples)
-
-
 def test_det_weighted_sampling_through_the_real_form():
     """Target w(z) det G(z) with the prior w = CN(0, 1) (density exp(-|z|^2)), n = 1: HMC on the real form's
     log_volume (= log det G + const) against grid quadrature."""
@@ -359,11 +332,18 @@ def test_det_weighted_sampling_through_the_real_form():
     expected_mean = (density.unsqueeze(-1) * points).sum(0)
     expected_radius2 = (density * (points ** 2).sum(-1)).sum()
 
-    generator = torch.Generator().manual_seed(1)
-    chains = _hmc(log_prob, torch.randn(128, 2, generator=generator, dtype=torch.float64) * 0.7, n_steps=70,
-                  n_leapfrog=4, step_size=0.3, generator=generator)[20:].reshape(-1, 2)
-    torch.testing.assert_close(chains.mean(0), expected_mean, atol=0.06, rtol=0)
-    torch.testing.assert_close((chains ** 2).sum(-1).mean(), expected_radius2, atol=0.08, rtol=0.05)
+    prior = lambda x: -(x ** 2).sum(-1)  # noqa: E731  CN(0, 1) on x = [Re z, Im z]
+    init = torch.randn(128, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.7
+    # pygeo's HMC on the real form targets sqrt(det G_real) * prior, i.e. det G * prior
+    hmc = pygeo.sample.riemannian_uniform(real, 128 * 50, n_chains=128, n_steps=50, n_leapfrog=4, step_size=0.3,
+                                          init=init, seed=1, log_prob=prior, warmup=20, progress=False)
+    torch.testing.assert_close(hmc.samples.mean(0), expected_mean, atol=0.06, rtol=0)
+    torch.testing.assert_close((hmc.samples ** 2).sum(-1).mean(), expected_radius2, atol=0.08, rtol=0.05)
+    # the Langevin sampler targets the same law through the det-weighted log density, preconditioned by the real form
+    mala = pygeo.sample.riemannian_langevin(real, 128 * 50, log_prob=log_prob, n_chains=128, n_steps=50, init=init,
+                                            seed=2, warmup=30, full_drift=False, progress=False)
+    torch.testing.assert_close(mala.samples.mean(0), expected_mean, atol=0.08, rtol=0)
+    torch.testing.assert_close((mala.samples ** 2).sum(-1).mean(), expected_radius2, atol=0.1, rtol=0.05)
     # the det weighting matters: the prior's own E|z|^2 = 1 is far from the target's
     assert abs(float(expected_radius2) - 1.0) > 0.15
 

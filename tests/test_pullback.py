@@ -286,3 +286,18 @@ def test_bad_decoder_outputs():
         pygeo.PullbackMetric(lambda z: z / 0 * 0).metric(z)
     with pytest.raises(ValueError, match="sigma must be a float or have D=6 elements"):
         pygeo.PullbackMetric(as_generic(mlp()), "gaussian", sigma=torch.ones(4, dtype=F64)).metric(z)
+
+
+def test_decoder_that_vmap_cannot_batch():
+    decoder = mlp()
+
+    def stubborn(z):  # data-dependent Python control flow: vmap refuses it, forward mode alone is fine
+        out = decoder(z)
+        return out * 2 if float(out.detach().abs().max()) > 1e6 else out
+
+    metric = pygeo.PullbackMetric(stubborn, "bernoulli")
+    z = torch.randn(4, 3, dtype=F64)
+    expected = pygeo.PullbackMetric(as_generic(decoder), "bernoulli")
+    assert_close(metric.metric(z), expected.metric(z), F64)
+    for actual, wanted in zip(metric.metric_and_derivative(z), expected.metric_and_derivative(z)):
+        assert_close(actual, wanted, F64)

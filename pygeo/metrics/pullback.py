@@ -164,8 +164,7 @@ class PullbackMetric(Metric):
         """rows [B, R] and J [B, R, d] by d forward-mode jvps, vmapped over the basis tangents."""
         B, d = flat.shape
         basis = torch.eye(d, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(d, B, d)
-        rows, columns = torch.func.vmap(lambda tangent: torch.func.jvp(self._decode, (flat,), (tangent,)),
-                                        out_dims=(None, 0))(basis)
+        rows, columns = _over_tangents(lambda tangent: torch.func.jvp(self._decode, (flat,), (tangent,)), basis)
         self._check_rows(rows)
         return rows, columns.permute(1, 2, 0)
 
@@ -185,7 +184,7 @@ class PullbackMetric(Metric):
             (rows, column), (_, curvature) = torch.func.jvp(first, (flat,), (outer_tangent,))
             return rows, column, curvature
 
-        rows, columns, curvatures = torch.func.vmap(second, out_dims=(None, 0, 0))(outer, inner)  # [B,R], [P,B,R] x2
+        rows, columns, curvatures = _over_tangents(second, outer, inner)  # [B, R], [P, B, R], [P, B, R]
         self._check_rows(rows)
         diagonal = (pairs_k == pairs_i).nonzero().squeeze(-1)  # pairs (i, i) carry the columns J e_i in order
         J = columns[diagonal].permute(1, 2, 0)
@@ -236,6 +235,18 @@ class PullbackMetric(Metric):
             return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
 
         return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _over_tangents(fn, *tangents: torch.Tensor):
+    """fn(*tangent_i) -> (rows, *per-tangent outputs) for each i along dim 0 of the tangents, vmapped: returns rows
+    (identical for every tangent) and the per-tangent outputs stacked. Decoders that vmap cannot batch (data-dependent
+    control flow, .item()) are run one tangent at a time."""
+    try:
+        outputs = torch.func.vmap(fn, out_dims=0)(*tangents)
+        return (outputs[0][0],) + tuple(outputs[1:])
+    except Exception:  # not vmap-friendly: a plain loop over the (few) tangents; real errors re-raise inside it
+        results = [fn(*(t[i] for t in tangents)) for i in range(tangents[0].shape[0])]
+        return (results[0][0],) + tuple(torch.stack(parts) for parts in list(zip(*results))[1:])
 
 
 def _inside_function_transform(z: torch.Tensor) -> bool:

@@ -69,12 +69,7 @@ class PullbackMetric(Metric):
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> G [..., d, d], differentiable in z."""
         flat, batch_shape = self._flatten(z)
-        if _inside_function_transform(flat):
-            # pygeo's custom ops have no forward-mode formula (their tangents would come out as zeros under
-            # torch.func.jvp / jacfwd): inside a torch.func transform compute G in plain differentiable torch.
-            rows, J = self._rows_and_jacobian(flat)
-            G = jtj_reference(J, self._weight(rows))
-        elif self._mlp is not None:
+        if self._mlp is not None and not _inside_function_transform(flat):
             if flat.shape[-1] != self._mlp.in_features:
                 raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
                                  f"got {tuple(z.shape)}")
@@ -83,7 +78,7 @@ class PullbackMetric(Metric):
                            eps=self.eps, backend=self.backend)
         else:
             rows, J = self._rows_and_jacobian(flat)
-            G = jtj(J, self._weight(rows), backend=self.backend)
+            G = self._gram(J, self._weight(rows))
         return G.reshape(*batch_shape, *G.shape[-2:])
 
     def metric_and_derivative(self, z: torch.Tensor):
@@ -96,7 +91,7 @@ class PullbackMetric(Metric):
         flat, batch_shape = self._flatten(z)
         rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
         weight = self._weight(rows)
-        G = jtj(J, weight, backend=self.backend)
+        G = self._gram(J, weight)
         WJ = J if weight is None else J * weight.unsqueeze(-1)
         half = torch.einsum("brki,brj->bkij", H, WJ)
         dG = half + half.transpose(-1, -2)
@@ -193,6 +188,13 @@ class PullbackMetric(Metric):
         H[pairs_k, pairs_i] = curvatures
         H[pairs_i, pairs_k] = curvatures
         return rows, J, H.permute(2, 3, 0, 1)
+
+    def _gram(self, J: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """J^T diag(weight) J by pygeo.ops.jtj, or in plain torch inside a torch.func transform: pygeo's custom ops
+        have no forward-mode formula (their tangents would silently come out as zeros under jvp / jacfwd)."""
+        if _inside_function_transform(J):
+            return jtj_reference(J, weight)
+        return jtj(J, weight, backend=self.backend)
 
     def _check_rows(self, rows: torch.Tensor) -> None:
         if not _checks._is_fake(rows) and not torch.isfinite(rows).all():

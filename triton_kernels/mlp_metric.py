@@ -230,5 +230,5 @@ def mlp_metric(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.
         params[2 * (L - 1):], B, d, K, D,
         CODE=code, FIRST=tangents is None, HAS_WEIGHT=output_weight is not None, BERNOULLI=bernoulli,
         NEEDS_PRIMAL=needs_primal, UPPER=upper_triangular, PRECISION=precision,
-        POINTS=points, BLOCK_D=block_d, BLOCK_N=64, BLOCK_K=32)
+        POINTS=points, BLOCK_D=block_d, BLOCK_N=64, BLOCK_K=32, num_warps=8)
     return out

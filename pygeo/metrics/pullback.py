@@ -69,12 +69,7 @@ class PullbackMetric(Metric):
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> G [..., d, d], differentiable in z."""
         flat, batch_shape = self._flatten(z)
-        if _inside_function_transform(flat):
-            # pygeo's custom ops have no forward-mode formula (their tangents would come out as zeros under
-            # torch.func.jvp / jacfwd): inside a torch.func transform compute G in plain differentiable torch.
-            rows, J = self._rows_and_jacobian(flat)
-            G = jtj_reference(J, self._weight(rows))
-        elif self._mlp is not None:
+        if self._mlp is not None and not _inside_function_transform(flat):
             if flat.shape[-1] != self._mlp.in_features:
                 raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
                                  f"got {tuple(z.shape)}")
@@ -83,7 +78,7 @@ class PullbackMetric(Metric):
                            eps=self.eps, backend=self.backend)
         else:
             rows, J = self._rows_and_jacobian(flat)
-            G = jtj(J, self._weight(rows), backend=self.backend)
+            G = self._gram(J, self._weight(rows))
         return G.reshape(*batch_shape, *G.shape[-2:])
 
     def metric_and_derivative(self, z: torch.Tensor):
@@ -96,7 +91,7 @@ class PullbackMetric(Metric):
         flat, batch_shape = self._flatten(z)
         rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
         weight = self._weight(rows)
-        G = jtj(J, weight, backend=self.backend)
+        G = self._gram(J, weight)
         WJ = J if weight is None else J * weight.unsqueeze(-1)
         half = torch.einsum("brki,brj->bkij", H, WJ)
         dG = half + half.transpose(-1, -2)
@@ -164,8 +159,7 @@ class PullbackMetric(Metric):
         """rows [B, R] and J [B, R, d] by d forward-mode jvps, vmapped over the basis tangents."""
         B, d = flat.shape
         basis = torch.eye(d, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(d, B, d)
-        rows, columns = torch.func.vmap(lambda tangent: torch.func.jvp(self._decode, (flat,), (tangent,)),
-                                        out_dims=(None, 0))(basis)
+        rows, columns = _over_tangents(lambda tangent: torch.func.jvp(self._decode, (flat,), (tangent,)), basis)
         self._check_rows(rows)
         return rows, columns.permute(1, 2, 0)
 
@@ -185,7 +179,7 @@ class PullbackMetric(Metric):
             (rows, column), (_, curvature) = torch.func.jvp(first, (flat,), (outer_tangent,))
             return rows, column, curvature
 
-        rows, columns, curvatures = torch.func.vmap(second, out_dims=(None, 0, 0))(outer, inner)  # [B,R], [P,B,R] x2
+        rows, columns, curvatures = _over_tangents(second, outer, inner)  # [B, R], [P, B, R], [P, B, R]
         self._check_rows(rows)
         diagonal = (pairs_k == pairs_i).nonzero().squeeze(-1)  # pairs (i, i) carry the columns J e_i in order
         J = columns[diagonal].permute(1, 2, 0)
@@ -194,6 +188,13 @@ class PullbackMetric(Metric):
         H[pairs_k, pairs_i] = curvatures
         H[pairs_i, pairs_k] = curvatures
         return rows, J, H.permute(2, 3, 0, 1)
+
+    def _gram(self, J: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """J^T diag(weight) J by pygeo.ops.jtj, or in plain torch inside a torch.func transform: pygeo's custom ops
+        have no forward-mode formula (their tangents would silently come out as zeros under jvp / jacfwd)."""
+        if _inside_function_transform(J):
+            return jtj_reference(J, weight)
+        return jtj(J, weight, backend=self.backend)
 
     def _check_rows(self, rows: torch.Tensor) -> None:
         if not _checks._is_fake(rows) and not torch.isfinite(rows).all():
@@ -236,6 +237,18 @@ class PullbackMetric(Metric):
             return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
 
         return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _over_tangents(fn, *tangents: torch.Tensor):
+    """fn(*tangent_i) -> (rows, *per-tangent outputs) for each i along dim 0 of the tangents, vmapped: returns rows
+    (identical for every tangent) and the per-tangent outputs stacked. Decoders that vmap cannot batch (data-dependent
+    control flow, .item()) are run one tangent at a time."""
+    try:
+        outputs = torch.func.vmap(fn, out_dims=0)(*tangents)
+        return (outputs[0][0],) + tuple(outputs[1:])
+    except Exception:  # not vmap-friendly: a plain loop over the (few) tangents; real errors re-raise inside it
+        results = [fn(*(t[i] for t in tangents)) for i in range(tangents[0].shape[0])]
+        return (results[0][0],) + tuple(torch.stack(parts) for parts in list(zip(*results))[1:])
 
 
 def _inside_function_transform(z: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ from typing import Callable, List, Tuple
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure  # object-oriented matplotlib: renders with Agg, no pyplot global state
 
 import pygeo
@@ -90,14 +91,17 @@ def _plot_volume(ctx, log_volume: torch.Tensor, low, high, path) -> None:
     figure = Figure(figsize=(7.5, 6.2), dpi=110)
     axes = figure.add_subplot()
     extent = (low[0], high[0], low[1], high[1])
-    heat = axes.imshow(log_volume.numpy(), origin="lower", extent=extent, aspect="auto", cmap="Greys")
+    # Light greys only, so that the class colours on top stay readable everywhere.
+    light_greys = ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.0, 0.6, 256)))
+    heat = axes.imshow(log_volume.numpy(), origin="lower", extent=extent, aspect="auto", cmap=light_greys)
     figure.colorbar(heat, ax=axes, label="log sqrt(det G)  (log volume element)")
     codes, labels = ctx.latents.detach().cpu().numpy(), ctx.labels.cpu().numpy()
-    palette = matplotlib.colormaps["tab10"]
+    palette = list(matplotlib.colormaps["tab10"].colors)
+    palette[7] = "black"  # tab10's grey would vanish into the grey heat map
     for digit in range(10):
         chosen = labels == digit
         if chosen.any():
-            axes.scatter(codes[chosen, 0], codes[chosen, 1], s=5, color=palette(digit), label=str(digit),
+            axes.scatter(codes[chosen, 0], codes[chosen, 1], s=5, color=palette[digit], label=str(digit),
                          edgecolors="none", alpha=0.85)
     axes.set_xlim(low[0], high[0])
     axes.set_ylim(low[1], high[1])

@@ -2,11 +2,15 @@
 
 Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 """
-from . import ops
+from . import ops, sample
 from ._backend import BackendUnavailableError, backends
-from .metrics import FunctionMetric, Metric
-from .metrics import PullbackMetric
+from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
+from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, LSEKahlerMetric, Metric, PullbackMetric
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "backends", "BackendUnavailableError", "Metric", "FunctionMetric", "PullbackMetric"]
+__all__ = [
+    "ops", "sample", "backends", "BackendUnavailableError",
+    "Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric", "ComplexGaussianFisherMetric",
+    "christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances",
+]

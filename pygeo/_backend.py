@@ -41,6 +41,10 @@ class BackendStatus:
 @functools.lru_cache(maxsize=None)
 def compiled_module():
     """pygeo._C, or None when the extension was not built."""
+    # pygeo._C links the system's OpenMP runtime while PyTorch ships its own: two thread pools that spin while idle
+    # fight over the cores. A passive wait policy for ours (read when its runtime loads) keeps it from stealing
+    # PyTorch's cores between kernels; an explicit user setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return importlib.import_module("pygeo._C")
     except ImportError:

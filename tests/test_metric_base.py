@@ -71,3 +71,22 @@ def test_cholesky_jitter_rescues_semidefinite_and_refuses_indefinite():
     bad = torch.tensor([[[1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)
     with pytest.raises(ValueError, match="not positive definite at 1 of 1 points"):
         _linalg.cholesky(bad, name="G")
+
+
+def test_derivative_through_custom_ops_is_not_silently_zero():
+    # Forward-mode AD yields zeros through custom ops without a forward formula (pygeo's kernels): the generic
+    # derivative must notice and fall back to reverse mode.
+    A = torch.randn(5, 2, dtype=torch.float64)
+
+    def through_kernel(z):
+        return pygeo.ops.jtj(torch.sin(z[..., None, :] * A))
+
+    def plain(z):
+        J = torch.sin(z[..., None, :] * A)
+        return J.transpose(-1, -2) @ J
+
+    z = torch.randn(3, 2, dtype=torch.float64)
+    _, dG = pygeo.FunctionMetric(through_kernel).metric_and_derivative(z)
+    _, dG_plain = pygeo.FunctionMetric(plain).metric_and_derivative(z)
+    assert dG_plain.abs().max() > 0.1
+    torch.testing.assert_close(dG, dG_plain)

@@ -225,3 +225,16 @@ def test_kernel_rechecks_sizes():
     with pytest.raises(ValueError, match="unknown activation code"):
         C.mlp_metric_cpu(z.data_ptr(), [z.data_ptr()], [z.data_ptr()], [2, 2], [99], [0.0, 0.0], 0, False, 1e-6, False,
                          z.data_ptr(), 1, "float32")
+
+
+def test_compressed_last_layer_cache_follows_weight_updates():
+    decoder = make_mlp((4, 24, 48), "tanh")
+    metric = pygeo.PullbackMetric(decoder, backend="cpp" if pygeo.backends()["cpp"].available else "torch")
+    z = torch.randn(300, 4, dtype=F64)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(metric.metric(z), explicit_metric(decoder, z, "euclidean"), F64)
+            decoder[2].weight.add_(0.5)  # an optimiser step: in place
+        decoder[2].weight = torch.nn.Parameter(torch.randn(48, 24, dtype=F64))  # a new tensor
+        assert_close(metric.metric(z), explicit_metric(decoder, z, "euclidean"), F64)
+        assert_close(metric.metric(z[:3]), explicit_metric(decoder, z[:3], "euclidean"), F64)

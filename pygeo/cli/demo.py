@@ -26,6 +26,9 @@ from .context import DemoContext, record_time
 # Report sections, in order: module names under pygeo/cli/sections/ (one per line; add yours at the end).
 SECTIONS = [
     "pullback",
+    "geodesics",
+    "langevin",
+    "kahler",
 ]
 
 DEFAULT_EPOCHS = 20

@@ -1,6 +1,9 @@
 """Metrics of the contract `metric(z)`, `metric_and_derivative(z)`, `log_volume(z)`, `inner(z, u, v)` (see base.Metric)."""
 from .base import Metric
 from .function import FunctionMetric
+from .kahler import ComplexGaussianFisherMetric, HermitianMetric, LSEKahlerMetric, RealFormMetric
+from .latent import LatentMetric
 from .pullback import PullbackMetric
 
-__all__ = ["Metric", "FunctionMetric", "PullbackMetric"]
+__all__ = ["Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric",
+           "ComplexGaussianFisherMetric", "HermitianMetric", "RealFormMetric"]

@@ -49,9 +49,32 @@ def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):
     try:
         dG_last, G = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(flat)
         dG = dG_last.permute(0, 3, 1, 2)
-    except Exception:  # not vmap / forward-mode friendly (e.g. a custom op without a forward-AD formula)
+        forward_ok = _agrees_with_reverse_mode(metric_fn, flat[:1], dG[:1])
+    except Exception:  # not vmap / forward-mode friendly
+        forward_ok = False
+    if not forward_ok:
         G, dG = _derivative_by_reverse_mode(metric_fn, flat)
     return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+
+def _agrees_with_reverse_mode(metric_fn, point: torch.Tensor, dG: torch.Tensor) -> bool:
+    """Dot-product test of a forward-mode derivative at one point against one reverse-mode pass.
+
+    Forward mode silently yields zeros through operations that have no forward-AD formula (custom ops such as
+    pygeo's own kernels), so its answer is only trusted when <U, dG[v]> equals <grad <U, G>, v> for random U, v.
+    """
+    generator = torch.Generator().manual_seed(0)
+    d = point.shape[-1]
+    U = torch.randn(d, d, generator=generator, dtype=point.dtype).to(point.device)
+    v = torch.randn(d, generator=generator, dtype=point.dtype).to(point.device)
+    with torch.enable_grad():
+        probe = point.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad((metric_fn(probe)[0] * U).sum(), probe)
+    reverse = (grad[0] * v).sum()
+    forward = (dG[0] * v[:, None, None] * U).sum()
+    scale = dG[0].abs().sum() * v.abs().max() * U.abs().max() + grad.abs().sum() * v.abs().max()
+    tolerance = 1e-3 if point.dtype == torch.float32 else 1e-8
+    return bool((forward - reverse).abs() <= tolerance * scale.clamp_min(torch.finfo(point.dtype).tiny))
 
 
 def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):

@@ -1,0 +1,100 @@
+"""LSE Kahler metric G(z) for a batch of complex points: pygeo's fused kernels against the closed form written in
+plain PyTorch (pygeo.reference: softmax, an einsum for y, GEMMs for sum p P and sum p y y^H) and against autodiff
+Hessians of the potential (torch.func.hessian on R^{2n}, vmapped; small sizes only: it is memory-hungry).
+
+    cd bench && python -m pytest bench_kahler.py -q --benchmark-columns=median,iqr
+"""
+import math
+
+import pytest
+import torch
+
+import pygeo
+from pygeo import _backend
+from pygeo.reference.lse_kahler_metric import lse_kahler_metric as closed_form
+
+CPU_SIZES = [  # (n, K, B, diagonal)
+    (8, 256, 256, False),  # small enough for the autodiff Hessian
+    (8, 256, 4096, False),
+    (8, 256, 4096, True),
+    (32, 256, 512, False),
+]
+CUDA_SIZES = [(32, 1024, 16384, False), (8, 256, 16384, False)]
+AUTODIFF_MAX_WORK = 256 * 256 * 64  # B * K * n^2 above which the autodiff Hessian is left out
+
+
+def _problem(n, K, B, diagonal, device):
+    generator = torch.Generator().manual_seed(0)
+
+    def cn(*shape):
+        return torch.complex(torch.randn(*shape, generator=generator), torch.randn(*shape, generator=generator)) / math.sqrt(2)
+
+    z, centers = cn(B, n), cn(K, n)
+    if diagonal:
+        precisions = 0.3 + torch.rand(K, n, generator=generator)
+    else:
+        A = cn(K, n, n) / math.sqrt(n)
+        precisions = A @ A.mH + 0.3 * torch.eye(n)
+    log_weights = torch.randn(K, generator=generator)
+    return tuple(t.to(device) for t in (z, centers, precisions, log_weights))
+
+
+def _autodiff_hessian(z, centers, precisions, log_weights, temperature):
+    """conj(d_a d_bbar Psi) from the real Hessian of Psi on x = [Re z, Im z]: what a user writes without pygeo."""
+    n = z.shape[-1]
+
+    def potential(x):
+        point = torch.complex(x[:n], x[n:])
+        diff = point - centers
+        y = precisions * diff if not precisions.is_complex() else torch.einsum("kij,kj->ki", precisions, diff)
+        u = (diff.conj() * y).real.sum(-1)
+        return temperature * torch.logsumexp(log_weights + u / temperature, 0)
+
+    H = torch.vmap(torch.func.hessian(potential))(torch.cat([z.real, z.imag], -1))
+    Hxx, Hyy, Hxy, Hyx = H[:, :n, :n], H[:, n:, n:], H[:, :n, n:], H[:, n:, :n]
+    return torch.complex(Hxx + Hyy, -(Hxy - Hyx)) / 4
+
+
+def _providers(device):
+    found = [("torch closed form", lambda *a: closed_form(*a))]
+    found.append(("autodiff hessian", _autodiff_hessian))
+    for name in (("cpp",) if device == "cpu" else ("triton", "cuda")):
+        if _backend.status(name).available and not (name == "triton" and device == "cpu"):
+            found.append((f"pygeo {name}", lambda *a, name=name: pygeo.ops.lse_kahler_metric(*a, backend=name)))
+    return found
+
+
+def _cases():
+    cases = [("cpu", size) for size in CPU_SIZES]
+    if torch.cuda.is_available():
+        cases += [("cuda", size) for size in CUDA_SIZES]
+    params = []
+    for device, size in cases:
+        for provider, _ in _providers(device):
+            n, K, B, diagonal = size
+            if provider == "autodiff hessian" and B * K * n * n > AUTODIFF_MAX_WORK:
+                continue
+            name = f"{device}-n{n}-K{K}-B{B}-{'diag' if diagonal else 'full'}-{provider.replace(' ', '_')}"
+            params.append(pytest.param(device, size, provider, id=name))
+    return params
+
+
+@pytest.mark.parametrize("device, size, provider", _cases())
+def test_lse_kahler_metric(benchmark, device, size, provider):
+    n, K, B, diagonal = size
+    z, centers, precisions, log_weights = _problem(n, K, B, diagonal, device)
+    fn = dict(_providers(device))[provider]
+    temperature = 2.0
+
+    def call():
+        G = fn(z, centers, precisions, log_weights, temperature)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return G
+
+    G = benchmark(call)
+    expected = closed_form(z.cpu().to(torch.complex128), centers.cpu().to(torch.complex128),
+                           precisions.cpu().to(torch.complex128 if not diagonal else torch.float64),
+                           log_weights.cpu().double(), temperature)
+    scale = float(expected.abs().max())
+    assert float((G.cpu().to(torch.complex128) - expected).abs().max()) < 1e-3 * scale

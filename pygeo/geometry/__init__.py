@@ -1,0 +1,8 @@
+"""Geometry over the metric contract: Christoffel symbols, curvature, geodesics, geodesic distances, interpolation."""
+from .curvature import Curvature, christoffel, curvature, sectional_curvature
+from .distances import geodesic_distances
+from .geodesic import GeodesicResult, curve_energy, exp_map, geodesic
+from .interpolation import ConformalInterpolation, conformal_interpolation
+
+__all__ = ["Curvature", "christoffel", "curvature", "sectional_curvature", "GeodesicResult", "curve_energy",
+           "exp_map", "geodesic", "geodesic_distances", "ConformalInterpolation", "conformal_interpolation"]

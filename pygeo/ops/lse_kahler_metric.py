@@ -1,0 +1,171 @@
+"""pygeo.ops.lse_kahler_metric: the Hermitian metric of a log-sum-exp Kahler potential, fused over the K components.
+
+Conventions (MATH.md section 5): z in C^n; the metric is returned as the complex matrix G of the Hermitian form
+h(u, u) = u^H G u, i.e. G is the conjugate of [d_a d_bbar Psi]; for the potential (z - c)^H P (z - c), G = P.
+
+The custom op works on real views (torch.view_as_real: a trailing axis of 2 holding real and imaginary parts), so every
+kernel sees plain float arrays and autograd stays real. Forward: one pass over the K components per point with an online
+softmax (running max, accumulators rescaled when it grows), O(B n^2) memory. Backward: recomputation through the
+closed-form reference with torch.func.vjp. That is exact, differentiable again (create_graph: curvature of the real form,
+gradient-penalty regularisers) and costs O(B K n) memory, like the reference's forward; the fused kernels make the
+forward pass (metric evaluation, plots, log det G for samplers without gradient) cheap.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _backend, _checks
+from ..reference import lse_kahler_metric as reference
+
+_IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
+_REAL_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _run(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
+         temperature: float, backend: str) -> torch.Tensor:
+    """Real views, contiguous: z [B, n, 2], centers [K, n, 2], precisions [K, n, n, 2] or [K, n], log_weights [K]
+    -> G [B, n, n, 2]."""
+    if backend == "torch":
+        return reference.lse_kahler_metric_real(z, centers, precisions, log_weights, temperature).contiguous()
+    B, n, _ = z.shape
+    K = centers.shape[0]
+    diagonal = precisions.dim() == 2
+    out = _backend.empty((B, n, n, 2), z)
+    if backend == "triton":
+        from ..triton_kernels import lse_kahler_metric as triton_lse
+
+        return triton_lse.lse_kahler_metric(z, centers, precisions, log_weights, temperature, diagonal, out)
+    C = _backend.compiled_module()
+    args = (_backend.ptr(z), _backend.ptr(centers), _backend.ptr(precisions), _backend.ptr(log_weights),
+            float(temperature), diagonal, _backend.ptr(out), B, K, n, _backend.dtype_name(z))
+    if backend == "cpp":
+        C.lse_kahler_metric_cpu(*args)
+    else:
+        C.lse_kahler_metric_cuda(*args, _backend.cuda_stream(z))
+    return out
+
+
+@torch.library.custom_op("pygeo::lse_kahler_metric", mutates_args=())
+def _lse_kahler_metric_op(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
+                          temperature: float, backend: str) -> torch.Tensor:
+    return _run(z, centers, precisions, log_weights, temperature, backend)
+
+
+@_lse_kahler_metric_op.register_fake
+def _(z, centers, precisions, log_weights, temperature, backend):
+    B, n, _ = z.shape
+    return z.new_empty((B, n, n, 2))
+
+
+def _setup_context(ctx, inputs, output):
+    z, centers, precisions, log_weights, temperature, _ = inputs
+    ctx.save_for_backward(z, centers, precisions, log_weights)
+    ctx.temperature = temperature
+
+
+def _backward(ctx, grad_G):
+    z, centers, precisions, log_weights = ctx.saved_tensors
+    temperature = ctx.temperature
+    _, vjp = torch.func.vjp(lambda *args: reference.lse_kahler_metric_real(*args, temperature),
+                            z, centers, precisions, log_weights)
+    grads = vjp(grad_G)
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:4])) + (None, None)
+
+
+_lse_kahler_metric_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_precisions(precisions: torch.Tensor, n: Optional[int] = None, name: str = "precisions") -> bool:
+    """Validates [K, n, n] complex Hermitian positive definite or [K, n] real positive precisions; True if diagonal."""
+    if precisions.is_complex():
+        _checks.complex_tensor(name, precisions, min_dim=3)
+        if precisions.dim() != 3 or precisions.shape[-1] != precisions.shape[-2] or (n is not None and precisions.shape[-1] != n):
+            raise ValueError(f"{name} must have shape [K, n, n] (complex Hermitian) or [K, n] (real diagonal)"
+                             f"{'' if n is None else f' with n={n}'}, got {tuple(precisions.shape)}")
+        if not _checks._is_fake(precisions) and precisions.numel():
+            scale = precisions.abs().amax(dim=(-1, -2)).clamp_min(torch.finfo(precisions.real.dtype).tiny)
+            asymmetry = (precisions - precisions.mH).abs().amax(dim=(-1, -2))
+            tol = 100 * torch.finfo(precisions.real.dtype).eps
+            if bool((asymmetry > tol * scale).any()):
+                raise ValueError(f"{name} must be Hermitian (P == P^H): component(s) "
+                                 f"{torch.nonzero(asymmetry > tol * scale).flatten().tolist()[:5]} are not")
+            info = torch.linalg.cholesky_ex(precisions)[1]
+            if bool((info > 0).any()):
+                raise ValueError(f"{name} must be positive definite: component(s) "
+                                 f"{torch.nonzero(info > 0).flatten().tolist()[:5]} are not")
+        return False
+    _checks.real_tensor(name, precisions, min_dim=2)
+    if precisions.dim() != 2 or (n is not None and precisions.shape[-1] != n):
+        raise ValueError(f"{name} must have shape [K, n, n] (complex Hermitian) or [K, n] (real diagonal)"
+                         f"{'' if n is None else f' with n={n}'}, got {tuple(precisions.shape)}")
+    if not _checks._is_fake(precisions) and bool((precisions <= 0).any()):
+        raise ValueError(f"{name} (diagonal, [K, n]) must be positive, got a minimum of {float(precisions.min()):.3g}")
+    return True
+
+
+def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor,
+                      log_weights: Optional[torch.Tensor] = None, temperature: float = 1.0, *,
+                      with_log_det: bool = False, backend: str = "auto"
+                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Metric of Psi(z) = T log sum_i pi_i exp((z - c_i)^H P_i (z - c_i) / T), in one fused pass over the components.
+
+        G = sum_i p_i P_i + (1/T) (sum_i p_i y_i y_i^H - ybar ybar^H),  p = softmax(log pi + u / T), y_i = P_i (z - c_i)
+
+    Args:
+        z: [..., n] complex64 or complex128 latent points.
+        centers: [K, n] complex, same dtype as z.
+        precisions: [K, n, n] complex Hermitian positive definite, or [K, n] real positive (diagonal P_i).
+        log_weights: [K] real log pi_i (need not be normalised); None for equal weights.
+        temperature: T > 0.
+        with_log_det: also return log det G [...] = 2 sum log Re diag chol(G) (the Kahler volume form's log density).
+        backend: "auto", "torch", "cpp", "cuda" or "triton" (see pygeo.backends()).
+    Returns:
+        G [..., n, n] complex Hermitian positive definite, and log det G [...] when with_log_det.
+    Differentiable with respect to z, centers, precisions and log_weights (not temperature).
+    """
+    _checks.complex_tensor("z", z, min_dim=1)
+    n = z.shape[-1]
+    if n == 0:
+        raise ValueError(f"z must have a non-empty last dimension n, got shape {tuple(z.shape)}")
+    _checks.complex_tensor("centers", centers, min_dim=2)
+    if centers.dim() != 2 or centers.shape[-1] != n or centers.shape[0] == 0:
+        raise ValueError(f"centers must have shape [K, n] with K >= 1 and n={n} (z is {tuple(z.shape)}), got {tuple(centers.shape)}")
+    K = centers.shape[0]
+    diagonal = check_precisions(precisions, n)
+    if precisions.shape[0] != K:
+        raise ValueError(f"precisions must have K={K} components like centers, got shape {tuple(precisions.shape)}")
+    real_dtype = _REAL_DTYPE[z.dtype]
+    if log_weights is None:
+        log_weights = torch.zeros(K, dtype=real_dtype, device=z.device)
+    _checks.real_tensor("log_weights", log_weights, min_dim=1)
+    if log_weights.shape != (K,):
+        raise ValueError(f"log_weights must have shape [K] with K={K}, got {tuple(log_weights.shape)}")
+    _checks.same_device(z=z, centers=centers, precisions=precisions, log_weights=log_weights)
+    _checks.same_dtype(z=z, centers=centers, **({} if diagonal else {"precisions": precisions}))
+    _checks.same_dtype(**{"log_weights": log_weights, "z (real part)": z.real},
+                       **({"precisions": precisions} if diagonal else {}))
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
+    if not isinstance(temperature, (int, float)) or not (0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+    chosen = _backend.resolve("lse_kahler_metric", z.device, backend, _IMPLEMENTED)
+    batch_shape = z.shape[:-1]
+    z_real = torch.view_as_real(z.reshape(-1, n).resolve_conj()).contiguous()
+    centers_real = torch.view_as_real(centers.resolve_conj()).contiguous()
+    precisions_real = precisions.contiguous() if diagonal else torch.view_as_real(precisions.resolve_conj()).contiguous()
+    G_real = _lse_kahler_metric_op(z_real, centers_real, precisions_real, log_weights.contiguous(), float(temperature), chosen)
+    G = torch.view_as_complex(G_real).reshape(*batch_shape, n, n)
+    if not with_log_det:
+        return G
+    return G, log_det(G)
+
+
+def log_det(G: torch.Tensor, name: str = "G") -> torch.Tensor:
+    """log det G [...] of Hermitian positive definite G [..., n, n]: 2 sum log Re diag chol(G) (never det)."""
+    L, info = torch.linalg.cholesky_ex(G)
+    if not _checks._is_fake(G) and bool((info > 0).any()):
+        raise ValueError(f"{name} is not positive definite at {int((info > 0).sum())} of {info.numel()} points")
+    return 2 * L.diagonal(dim1=-2, dim2=-1).real.log().sum(-1)

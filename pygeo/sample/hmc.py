@@ -1,0 +1,211 @@
+"""Riemannian-uniform sampling with batched multi-chain Hamiltonian Monte Carlo (MATH.md section 2).
+
+Target density pi(z) proportional to sqrt(det G(z)) (times exp(log_prob(z)) when a base log-density is given), i.e.
+potential U(z) = -log_volume(z) - log_prob(z). Momentum p ~ N(0, I) with kinetic energy |p|^2 / 2 (the same identity
+mass in both places), leapfrog integration, and the Metropolis test log u < H0 - H1 in log space. A non-finite energy
+(a diverging trajectory) is a rejection, never a NaN that spreads to the chain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import _checks
+
+
+@dataclass
+class HMCResult:
+    """What riemannian_uniform returns."""
+
+    samples: torch.Tensor  # [n_samples, d]
+    acceptance: torch.Tensor  # [n_chains], fraction of accepted proposals after warm-up
+    step_size: float  # the step size used after warm-up (adapted or given)
+    chains: torch.Tensor  # [n_kept, n_chains, d], the kept states of every chain (samples are drawn from these)
+    n_divergent: torch.Tensor  # [n_chains], proposals rejected for a non-finite energy (after warm-up)
+    log_volume: torch.Tensor  # [n_samples], log_volume at the samples (for diagnostics: the target's log-density)
+
+
+def potential_and_grad(metric, log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+    """U(z) = -(log_volume(z) + log_prob(z)) and its gradient, as a function z [n, d] -> (U [n], dU/dz [n, d]).
+
+    Uses the metric's fused `log_volume_and_grad` when it has one (LatentMetric), otherwise autograd through
+    `log_volume` (any metric of the contract)."""
+    fused = getattr(metric, "log_volume_and_grad", None)
+
+    def fn(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # A trajectory that blew up to Inf/NaN gets U = +inf (so it is rejected), evaluated nowhere near the metric.
+        bad = ~torch.isfinite(z).all(-1)
+        if bool(bad.any()):
+            potential, grad = fn(torch.where(bad[:, None], torch.zeros_like(z), z))
+            return potential.masked_fill(bad, math.inf), grad.masked_fill(bad[:, None], 0.0)
+        if fused is not None and log_prob is None:
+            value, grad = fused(z)
+            return -value.detach(), -grad.detach()
+        with torch.enable_grad():
+            point = z.detach().requires_grad_(True)
+            value = metric.log_volume(point)
+            if log_prob is not None:
+                value = value + log_prob(point)
+            (grad,) = torch.autograd.grad(value.sum(), point)
+        return -value.detach(), -grad.detach()
+
+    return fn
+
+
+def leapfrog(potential_grad: Callable, z: torch.Tensor, p: torch.Tensor, grad: torch.Tensor, step_size, n_steps: int):
+    """n_steps leapfrog steps of H(z, p) = U(z) + |p|^2 / 2, batched over chains.
+
+    z, p, grad (= dU/dz at z): [n, d]; step_size: float or [n, 1]. Returns (z, p, U, grad) at the end. Exactly
+    reversible up to rounding: running it again from (z, -p) returns to the start with momentum -p.
+    """
+    p = p - 0.5 * step_size * grad
+    potential = None
+    for step in range(n_steps):
+        z = z + step_size * p
+        potential, grad = potential_grad(z)
+        p = p - (step_size if step < n_steps - 1 else 0.5 * step_size) * grad
+    return z, p, potential, grad
+
+
+class _DualAveraging:
+    """Step-size adaptation of Hoffman and Gelman (NUTS, 2014, section 3.2) towards a target acceptance rate,
+    driven by the mean acceptance probability over chains."""
+
+    def __init__(self, step_size: float, target: float):
+        self.mu = math.log(10 * step_size)
+        self.target = target
+        self.h_bar = 0.0
+        self.log_step = math.log(step_size)
+        self.log_step_bar = 0.0
+        self.t = 0
+
+    def update(self, accept_prob: float) -> float:
+        self.t += 1
+        t0, gamma, kappa = 10.0, 0.05, 0.75
+        eta = 1.0 / (self.t + t0)
+        self.h_bar = (1 - eta) * self.h_bar + eta * (self.target - accept_prob)
+        self.log_step = self.mu - math.sqrt(self.t) / gamma * self.h_bar
+        weight = self.t ** (-kappa)
+        self.log_step_bar = weight * self.log_step + (1 - weight) * self.log_step_bar
+        return math.exp(self.log_step)
+
+    def final(self) -> float:
+        return math.exp(self.log_step_bar)
+
+
+def _initial_states(metric, init, n_chains: int, generator: torch.Generator) -> torch.Tensor:
+    if init is None:
+        init = getattr(metric, "centroids", None)
+        if init is None:
+            raise ValueError("init is required for a metric without centroids: pass init [n_chains, d] or a pool [m, d]")
+    _checks.real_tensor("init", init, min_dim=1)
+    if init.dim() == 1:
+        init = init.unsqueeze(0)
+    if init.dim() != 2:
+        raise ValueError(f"init must have shape [d], [n_chains, d] or [m, d] (a pool to start from), got {tuple(init.shape)}")
+    if init.shape[0] == n_chains:
+        return init.detach().clone()
+    rows = torch.randint(init.shape[0], (n_chains,), generator=generator)
+    return init.detach()[rows.to(init.device)].clone()
+
+
+def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n_steps: int = 100, n_leapfrog: int = 10,
+                       step_size: float = 0.01, init: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                       log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, warmup: Optional[int] = None,
+                       adapt_step_size: bool = True, target_acceptance: float = 0.65,
+                       progress: bool = True) -> HMCResult:
+    """Samples from the Riemannian uniform distribution, density proportional to sqrt(det G(z)), by HMC.
+
+    Args:
+        metric: any metric of the contract (log_volume(z) differentiable); LatentMetric uses its fused gradient.
+        n_samples: number of samples returned.
+        n_chains: chains run in parallel (default: n_samples, one sample per chain as in the paper: 500 chains).
+        n_steps: HMC steps per chain after warm-up; each chain contributes ceil(n_samples / n_chains) states, evenly
+            spaced over these steps and ending at the last one.
+        n_leapfrog: leapfrog steps per proposal.
+        step_size: the leapfrog step (the initial one when adapting).
+        init: starting points: [n_chains, d], [d], or a pool [m, d] from which chains start at random rows;
+            None = random centroids of the metric (the paper starts chains at training means).
+        seed: seed of the momenta, the Metropolis draws and the starting rows (deterministic given the seed).
+        log_prob: optional base log-density z [n, d] -> [n], added to log_volume (None: Riemannian uniform).
+        warmup: steps before sampling (default n_steps // 2 when adapting, else 0); the step size is adapted there
+            by dual averaging to `target_acceptance` (averaged over chains), then frozen.
+        progress: show a tqdm bar.
+    Returns:
+        HMCResult(samples [n_samples, d], acceptance [n_chains], step_size, chains, n_divergent, log_volume).
+    On KeyboardInterrupt the progress bar is closed and the interrupt re-raised.
+    Note: with a LatentMetric of tau = 0 the target is improper (sqrt(det G) -> lam^(d/2) far away); use tau > 0.
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    n_chains = n_samples if n_chains is None else n_chains
+    if not isinstance(n_chains, int) or n_chains < 1:
+        raise ValueError(f"n_chains must be a positive int, got {n_chains!r}")
+    if n_steps < 1 or n_leapfrog < 1:
+        raise ValueError(f"n_steps and n_leapfrog must be >= 1, got {n_steps} and {n_leapfrog}")
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"step_size must be a finite positive number, got {step_size!r}")
+    if not 0 < target_acceptance < 1:
+        raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance}")
+    warmup = (n_steps // 2 if adapt_step_size else 0) if warmup is None else warmup
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    per_chain = -(-n_samples // n_chains)
+    if per_chain > n_steps:
+        raise ValueError(f"n_samples={n_samples} needs {per_chain} states per chain but n_steps={n_steps}: raise n_steps "
+                         f"or n_chains")
+
+    generator = torch.Generator()
+    generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+    z = _initial_states(metric, init, n_chains, generator)
+    device, dtype = z.device, z.dtype
+    potential_grad = potential_and_grad(metric, log_prob)
+    potential, grad = potential_grad(z)
+    if not (torch.isfinite(potential).all() and torch.isfinite(grad).all()):
+        raise ValueError("the target's log-density or its gradient is not finite at some starting points (init)")
+
+    keep_every = n_steps // per_chain
+    kept_at = {n_steps - 1 - i * keep_every for i in range(per_chain)}
+    kept = []
+    accepted = torch.zeros(n_chains, dtype=dtype, device=device)
+    divergent = torch.zeros(n_chains, dtype=torch.long, device=device)
+    adaptation = _DualAveraging(step_size, target_acceptance) if adapt_step_size and warmup > 0 else None
+    current_step = step_size
+    bar = tqdm(total=warmup + n_steps, desc="HMC", disable=not progress)
+    try:
+        for iteration in range(warmup + n_steps):
+            sampling = iteration >= warmup
+            if sampling and iteration == warmup and adaptation is not None:
+                current_step = adaptation.final()
+            momentum = torch.randn(z.shape, generator=generator, dtype=dtype).to(device)
+            energy0 = potential + 0.5 * (momentum * momentum).sum(-1)
+            z_new, p_new, potential_new, grad_new = leapfrog(potential_grad, z, momentum, grad, current_step, n_leapfrog)
+            energy1 = potential_new + 0.5 * (p_new * p_new).sum(-1)
+            finite = torch.isfinite(energy1) & torch.isfinite(z_new).all(-1) & torch.isfinite(grad_new).all(-1)
+            log_ratio = torch.where(finite, energy0 - energy1, torch.full_like(energy0, -math.inf))
+            log_u = torch.log(torch.rand(n_chains, generator=generator, dtype=dtype)).to(device)
+            accept = log_u < log_ratio
+            z = torch.where(accept[:, None], z_new, z)
+            potential = torch.where(accept, potential_new, potential)
+            grad = torch.where(accept[:, None], grad_new, grad)
+            if sampling:
+                accepted += accept.to(dtype)
+                divergent += (~finite).long()
+                if iteration - warmup in kept_at:
+                    kept.append(z.clone())
+            elif adaptation is not None:
+                current_step = adaptation.update(float(log_ratio.clamp_max(0).exp().mean()))
+            bar.update(1)
+            if progress:
+                bar.set_postfix(step=f"{current_step:.3g}", accept=f"{float(accept.to(dtype).mean()):.2f}")
+    finally:
+        bar.close()
+    chains = torch.stack(kept)  # [per_chain, n_chains, d]
+    samples = chains.reshape(-1, z.shape[-1])[:n_samples]
+    log_volume = -potential_grad(samples)[0] if log_prob is None else metric.log_volume(samples).detach()
+    return HMCResult(samples=samples, acceptance=accepted / n_steps, step_size=float(current_step), chains=chains,
+                     n_divergent=divergent, log_volume=log_volume)

@@ -1,0 +1,257 @@
+import math
+
+import pytest
+import torch
+
+import pygeo
+from pygeo.cluster import kmedoids
+from pygeo.reference import latent_metric as reference
+
+from conftest import assert_close, backend_params
+
+BACKENDS = backend_params()
+
+
+def make_problem(B, N, d, kind, seed=0, spread=1.5):
+    """float64 z [B, d], centroids [N, d], precisions [N, d] or [N, d, d] (SPD, well conditioned)."""
+    g = torch.Generator().manual_seed(seed)
+    z = spread * torch.randn(B, d, generator=g, dtype=torch.float64)
+    centroids = torch.randn(N, d, generator=g, dtype=torch.float64)
+    if kind == "diagonal":
+        precisions = 0.3 + 2 * torch.rand(N, d, generator=g, dtype=torch.float64)
+    else:
+        A = torch.randn(N, d, d, generator=g, dtype=torch.float64)
+        precisions = A @ A.transpose(-1, -2) / d + 0.3 * torch.eye(d, dtype=torch.float64)
+    return z, centroids, precisions
+
+
+def oracle(z, centroids, precisions, lam, tau, rho):
+    """G, dG, 1/2 log det G and its gradient from the paper's broadcast formula, by autograd in float64."""
+    z = z.detach().requires_grad_(True)
+    f = lambda x: reference.broadcast_metric(x, centroids, precisions, lam, tau, rho)
+    G = f(z)
+    B, d = z.shape
+    jac = torch.autograd.functional.jacobian(lambda x: f(x).sum(0), z)  # [d, d, B, d]
+    dG = jac.permute(2, 3, 0, 1)  # [B, k, i, j]
+    log_volume = 0.5 * torch.linalg.slogdet(G)[1]
+    (grad,) = torch.autograd.grad(log_volume.sum(), z)
+    return G.detach(), dG, log_volume.detach(), grad
+
+
+def small_enough_for_interpreter(backend, device, B, N):
+    return not (backend == "triton" and device == "cpu" and B * N > 20000)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,N,d", [(1, 1, 1), (7, 5, 3), (5, 150, 17), (1000, 3, 2)])
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+def test_latent_metric_matches_broadcast_formula(backend_device, dtype, B, N, d, kind):
+    backend, device = backend_device
+    if not small_enough_for_interpreter(backend, device, B, N) or (backend == "triton" and B == 1000):
+        pytest.skip("interpreter: keep programs few")
+    z, centroids, precisions = make_problem(B, N, d, kind)
+    lam, tau, rho = 0.05, 0.2, 1.3
+    G_ref, dG_ref, L_ref, grad_ref = oracle(z, centroids, precisions, lam, tau, rho)
+    to = dict(device=device, dtype=dtype)
+    out = pygeo.ops.latent_metric(z.to(**to), centroids.to(**to), precisions.to(**to), lam, tau, rho,
+                                  derivative=True, log_volume=True, backend=backend)
+    assert out.metric.shape == (B, d, d) and out.derivative.shape == (B, d, d, d)
+    assert out.log_volume.shape == (B,) and out.log_volume_grad.shape == (B, d)
+    assert torch.equal(out.metric, out.metric.transpose(-1, -2)), "G must be exactly symmetric"
+    assert_close(out.metric.cpu(), G_ref, dtype)
+    assert_close(out.derivative.cpu(), dG_ref, dtype)
+    assert_close(out.log_volume.cpu(), L_ref, dtype)
+    assert_close(out.log_volume_grad.cpu(), grad_ref, dtype)
+    only_G = pygeo.ops.latent_metric(z.to(**to), centroids.to(**to), precisions.to(**to), lam, tau, rho, backend=backend)
+    assert only_G.derivative is None and only_G.log_volume is None
+    assert_close(only_G.metric.cpu(), G_ref, dtype)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+@pytest.mark.parametrize("lam,tau", [(0.0, 0.0), (0.01, 0.0), (1.0, 0.5)])
+def test_latent_metric_regulariser_settings(backend_device, kind, lam, tau):
+    backend, device = backend_device
+    z, centroids, precisions = make_problem(6, 9, 3, kind, seed=3)
+    G_ref, dG_ref, L_ref, grad_ref = oracle(z, centroids, precisions, lam, tau, 0.8)
+    out = pygeo.ops.latent_metric(z.to(device), centroids.to(device), precisions.to(device), lam, tau, 0.8,
+                                  derivative=True, log_volume=True, backend=backend)
+    for got, want in zip(out, (G_ref, dG_ref, L_ref, grad_ref)):
+        assert_close(got.cpu(), want, torch.float64)
+
+
+def test_gemm_baseline_matches_broadcast_formula():
+    for kind in ("diagonal", "full"):
+        z, centroids, precisions = make_problem(11, 13, 4, kind)
+        assert_close(reference.gemm_metric(z, centroids, precisions, 0.1, 0.3, 0.9),
+                     reference.broadcast_metric(z, centroids, precisions, 0.1, 0.3, 0.9), torch.float64)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+def test_derivatives_against_finite_differences(backend_device, kind):
+    backend, device = backend_device
+    z, centroids, precisions = make_problem(4, 6, 3, kind, seed=5)
+    z, centroids, precisions = z.to(device), centroids.to(device), precisions.to(device)
+    args = (centroids, precisions, 0.02, 0.1, 1.1)
+    out = pygeo.ops.latent_metric(z, *args, derivative=True, log_volume=True, backend=backend)
+    h = 1e-6
+    for k in range(3):
+        step = torch.zeros_like(z)
+        step[:, k] = h
+        plus = pygeo.ops.latent_metric(z + step, *args, log_volume=True, backend=backend)
+        minus = pygeo.ops.latent_metric(z - step, *args, log_volume=True, backend=backend)
+        fd_G = (plus.metric - minus.metric) / (2 * h)
+        fd_L = (plus.log_volume - minus.log_volume) / (2 * h)
+        torch.testing.assert_close(out.derivative[:, k], fd_G, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(out.log_volume_grad[:, k], fd_L, rtol=1e-6, atol=1e-7)
+
+
+def test_log_volume_is_finite_far_from_the_centroids():
+    # One centroid, tau > 0: at |z| = 40 every term of G_kk underflows in float32 (and the weight in float64), yet
+    # log G_kk = logaddexp(log m_k - q/rho^2, log lam - tau |z|^2) is an ordinary number.
+    centroids = torch.zeros(1, 2, dtype=torch.float64)
+    precisions = torch.tensor([[2.0, 0.5]], dtype=torch.float64)
+    lam, tau, rho = 0.01, 1.0, 1.0
+    z = torch.tensor([[40.0, 3.0], [0.0, 30.0], [0.3, -0.2]], dtype=torch.float64)
+    q = (precisions * z**2).sum(-1, keepdim=True)
+    log_diag = torch.logaddexp(precisions.log() - q / rho**2, math.log(lam) - tau * (z**2).sum(-1, keepdim=True))
+    expected = 0.5 * log_diag.sum(-1)
+    for backend in ("torch", "cpp") if pygeo.backends()["cpp"].available else ("torch",):
+        for dtype in (torch.float32, torch.float64):
+            out = pygeo.ops.latent_metric(z.to(dtype), centroids.to(dtype), precisions.to(dtype), lam, tau, rho,
+                                          log_volume=True, backend=backend)
+            assert torch.isfinite(out.log_volume).all() and torch.isfinite(out.log_volume_grad).all()
+            torch.testing.assert_close(out.log_volume.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                       atol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+def test_latent_metric_gradcheck(backend_device, kind):
+    backend, device = backend_device
+    z, centroids, precisions = make_problem(3, 4, 2, kind, seed=7)
+    z = z.to(device).requires_grad_(True)
+    args = (centroids.to(device), precisions.to(device), 0.05, 0.3, 1.0)
+    metric = lambda x: pygeo.ops.latent_metric(x, *args, backend=backend).metric
+    log_volume = lambda x: pygeo.ops.latent_metric(x, *args, log_volume=True, backend=backend).log_volume
+    derivative = lambda x: pygeo.ops.latent_metric(x, *args, derivative=True, backend=backend).derivative
+    assert torch.autograd.gradcheck(metric, (z,))
+    assert torch.autograd.gradcheck(log_volume, (z,))
+    assert torch.autograd.gradcheck(derivative, (z,))
+    assert torch.autograd.gradgradcheck(log_volume, (z,))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_latent_metric_opcheck(backend_device):
+    backend, device = backend_device
+    for kind in ("diagonal", "full"):
+        z, centroids, precisions = make_problem(4, 5, 3, kind)
+        z = z.to(device).requires_grad_(True)
+        for flags in ((False, False), (True, True)):
+            torch.library.opcheck(torch.ops.pygeo.latent_metric.default,
+                                  (z, centroids.to(device), precisions.to(device), 0.01, 0.2, 1.0, *flags, backend))
+
+
+def test_latent_metric_compiles():
+    z, centroids, precisions = make_problem(5, 7, 3, "diagonal")
+    z, centroids, precisions = z.float(), centroids.float(), precisions.float()
+    compiled = torch.compile(lambda x: pygeo.ops.latent_metric(x, centroids, precisions, 0.01, 0.0, 1.0,
+                                                               log_volume=True).log_volume, fullgraph=True)
+    expected = 0.5 * torch.logdet(reference.broadcast_metric(z.double(), centroids.double(), precisions.double(),
+                                                             0.01, 0.0, 1.0))
+    assert_close(compiled(z), expected, torch.float32)
+
+
+def test_batch_dims_and_noncontiguous_z():
+    z, centroids, precisions = make_problem(12, 5, 3, "full")
+    z_view = z.reshape(3, 4, 3).transpose(0, 1)  # [4, 3, 3] non-contiguous
+    out = pygeo.ops.latent_metric(z_view, centroids, precisions, 0.01, 0.1, 1.0, derivative=True, log_volume=True)
+    assert out.metric.shape == (4, 3, 3, 3) and out.derivative.shape == (4, 3, 3, 3, 3) and out.log_volume.shape == (4, 3)
+    flat = reference.broadcast_metric(z_view.reshape(-1, 3), centroids, precisions, 0.01, 0.1, 1.0)
+    assert_close(out.metric.reshape(-1, 3, 3), flat, torch.float64)
+
+
+# --- LatentMetric ---------------------------------------------------------------------------------------------------
+
+def test_latent_metric_class_contract():
+    z, centroids, precisions = make_problem(6, 8, 3, "diagonal")
+    metric = pygeo.LatentMetric(centroids, precisions, lam=0.02, tau=0.1)
+    distances = torch.cdist(centroids, centroids) + torch.diag(torch.full((8,), float("inf"), dtype=torch.float64))
+    assert metric.rho == pytest.approx(float(distances.min(-1).values.max()))
+    G_ref, dG_ref, L_ref, grad_ref = oracle(z, centroids, precisions, 0.02, 0.1, metric.rho)
+    assert_close(metric.metric(z), G_ref, torch.float64)
+    G, dG = metric.metric_and_derivative(z)
+    assert_close(dG, dG_ref, torch.float64)
+    assert_close(metric.log_volume(z), L_ref, torch.float64)
+    L, grad = metric.log_volume_and_grad(z)
+    assert_close(grad, grad_ref, torch.float64)
+    zz = z.clone().requires_grad_(True)
+    (auto_grad,) = torch.autograd.grad(metric.log_volume(zz).sum(), zz)
+    assert_close(auto_grad, grad_ref, torch.float64)
+    u, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    assert_close(metric.inner(z, u, v), torch.einsum("bi,bij,bj->b", u, G_ref, v), torch.float64)
+    # float32 z against float64 centroids: the metric follows z's dtype
+    assert metric.metric(z.float()).dtype == torch.float32
+
+
+def test_latent_metric_class_bad_inputs():
+    c = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="at least one centroid"):
+        pygeo.LatentMetric(torch.zeros(0, 2), torch.ones(0, 2))
+    with pytest.raises(ValueError, match="N=1 pass rho"):
+        pygeo.LatentMetric(torch.zeros(1, 2), torch.ones(1, 2))
+    assert pygeo.LatentMetric(torch.zeros(1, 2), torch.ones(1, 2), rho=1.0).rho == 1.0
+    with pytest.raises(ValueError, match="precisions must have shape"):
+        pygeo.LatentMetric(c, torch.ones(4, 3))
+    with pytest.raises(ValueError, match="positive definite"):
+        pygeo.LatentMetric(c, torch.tensor([[1.0, 2.0], [2.0, 1.0]]).expand(4, 2, 2).contiguous())
+    with pytest.raises(ValueError, match="symmetric"):
+        pygeo.LatentMetric(c, torch.tensor([[1.0, 0.5], [0.0, 1.0]]).expand(4, 2, 2).contiguous())
+    with pytest.raises(ValueError, match="diagonal.*positive"):
+        pygeo.LatentMetric(c, -torch.ones(4, 2))
+    with pytest.raises(ValueError, match="centroids contains NaN"):
+        pygeo.LatentMetric(torch.full((4, 2), float("nan")), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="lam must be"):
+        pygeo.LatentMetric(c, torch.ones(4, 2), lam=-1.0)
+    with pytest.raises(ValueError, match="rho must be"):
+        pygeo.LatentMetric(c, torch.ones(4, 2), rho=0.0)
+    with pytest.raises(TypeError, match="centroids must be a real floating tensor"):
+        pygeo.LatentMetric(torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2))
+    metric = pygeo.LatentMetric(c, torch.ones(4, 2))
+    with pytest.raises(ValueError, match=r"z must have shape \[\.\.\., 2\]"):
+        metric.metric(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="z contains NaN"):
+        metric.log_volume(torch.full((5, 2), float("nan")))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 3), torch.ones(4, 3), rho=1.0), "z must have shape"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2, dtype=torch.float64), rho=1.0), "same dtype"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2), tau=-1.0, rho=1.0), "tau must be"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2), rho=1.0, backend="nope"), "backend must be"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2, requires_grad=True), torch.ones(4, 2), rho=1.0), "differentiable in z only"),
+])
+def test_latent_metric_op_bad_input(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        bad()
+
+
+def test_from_encoder_uses_kmedoids_and_posterior_precisions():
+    torch.manual_seed(1)
+    data = torch.randn(300, 5)
+    weight = torch.randn(5, 2)
+
+    def encoder(x):
+        return x @ weight, 0.1 * x[:, :2]
+
+    metric = pygeo.LatentMetric.from_encoder(encoder, data, n_centroids=12, lam=0.05, tau=0.01, batch_size=64,
+                                             seed=3, progress=False)
+    mu, logvar = encoder(data)
+    indices = kmedoids(mu, 12, seed=3).indices
+    assert torch.equal(metric.centroids, mu[indices])
+    assert torch.equal(metric.precisions, torch.exp(-logvar[indices]))
+    assert metric.lam == 0.05 and metric.tau == 0.01
+    with pytest.raises(ValueError, match="n_centroids"):
+        pygeo.LatentMetric.from_encoder(encoder, data, n_centroids=0, progress=False)

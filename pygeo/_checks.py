@@ -65,8 +65,11 @@ def _describe(expected: Sequence[Optional[int]]) -> str:
 
 
 def _is_fake(value: torch.Tensor) -> bool:
-    """True while tracing (torch.compile) or for fake/meta tensors, whose values cannot be inspected."""
+    """True while tracing (torch.compile), inside torch.func transforms (vmap, jvp) or for fake/meta tensors: values
+    that cannot be inspected on the host."""
     if torch.compiler.is_compiling() or value.device.type == "meta":
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(value):
         return True
     try:
         from torch._subclasses.fake_tensor import is_fake

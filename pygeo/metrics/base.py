@@ -71,5 +71,5 @@ def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
         for j in range(i, d):
             pairs[i, j] = pairs[j, i] = rows[index]
             index += 1
-    dG = torch.stack([torch.stack([pairs[i, j] for j in range(d)], -1) for i in range(d)], -2)  # [B, i, j, k]
-    return (G if keep_graph else G.detach()), dG.permute(0, 3, 1, 2)
+    dG = torch.stack([torch.stack([pairs[i, j] for j in range(d)], -1) for i in range(d)], -2)  # [B, k, i, j]
+    return (G if keep_graph else G.detach()), dG

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .. import _checks
+from .. import _checks, _linalg
 from .curvature import christoffel, uses_flat_coordinates
 
 
@@ -247,6 +247,8 @@ def exp_map(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int = 32, *, back
 def _integrate(metric, z, v, n_steps, record_every=None, backend="auto"):
     """RK4 of (c, w)' = (w, -Gamma(c)[w, w]) over t in [0, 1]; optionally records c every `record_every` steps."""
     def acceleration(c, w):
+        if uses_flat_coordinates(metric):
+            return _flat_acceleration(metric, c, w)
         return -torch.einsum("...kij,...i,...j->...k", christoffel(metric, c, backend=backend), w, w)
 
     h = 1.0 / n_steps
@@ -265,6 +267,20 @@ def _integrate(metric, z, v, n_steps, record_every=None, backend="auto"):
         if record_every and (step + 1) % record_every == 0:
             path.append(c)
     return c, (torch.stack(path, -2) if record_every else None)
+
+
+def _flat_acceleration(metric, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """c'' = -G^{-1} J^T phi''[w, w] for G = J^T J (MATH.md section 3): d jvps for J and one jvp of a jvp, instead of
+    the d(d+1)/2 second derivatives that the full Christoffel symbols need."""
+    phi = metric.flat_coordinates
+    flat_c, flat_w = c.reshape(-1, c.shape[-1]), w.reshape(-1, w.shape[-1])
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    J = torch.func.vmap(lambda u: torch.func.jvp(phi, (flat_c,), (u.expand_as(flat_c),))[1], out_dims=-1)(eye)
+    along = lambda x: torch.func.jvp(phi, (x,), (flat_w,))[1]  # noqa: E731
+    _, second = torch.func.jvp(along, (flat_c,), (flat_w,))  # phi''[w, w], [B, D]
+    G = J.transpose(-1, -2) @ J
+    rhs = (J.transpose(-1, -2) @ second.unsqueeze(-1))
+    return -torch.cholesky_solve(rhs, _linalg.cholesky(G, "metric(z)")).reshape(c.shape)
 
 
 def _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress) -> GeodesicResult:

@@ -110,3 +110,15 @@ def test_curvature_bad_inputs():
         pygeo.curvature(lambda z: z, z)
     with pytest.raises(ValueError, match="z contains NaN"):
         pygeo.christoffel(sphere_function_metric, torch.full((2, 2), float("nan"), dtype=torch.float64))
+
+
+def test_curvature_through_a_kernel_backed_metric_is_not_silently_flat():
+    # A metric computed by pygeo's own custom op: forward mode through it gives zeros, which must not be mistaken for
+    # a flat metric. The half-plane metric I / y^2 written as jtj of a [1, 2] Jacobian row per axis has K = -1.
+    def half_plane_by_kernel(z):
+        scale = (1.0 / z[..., 1])[..., None, None] * torch.eye(2, dtype=z.dtype)
+        return pygeo.ops.jtj(scale)
+
+    z = torch.tensor([[0.3, 0.7], [-1.0, 1.5]], dtype=torch.float64)
+    curv = pygeo.curvature(pygeo.FunctionMetric(half_plane_by_kernel), z, method="christoffel")
+    torch.testing.assert_close(curv.scalar / 2, torch.full((2,), -1.0, dtype=torch.float64))

@@ -90,3 +90,9 @@ def test_derivative_through_custom_ops_is_not_silently_zero():
     _, dG_plain = pygeo.FunctionMetric(plain).metric_and_derivative(z)
     assert dG_plain.abs().max() > 0.1
     torch.testing.assert_close(dG, dG_plain)
+
+
+def test_constant_metric_has_zero_derivative():
+    metric = pygeo.FunctionMetric(lambda z: torch.eye(3, dtype=z.dtype).expand(*z.shape[:-1], 3, 3))
+    G, dG = metric.metric_and_derivative(torch.randn(4, 3, dtype=torch.float64))
+    assert torch.equal(dG, torch.zeros(4, 3, 3, 3, dtype=torch.float64))

@@ -56,7 +56,8 @@ void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, in
   check_positive(d, "d");
   check_nonnegative(w_batch_stride, "w_batch_stride");
   const int64_t dpad = (d + kTile - 1) / kTile * kTile;
-#pragma omp parallel
+  // Starting the thread team costs more than a small batch's work.
+#pragma omp parallel if (B * D * dpad > (int64_t(1) << 16))
   {
     std::vector<T> padded(static_cast<size_t>(D * dpad));
 #pragma omp for schedule(static)

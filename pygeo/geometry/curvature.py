@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks, _linalg
+from ..metrics.base import forward_derivative_is_exact, gradient_or_zero
 from ..ops.christoffel import christoffel as christoffel_op
 from ..reference.christoffel import first_kind
 
@@ -124,8 +125,10 @@ def _metric_jet(metric, z: torch.Tensor):
         for m in range(d):
             dG, column = torch.func.jvp(derivative, (z,), (eye[m].expand_as(z),))
             columns.append(column)
-        G = metric.metric(z)
-        return G, dG, torch.stack(columns, 1)
+        d2G = torch.stack(columns, 1)
+        # forward mode gives silent zeros through custom ops: trust it only when it agrees with reverse mode
+        if forward_derivative_is_exact(derivative, z[:1], d2G[:1]):
+            return metric.metric(z), dG, d2G
     except Exception:  # a metric whose derivative is not forward-mode differentiable
         pass
     with torch.enable_grad():
@@ -135,7 +138,7 @@ def _metric_jet(metric, z: torch.Tensor):
         for k in range(d):
             for i in range(d):
                 for j in range(i, d):
-                    (grad,) = torch.autograd.grad(dG[:, k, i, j].sum(), point, retain_graph=True)
+                    grad = gradient_or_zero(dG[:, k, i, j].sum(), point, create_graph=False)
                     d2G[:, :, k, i, j] = grad
                     d2G[:, :, k, j, i] = grad
     return G.detach(), dG.detach(), d2G

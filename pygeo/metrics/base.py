@@ -49,7 +49,7 @@ def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):
     try:
         dG_last, G = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(flat)
         dG = dG_last.permute(0, 3, 1, 2)
-        forward_ok = _agrees_with_reverse_mode(metric_fn, flat[:1], dG[:1])
+        forward_ok = forward_derivative_is_exact(metric_fn, flat[:1], dG[:1])
     except Exception:  # not vmap / forward-mode friendly
         forward_ok = False
     if not forward_ok:
@@ -57,22 +57,24 @@ def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):
     return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
 
 
-def _agrees_with_reverse_mode(metric_fn, point: torch.Tensor, dG: torch.Tensor) -> bool:
-    """Dot-product test of a forward-mode derivative at one point against one reverse-mode pass.
+def forward_derivative_is_exact(fn, point: torch.Tensor, derivative: torch.Tensor) -> bool:
+    """Dot-product test of a forward-mode derivative against one reverse-mode pass, at one point.
 
+    fn: point [1, d] -> value [1, *S]; derivative [1, d, *S] its claimed derivative (direction index first).
     Forward mode silently yields zeros through operations that have no forward-AD formula (custom ops such as
-    pygeo's own kernels), so its answer is only trusted when <U, dG[v]> equals <grad <U, G>, v> for random U, v.
+    pygeo's own kernels), so a forward-mode answer is only trusted when <U, D[v]> equals <grad <U, fn>, v> for random
+    U and v.
     """
     generator = torch.Generator().manual_seed(0)
     d = point.shape[-1]
-    U = torch.randn(d, d, generator=generator, dtype=point.dtype).to(point.device)
+    U = torch.randn(derivative.shape[2:], generator=generator, dtype=point.dtype).to(point.device)
     v = torch.randn(d, generator=generator, dtype=point.dtype).to(point.device)
     with torch.enable_grad():
         probe = point.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad((metric_fn(probe)[0] * U).sum(), probe)
+        grad = gradient_or_zero((fn(probe)[0] * U).sum(), probe, create_graph=False)
     reverse = (grad[0] * v).sum()
-    forward = (dG[0] * v[:, None, None] * U).sum()
-    scale = dG[0].abs().sum() * v.abs().max() * U.abs().max() + grad.abs().sum() * v.abs().max()
+    forward = (derivative[0] * v.reshape(d, *([1] * U.dim())) * U).sum()
+    scale = (derivative[0].abs().sum() * U.abs().max() + grad.abs().sum()) * v.abs().max()
     tolerance = 1e-3 if point.dtype == torch.float32 else 1e-8
     return bool((forward - reverse).abs() <= tolerance * scale.clamp_min(torch.finfo(point.dtype).tiny))
 
@@ -86,8 +88,7 @@ def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
         rows = []
         for i in range(d):
             for j in range(i, d):
-                (grad,) = torch.autograd.grad(G[:, i, j].sum(), point, retain_graph=True, create_graph=keep_graph)
-                rows.append(grad)
+                rows.append(gradient_or_zero(G[:, i, j].sum(), point, create_graph=keep_graph))
     pairs = {}
     index = 0
     for i in range(d):
@@ -96,3 +97,12 @@ def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
             index += 1
     dG = torch.stack([torch.stack([pairs[i, j] for j in range(d)], -1) for i in range(d)], -2)  # [B, k, i, j]
     return (G if keep_graph else G.detach()), dG
+
+
+def gradient_or_zero(value: torch.Tensor, point: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """d value / d point, zero where value does not depend on point (a constant metric has no graph at all)."""
+    if not value.requires_grad:
+        return torch.zeros_like(point)
+    (grad,) = torch.autograd.grad(value, point, retain_graph=True, create_graph=create_graph, allow_unused=True,
+                                  materialize_grads=True)
+    return grad

@@ -26,7 +26,7 @@ def run(ctx) -> str:
     model = ComplexVAE(data_dim=images.shape[1], latent_dim=1, hidden=64 if ctx.quick else 128)
     with ctx.timed("kahler: train complex VAE"):
         losses = train_complex_vae(model, images, epochs=1 if ctx.quick else 30, batch_size=128, lr=2e-3,
-                                   max_seconds=1.0 if ctx.quick else 7.0, seed=ctx.seed, progress=True)
+                                   max_seconds=1.0 if ctx.quick else 7.0, seed=ctx.seed, progress=ctx.show_progress)
     with torch.no_grad():
         mu, logvar = model.encoder(images)
     mu, logvar = mu.to(torch.complex128), logvar.double()

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/upper_pairs.cuh"
+
 namespace pygeo {
 
 namespace {
@@ -26,23 +28,12 @@ __global__ void jtj_kernel(const T* __restrict__ J,  // [B, D, d]
   const int64_t b = blockIdx.x;
   const T* Jb = J + b * D * d;
   const T* wb = w ? w + b * w_batch_stride : nullptr;
-  const int n_pairs = d * (d + 1) / 2;
 
-  // Map the flat pair index p to (i, j) with i <= j, once.
+  // This thread's upper-triangle entries (i, j), mapped once.
   int pair_i[kMaxPairsPerThread], pair_j[kMaxPairsPerThread];
   T acc[kMaxPairsPerThread];
-  int n_mine = 0;
-  for (int p = threadIdx.x; p < n_pairs && n_mine < kMaxPairsPerThread; p += blockDim.x) {
-    int i = 0, remaining = p;
-    while (remaining >= d - i) {
-      remaining -= d - i;
-      ++i;
-    }
-    pair_i[n_mine] = i;
-    pair_j[n_mine] = i + remaining;
-    acc[n_mine] = T(0);
-    ++n_mine;
-  }
+  const int n_mine = upper_pairs_of_thread(d, pair_i, pair_j, kMaxPairsPerThread);
+  for (int q = 0; q < n_mine; ++q) acc[q] = T(0);
 
   for (int64_t r0 = 0; r0 < D; r0 += kRowsPerTile) {
     const int rows = static_cast<int>(D - r0 < kRowsPerTile ? D - r0 : kRowsPerTile);

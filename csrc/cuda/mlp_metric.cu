@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "common/upper_pairs.cuh"
+
 namespace pygeo {
 
 namespace {
@@ -154,22 +156,11 @@ __global__ void last_layer_gram_kernel(const T* __restrict__ A,  // [B, K] prima
   const int64_t b = blockIdx.x;
   const T* a = A + b * K;
   const T* t = tangents ? tangents + b * d * K : nullptr;
-  const int n_pairs = static_cast<int>(d * (d + 1) / 2);
 
   int pair_i[kMaxPairsPerThread], pair_j[kMaxPairsPerThread];
   T acc[kMaxPairsPerThread];
-  int n_mine = 0;
-  for (int p = threadIdx.x; p < n_pairs && n_mine < kMaxPairsPerThread; p += blockDim.x) {
-    int i = 0, remaining = p;
-    while (remaining >= d - i) {
-      remaining -= static_cast<int>(d) - i;
-      ++i;
-    }
-    pair_i[n_mine] = i;
-    pair_j[n_mine] = i + remaining;
-    acc[n_mine] = T(0);
-    ++n_mine;
-  }
+  const int n_mine = upper_pairs_of_thread(static_cast<int>(d), pair_i, pair_j, kMaxPairsPerThread);
+  for (int q = 0; q < n_mine; ++q) acc[q] = T(0);
 
   for (int64_t o0 = 0; o0 < D; o0 += kColumnsPerTile) {
     const int columns = static_cast<int>(D - o0 < kColumnsPerTile ? D - o0 : kColumnsPerTile);

@@ -118,5 +118,18 @@ def test_hmc_bad_input(kwargs, message):
 
 def test_hmc_needs_init_without_centroids():
     metric = pygeo.FunctionMetric(lambda z: torch.ones_like(z)[..., None] * torch.eye(1))
-    with pytest.raises(ValueError, match="init is required"):
+    with pytest.raises(ValueError, match="pass init"):
         riemannian_uniform(metric, 4, progress=False)
+
+
+def test_samplers_start_from_dim_when_the_metric_has_no_centroids():
+    metric = pygeo.FunctionMetric(lambda z: torch.eye(2, dtype=z.dtype) * (1 + (z ** 2).sum(-1))[..., None, None] ** -2)
+    with pytest.raises(ValueError, match="pass init"):
+        pygeo.sample.riemannian_uniform(metric, 10, progress=False)
+    with pytest.raises(ValueError, match="pass init"):
+        pygeo.sample.riemannian_langevin(metric, 10, progress=False)
+    hmc = pygeo.sample.riemannian_uniform(metric, 40, n_chains=8, n_steps=6, dim=2, seed=0, progress=False)
+    assert hmc.samples.shape == (40, 2) and torch.isfinite(hmc.samples).all()
+    with_dim = pygeo.FunctionMetric(metric.fn, dim=2)
+    mala = pygeo.sample.riemannian_langevin(with_dim, 40, n_chains=8, n_steps=10, warmup=5, seed=0, progress=False)
+    assert mala.samples.shape == (40, 2) and torch.isfinite(mala.samples).all()

@@ -425,7 +425,7 @@ def test_demo_section_runs_on_a_tiny_context(tmp_path):
     from pygeo.cli.sections import kahler as section
 
     generator = torch.Generator().manual_seed(0)
-    ctx = SimpleNamespace(out_dir=tmp_path, images=torch.rand(300, 784, generator=generator), labels=torch.zeros(300),
+    ctx = SimpleNamespace(out_dir=tmp_path, show_progress=False, images=torch.rand(300, 784, generator=generator), labels=torch.zeros(300),
                           seed=0, quick=True, device=torch.device("cpu"),
                           timed=lambda name: contextlib.nullcontext(), progress=lambda iterable, desc=None: iterable)
     text = section.run(ctx)

@@ -161,8 +161,9 @@ def test_init_rows_seed_and_interrupt():
     (dict(step_size=-0.1), "step_size must be 'auto' or a positive float"),
     (dict(step_size="fast"), "step_size must be 'auto' or a positive float"),
     (dict(n_steps=2), "n_steps must be an integer >= ceil"),
-    (dict(dim=None), "give init"),
-    (dict(init=torch.randn(5)), "init must have at least 2 dimensions"),
+    (dict(dim=None), "pass init"),
+    (dict(init=torch.randn(5)), "init must have last dimension 2"),
+    (dict(init=torch.randn(2, 3, 2)), "init must have shape"),
 ])
 def test_riemannian_langevin_bad_input(kwargs, message):
     arguments = dict(n_samples=20, n_chains=4, dim=2, progress=False)

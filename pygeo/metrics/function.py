@@ -1,7 +1,7 @@
 """FunctionMetric: any user function z -> G as a metric of the contract (derivatives by autograd)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -13,10 +13,14 @@ class FunctionMetric(Metric):
     """Wraps fn: z [..., d] -> G [..., d, d] (symmetric positive definite). Derivatives come from autograd, so fn must
     be written in differentiable torch operations; forward mode (torch.func) is used when fn supports it."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], dim: Optional[int] = None):
+        """dim: the latent dimension d, optional (samplers use it to start chains when no init is given)."""
         if not callable(fn):
             raise TypeError(f"fn must be callable z -> G, got {type(fn).__name__}")
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
         self.fn = fn
+        self.dim = dim
 
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         _checks.real_tensor("z", z, min_dim=1)

@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _checks
+from ..metrics.base import gradient_or_zero
+from ._start import initial_states
 
 
 @dataclass
@@ -50,7 +52,7 @@ def potential_and_grad(metric, log_prob: Optional[Callable[[torch.Tensor], torch
             value = metric.log_volume(point)
             if log_prob is not None:
                 value = value + log_prob(point)
-            (grad,) = torch.autograd.grad(value.sum(), point)
+            grad = gradient_or_zero(value.sum(), point, create_graph=False)  # zero for a constant target
         return -value.detach(), -grad.detach()
 
     return fn
@@ -97,27 +99,11 @@ class _DualAveraging:
         return math.exp(self.log_step_bar)
 
 
-def _initial_states(metric, init, n_chains: int, generator: torch.Generator) -> torch.Tensor:
-    if init is None:
-        init = getattr(metric, "centroids", None)
-        if init is None:
-            raise ValueError("init is required for a metric without centroids: pass init [n_chains, d] or a pool [m, d]")
-    _checks.real_tensor("init", init, min_dim=1)
-    if init.dim() == 1:
-        init = init.unsqueeze(0)
-    if init.dim() != 2:
-        raise ValueError(f"init must have shape [d], [n_chains, d] or [m, d] (a pool to start from), got {tuple(init.shape)}")
-    if init.shape[0] == n_chains:
-        return init.detach().clone()
-    rows = torch.randint(init.shape[0], (n_chains,), generator=generator)
-    return init.detach()[rows.to(init.device)].clone()
-
-
 def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n_steps: int = 100, n_leapfrog: int = 10,
                        step_size: float = 0.01, init: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                        log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, warmup: Optional[int] = None,
                        adapt_step_size: bool = True, target_acceptance: float = 0.65,
-                       progress: bool = True) -> HMCResult:
+                       progress: bool = True, dim: Optional[int] = None) -> HMCResult:
     """Samples from the Riemannian uniform distribution, density proportional to sqrt(det G(z)), by HMC.
 
     Args:
@@ -129,12 +115,14 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
         n_leapfrog: leapfrog steps per proposal.
         step_size: the leapfrog step (the initial one when adapting).
         init: starting points: [n_chains, d], [d], or a pool [m, d] from which chains start at random rows;
-            None = random centroids of the metric (the paper starts chains at training means).
+            None = random centroids of the metric (the paper starts chains at training means), or N(0, I) draws in
+            dimension `dim` (default metric.dim) for a metric without centroids.
         seed: seed of the momenta, the Metropolis draws and the starting rows (deterministic given the seed).
         log_prob: optional base log-density z [n, d] -> [n], added to log_volume (None: Riemannian uniform).
         warmup: steps before sampling (default n_steps // 2 when adapting, else 0); the step size is adapted there
             by dual averaging to `target_acceptance` (averaged over chains), then frozen.
         progress: show a tqdm bar.
+        dim: the latent dimension, when neither init nor the metric's centroids give the starting points.
     Returns:
         HMCResult(samples [n_samples, d], acceptance [n_chains], step_size, chains, n_divergent, log_volume).
     On KeyboardInterrupt the progress bar is closed and the interrupt re-raised.
@@ -161,7 +149,7 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
 
     generator = torch.Generator()
     generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
-    z = _initial_states(metric, init, n_chains, generator)
+    z = initial_states(metric, init, dim, n_chains, generator)
     device, dtype = z.device, z.dtype
     potential_grad = potential_and_grad(metric, log_prob)
     potential, grad = potential_grad(z)

@@ -12,6 +12,7 @@ from .. import _checks
 from ..metrics.base import Metric
 from ..ops.langevin_step import langevin_step
 from ..reference.langevin_step import cholesky_with_jitter
+from ._start import initial_states
 
 
 @dataclass
@@ -66,6 +67,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
         full_drift: include the div(G^-1) drift term (needs metric_and_derivative); False is simplified MMALA, also
             exact with the Metropolis test, and cheaper.
         init: [m, d] starting points; chains start at m rows drawn at random (in order when m == n_chains).
+            None: random centroids of a metric that has them (the latent metric), else N(0, I) draws.
             Without init, chains start at N(0, I) draws (d from `dim`).
         seed: seeds the noise, the Metropolis uniforms and the choice of starting rows.
         warmup: steps before sampling (step-size adaptation when step_size="auto"); not kept.
@@ -100,7 +102,9 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     if not 0 < target_acceptance < 1:
         raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance}")
 
-    z = _initial_states(metric, init, dim, n_chains, seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    z = initial_states(metric, init, dim, n_chains, generator)
     generator = torch.Generator(device=z.device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     evaluate = _Evaluator(metric, log_prob, full_drift)
@@ -151,23 +155,6 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     chains = torch.stack(kept) if kept else z.new_empty((0, n_chains, z.shape[-1]))
     return LangevinResult(samples=chains.reshape(-1, z.shape[-1])[:n_samples], chains=chains,
                           acceptance=accepted / max(1, sampling_steps), step_size=h, n_failed=n_failed, interrupted=interrupted)
-
-
-def _initial_states(metric, init, dim, n_chains, seed) -> torch.Tensor:
-    generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    if init is not None:
-        _checks.real_tensor("init", init, min_dim=2)
-        if init.dim() != 2:
-            raise ValueError(f"init must have shape [m, d], got {tuple(init.shape)}")
-        if init.shape[0] == n_chains:
-            return init.detach().clone()
-        rows = torch.randint(0, init.shape[0], (n_chains,), generator=generator)
-        return init.detach()[rows.to(init.device)].clone()
-    dim = dim if dim is not None else getattr(metric, "dim", None)
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError("give init [m, d] (starting points, e.g. encoder means) or dim (the latent dimension)")
-    return torch.randn(n_chains, dim, generator=generator, dtype=torch.get_default_dtype())
 
 
 @dataclass

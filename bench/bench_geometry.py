@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pygeo
-from pygeo.geometry.curvature import flat_jet
-from pygeo.metrics import Metric
+
+from conftest import timed
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -19,33 +19,6 @@ def make_decoder(d, hidden=128, out=784, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, hidden),
                                torch.nn.Softplus(), torch.nn.Linear(hidden, out)).double()
-
-
-class DecoderMetric(Metric):
-    """Euclidean pullback of a decoder through the flat-coordinates contract (pygeo.PullbackMetric provides the same;
-    this stand-in keeps the benchmark independent of it). dG by forward-over-forward jvp."""
-
-    has_flat_coordinates = True
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-    def flat_coordinates(self, z):
-        return self.decoder(z)
-
-    def metric(self, z):
-        J = self._jacobian(z)
-        return J.transpose(-1, -2) @ J
-
-    def _jacobian(self, z):
-        eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
-        columns = torch.func.vmap(lambda u: torch.func.jvp(self.decoder, (z,), (u.expand_as(z),))[1])(eye)
-        return columns.permute(1, 2, 0)
-
-    def metric_and_derivative(self, z):
-        J, H = flat_jet(self, z)
-        half = torch.einsum("bDki,bDj->bkij", H, J)
-        return J.transpose(-1, -2) @ J, half + half.transpose(-1, -2)
 
 
 def metric_by_jacfwd(decoder):
@@ -80,70 +53,48 @@ def scalar_curvature_by_jacfwd(decoder):
     return scalar
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def case(device, B, d=16):
     decoder = make_decoder(d).to(device)
     z = 0.5 * torch.randn(B, d, dtype=torch.float64, device=device)
     return decoder, z
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B", [64, 256, 4096])
-@pytest.mark.parametrize("provider", ["pygeo", "jacfwd"])
-def test_christoffel_d16(benchmark, device, B, provider):
-    if B not in BATCHES[device]:
-        pytest.skip("size not run on this device")
-    decoder, z = case(device, B)
-    benchmark.group = f"christoffel d=16 B={B} {device}"
-    if provider == "pygeo":
-        metric = DecoderMetric(decoder)
-        fn = lambda: pygeo.christoffel(metric, z)  # noqa: E731
-    else:
-        batched = torch.func.vmap(christoffel_by_jacfwd(decoder))
-        fn = lambda: batched(z)  # noqa: E731
-
-    def run():
-        with torch.no_grad():
-            out = fn()
-        sync(device)
-        return out
-    out = benchmark(run)
-    assert out.shape == (B, 16, 16, 16)
+QUANTITIES = {
+    # name: (pygeo on the metric, nested-jacfwd function of the decoder for one point, output shape per batch)
+    "christoffel": (lambda metric, z: pygeo.christoffel(metric, z), christoffel_by_jacfwd, (16, 16, 16)),
+    "scalar curvature": (lambda metric, z: pygeo.curvature(metric, z).scalar, scalar_curvature_by_jacfwd, ()),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B", [64, 256, 4096])
+@pytest.mark.parametrize("quantity", list(QUANTITIES))
 @pytest.mark.parametrize("provider", ["pygeo", "jacfwd"])
-def test_scalar_curvature_d16(benchmark, device, B, provider):
+def test_geometry_d16(benchmark, device, B, quantity, provider):
     if B not in BATCHES[device]:
         pytest.skip("size not run on this device")
     decoder, z = case(device, B)
-    benchmark.group = f"scalar curvature d=16 B={B} {device}"
+    by_pygeo, by_jacfwd, shape = QUANTITIES[quantity]
+    benchmark.group = f"{quantity} d=16 B={B} {device}"
     if provider == "pygeo":
-        metric = DecoderMetric(decoder)
-        fn = lambda: pygeo.curvature(metric, z).scalar  # noqa: E731
+        metric = pygeo.PullbackMetric(decoder)
+        fn = lambda: by_pygeo(metric, z)  # noqa: E731
     else:
-        batched = torch.func.vmap(scalar_curvature_by_jacfwd(decoder))
+        batched = torch.func.vmap(by_jacfwd(decoder))
         fn = lambda: batched(z)  # noqa: E731
 
     def run():
         with torch.no_grad():
-            out = fn()
-        sync(device)
-        return out
-    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    assert out.shape == (B,)
+            return fn()
+    out = benchmark.pedantic(timed(run, device), rounds=3, iterations=1, warmup_rounds=1)
+    assert out.shape == (B, *shape)
 
 
 def test_pygeo_curvature_matches_jacfwd():
     decoder, z = case("cpu", 4)
     expected = torch.func.vmap(scalar_curvature_by_jacfwd(decoder))(z)
-    torch.testing.assert_close(pygeo.curvature(DecoderMetric(decoder), z).scalar, expected)
-    torch.testing.assert_close(pygeo.christoffel(DecoderMetric(decoder), z),
+    torch.testing.assert_close(pygeo.curvature(pygeo.PullbackMetric(decoder), z).scalar, expected)
+    torch.testing.assert_close(pygeo.christoffel(pygeo.PullbackMetric(decoder), z),
                                torch.func.vmap(christoffel_by_jacfwd(decoder))(z))
 
 
@@ -152,16 +103,14 @@ def test_pygeo_curvature_matches_jacfwd():
 def test_geodesics_d2(benchmark, device, method):
     pairs = 8 if device == "cpu" else 1000
     decoder = make_decoder(2, hidden=64, out=784, seed=1).to(device)
-    metric = DecoderMetric(decoder)
+    metric = pygeo.PullbackMetric(decoder)
     generator = torch.Generator(device="cpu").manual_seed(0)
     z0 = torch.randn(pairs, 2, dtype=torch.float64, generator=generator).to(device)
     z1 = torch.randn(pairs, 2, dtype=torch.float64, generator=generator).to(device)
     benchmark.group = f"geodesics d=2, {pairs} pairs, 16 points {device}"
 
     def run():
-        result = pygeo.geodesic(metric, z0, z1, n_points=16, method=method, max_iter=200)
-        sync(device)
-        return result
-    result = benchmark.pedantic(run, rounds=1, iterations=1)
+        return pygeo.geodesic(metric, z0, z1, n_points=16, method=method, max_iter=200)
+    result = benchmark.pedantic(timed(run, device), rounds=1, iterations=1)
     benchmark.extra_info["mean_length"] = float(result.length.mean())
     benchmark.extra_info["converged"] = int(result.converged.sum())

@@ -1,5 +1,5 @@
 // The upper-triangle entries (i, j), i <= j, of a d x d symmetric result, dealt round-robin to the threads of a block:
-// shared by the CUDA kernels that reduce one symmetric matrix per block (jtj, mlp_metric).
+// shared by the CUDA kernels that reduce one symmetric (or Hermitian) matrix per block (jtj, mlp_metric, lse_kahler_metric).
 #pragma once
 
 namespace pygeo {

@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/upper_pairs.cuh"
+
 namespace pygeo {
 
 namespace {
@@ -35,23 +37,12 @@ __global__ void lse_kahler_metric_kernel(const T* __restrict__ z,            // 
   __shared__ T d_re[kMaxN], d_im[kMaxN], y_re[kMaxN], y_im[kMaxN], u_part[kMaxN];
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
-  const int n_pairs = n * (n + 1) / 2;
   const int64_t nn = static_cast<int64_t>(n) * n;
 
   int pair_i[kMaxPairsPerThread], pair_j[kMaxPairsPerThread];
   T S_re[kMaxPairsPerThread], S_im[kMaxPairsPerThread], A_re[kMaxPairsPerThread], A_im[kMaxPairsPerThread];
-  int n_mine = 0;
-  for (int p = tid; p < n_pairs && n_mine < kMaxPairsPerThread; p += blockDim.x) {
-    int i = 0, remaining = p;
-    while (remaining >= n - i) {
-      remaining -= n - i;
-      ++i;
-    }
-    pair_i[n_mine] = i;
-    pair_j[n_mine] = i + remaining;
-    S_re[n_mine] = S_im[n_mine] = A_re[n_mine] = A_im[n_mine] = T(0);
-    ++n_mine;
-  }
+  const int n_mine = upper_pairs_of_thread(n, pair_i, pair_j, kMaxPairsPerThread);
+  for (int q = 0; q < n_mine; ++q) S_re[q] = S_im[q] = A_re[q] = A_im[q] = T(0);
   const T z_re_mine = tid < n ? z[2 * (b * n + tid)] : T(0);
   const T z_im_mine = tid < n ? z[2 * (b * n + tid) + 1] : T(0);
   T ysum_re = 0, ysum_im = 0;  // entry tid of sum w y, for tid < n

@@ -1,4 +1,8 @@
-"""G = J^T diag(w) J: one program per batch item, J streamed in row tiles, one tl.dot per tile."""
+"""G = J^T diag(w) J: one program per batch item, J streamed in row tiles.
+
+For d >= 16 each tile is one tl.dot. A dot needs tiles of at least 16 x 16, so for a small d (a 2-D latent) it would do
+(16 / d)^2 times the work on padding; there the tile's outer products are summed directly instead
+([rows, d, d] broadcast and reduced), which keeps the op at the speed of reading J."""
 from __future__ import annotations
 
 from typing import Optional
@@ -19,6 +23,7 @@ def _jtj_kernel(
     d,
     w_batch_stride,
     HAS_WEIGHT: tl.constexpr,
+    SMALL_DIM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
@@ -36,7 +41,10 @@ def _jtj_kernel(
             weighted = tile * weight[:, None]
         else:
             weighted = tile
-        acc += tl.dot(tl.trans(weighted), tile, input_precision="ieee")
+        if SMALL_DIM:
+            acc += tl.sum(weighted[:, :, None] * tile[:, None, :], axis=0)
+        else:
+            acc += tl.dot(tl.trans(weighted), tile, input_precision="ieee")
     # (w J)^T J is symmetric only up to rounding; averaging with its transpose makes it exactly symmetric.
     acc = 0.5 * (acc + tl.trans(acc))
     out_mask = col_mask[:, None] & col_mask[None, :]
@@ -48,11 +56,14 @@ def jtj(J: torch.Tensor, weight: Optional[torch.Tensor], w_batch_stride: int, ou
     B, D, d = J.shape
     if B == 0:
         return out
-    block_dim = block_for(d)
-    # Keep the tile at about 8K elements: registers on the GPU, few steps in the interpreter.
-    block_rows = max(16, min(triton.next_power_of_2(max(D, 1)), 8192 // block_dim))
+    small_dim = d < 16
+    block_dim = block_for(d, minimum=2) if small_dim else block_for(d)
+    # Tiles of about 8K elements when summed directly ([rows, d, d] in registers) and 2K for a dot ([rows, d]: the dot
+    # stages its operands in shared memory, 64 KB and more per program at 8K, which left one or two programs per SM).
+    budget = 8192 // (block_dim * block_dim) if small_dim else 2048 // block_dim
+    block_rows = max(16, min(triton.next_power_of_2(max(D, 1)), budget))
     _jtj_kernel[(B,)](
         J, weight if weight is not None else J, out, D, d, w_batch_stride,
-        HAS_WEIGHT=weight is not None, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
+        HAS_WEIGHT=weight is not None, SMALL_DIM=small_dim, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim,
     )
     return out

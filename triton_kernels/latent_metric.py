@@ -3,9 +3,11 @@
 Per tile the quadratic forms come from tl.dot over z outer products (q = [z z^T | z] . [M | -2 M c] + c^T M c), the
 weights are kept in log space with a running maximum per point (online-softmax rescaling), and the weighted sum of
 precisions is one more tl.dot. The expanded quadratic cancels, so float32 dots use "tf32x3" (plain tf32 is not accurate
-enough, PERF.md) and float64 dots "ieee". Outputs are the scaled G_s = exp(-s) G, s and dG_s (see
-pygeo/reference/latent_metric.py). The flattened precision columns (d diagonal, d*d full) are split over a second grid
-axis and, for dG, the derivative index k over a third, so register tiles stay small whatever d is.
+enough, PERF.md) and float64 dots "ieee". Scalar parameters are declared float64 (Triton passes a Python float as
+float32, which costs float64 results half their digits) and cast to the data's dtype inside. Outputs are the scaled
+G_s = exp(-s) G, s and dG_s (see pygeo/reference/latent_metric.py). The flattened precision columns (d diagonal,
+d*d full) are split over a second grid axis and, for dG, the derivative index k over a third, so register tiles stay
+small whatever d is.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import block_for
+from .scalars import as_dtype
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def _forward_kernel(
     g_ptr,  # [B, dd] scaled metric G_s
     scale_ptr,  # [B]
     dg_ptr,  # [B, d, dd] scaled derivative dG_s (unused without WITH_DERIVATIVE)
-    B, N, d, dd, lam, tau, inv_rho2,
+    B, N, d, dd, lam: tl.float64, tau: tl.float64, inv_rho2: tl.float64,
     FULL: tl.constexpr, HAS_LAM: tl.constexpr, WITH_DERIVATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -63,6 +66,7 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < d
     z = tl.load(z_ptr + rows[:, None] * d + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    lam, tau, inv_rho2 = as_dtype(lam, z.dtype), as_dtype(tau, z.dtype), as_dtype(inv_rho2, z.dtype)
     e0 = -tau * tl.sum(z * z, 1)
     if HAS_LAM:
         running = e0
@@ -125,7 +129,7 @@ def _vjp_kernel(
     a_ptr,  # [B, dd]
     scale_ptr,  # [B]
     v_ptr,  # [B, d]
-    B, N, d, dd, lam, tau, inv_rho2,
+    B, N, d, dd, lam: tl.float64, tau: tl.float64, inv_rho2: tl.float64,
     FULL: tl.constexpr, HAS_LAM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -136,6 +140,7 @@ def _vjp_kernel(
     dim_mask = dims < d
     zmask = row_mask[:, None] & dim_mask[None, :]
     z = tl.load(z_ptr + rows[:, None] * d + dims[None, :], mask=zmask, other=0.0)
+    lam, tau, inv_rho2 = as_dtype(lam, z.dtype), as_dtype(tau, z.dtype), as_dtype(inv_rho2, z.dtype)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     v = tl.zeros((BLOCK_B, BLOCK_D), dtype=z.dtype)
     for n0 in range(0, N, BLOCK_N):

@@ -2,8 +2,13 @@
 //   G = sum_i p_i P_i + (1/T) (sum_i p_i y_i y_i^H - ybar ybar^H),  p = softmax(log pi + u / T),
 //   u_i = (z - c_i)^H P_i (z - c_i),  y_i = P_i (z - c_i).
 // One pass over the K components per point with an online softmax: running max m, accumulators scaled by exp(s - m)
-// and rescaled when m grows (once per chunk of components, as keys in flash attention). Complex numbers are (real, imaginary) pairs, as torch.view_as_real lays them out; the
-// arithmetic is written on split real/imaginary arrays so the inner loops vectorise (std::complex multiplies do not).
+// and rescaled when m grows (once per chunk of components, as keys in flash attention).
+// The covariance sum p y y^H - ybar ybar^H is accumulated around a shift r, the y of the component with the largest
+// score so far (sums of w (y - r) and w (y - r)(y - r)^H): it is the same for every r, but the plain second moment minus
+// the squared mean cancels catastrophically for a sharp softmax (one weight ~1) in float32. When the maximum moves to
+// another component the sums are moved to its y exactly: S' = S - m d^H - d m^H + W d d^H, m' = m - W d, d = r' - r.
+// Complex numbers are (real, imaginary) pairs, as torch.view_as_real lays them out; the arithmetic is written on split
+// real/imaginary arrays so the inner loops vectorise (std::complex multiplies do not).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -60,11 +65,44 @@ struct Scratch {
   explicit Scratch(const Problem<T>& p)
       : z_re(p.n * kTile), z_im(p.n * kTile), d_re(p.n * kTile), d_im(p.n * kTile), y_re(kChunk * p.n * kTile), y_im(kChunk * p.n * kTile),
         wy_re(kChunk * p.n * kTile), wy_im(kChunk * p.n * kTile), ysum_re(p.n * kTile), ysum_im(p.n * kTile),
-        S_re(p.nn * kTile), S_im(p.nn * kTile), A_re(p.p_stride * kTile), A_im(p.diagonal ? 0 : p.nn * kTile) {}
+        S_re(p.nn * kTile), S_im(p.nn * kTile), A_re(p.p_stride * kTile), A_im(p.diagonal ? 0 : p.nn * kTile),
+        r_re(p.n * kTile), r_im(p.n * kTile), shift_re(p.n * kTile), shift_im(p.n * kTile) {}
   std::vector<T> z_re, z_im, d_re, d_im;  // [i, t]: the tile's points, and z - c_k
   std::vector<T> y_re, y_im, wy_re, wy_im;  // [c, i, t]: y_c and w_c y_c of the current chunk
-  std::vector<T> ysum_re, ysum_im, S_re, S_im, A_re, A_im;
+  std::vector<T> ysum_re, ysum_im, S_re, S_im, A_re, A_im;  // sums of w (y - r), w (y - r)(y - r)^H and w P
+  std::vector<T> r_re, r_im, shift_re, shift_im;          // [i, t]: the shift r and its change d
 };
+
+// Moves the sums of the lanes whose shift changes by d (d = 0 in the other lanes) to the new shift:
+// S' = S - m d^H - d m^H + W d d^H (upper triangle), m' = m - W d.
+template <typename T>
+void move_shift(Scratch<T>& s, const T* total, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* mi_re = s.ysum_re.data() + i * kTile;
+    const T* mi_im = s.ysum_im.data() + i * kTile;
+    const T* di_re = s.shift_re.data() + i * kTile;
+    const T* di_im = s.shift_im.data() + i * kTile;
+    for (int64_t j = i; j < n; ++j) {
+      const T* mj_re = s.ysum_re.data() + j * kTile;
+      const T* mj_im = s.ysum_im.data() + j * kTile;
+      const T* dj_re = s.shift_re.data() + j * kTile;
+      const T* dj_im = s.shift_im.data() + j * kTile;
+      T* sr = s.S_re.data() + (i * n + j) * kTile;
+      T* si = s.S_im.data() + (i * n + j) * kTile;
+#pragma omp simd
+      for (int t = 0; t < kTile; ++t) {  // (a b^H)_ij = a_i conj(b_j)
+        const T wd_re = total[t] * dj_re[t] - mj_re[t], wd_im = total[t] * dj_im[t] - mj_im[t];  // W d_j - m_j
+        sr[t] += di_re[t] * wd_re + di_im[t] * wd_im - (mi_re[t] * dj_re[t] + mi_im[t] * dj_im[t]);
+        si[t] += di_im[t] * wd_re - di_re[t] * wd_im - (mi_im[t] * dj_re[t] - mi_re[t] * dj_im[t]);
+      }
+    }
+  }
+  for (int64_t e = 0; e < n * kTile; ++e) {
+    const T W = total[e % kTile];
+    s.ysum_re[e] -= W * s.shift_re[e];
+    s.ysum_im[e] -= W * s.shift_im[e];
+  }
+}
 
 // One tile of points. The components go through in chunks of kChunk (as keys do in flash attention): y and the scores
 // of a chunk first, then one max update and one rescale per chunk, then the chunk's contributions to sum w P and
@@ -102,6 +140,8 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
   std::fill(A_im.begin(), A_im.end(), T(0));
   std::fill(ysum_re.begin(), ysum_re.end(), T(0));
   std::fill(ysum_im.begin(), ysum_im.end(), T(0));
+  std::fill(scratch.r_re.begin(), scratch.r_re.end(), T(0));
+  std::fill(scratch.r_im.begin(), scratch.r_im.end(), T(0));
   for (int t = 0; t < kTile; ++t) {
     running_max[t] = -std::numeric_limits<T>::infinity();
     total[t] = 0;
@@ -155,20 +195,41 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
       }
       for (int t = 0; t < kTile; ++t) score[c * kTile + t] = log_weights[k] + u[t] * inv_T;
     }
-    // 2. One max update and one rescale of the accumulators per chunk.
+    // 2. One max update per chunk. Where it grows, the y of the new maximum becomes the lane's shift (the sums move to
+    // it) and the sums are rescaled.
     bool grew = false;
+    int argmax[kTile];
     for (int t = 0; t < kTile; ++t) {
+      argmax[t] = 0;
       chunk_max[t] = score[t];
-      for (int c = 1; c < chunk; ++c) chunk_max[t] = std::max(chunk_max[t], score[c * kTile + t]);
+      for (int c = 1; c < chunk; ++c) {
+        if (score[c * kTile + t] > chunk_max[t]) {
+          chunk_max[t] = score[c * kTile + t];
+          argmax[t] = c;
+        }
+      }
       rescale[t] = 1;
       if (chunk_max[t] > running_max[t]) {
         rescale[t] = negligible_as_zero(running_max[t] - chunk_max[t]);  // exp(-inf) = 0 at the start
         running_max[t] = chunk_max[t];
         grew = true;
+      } else {
+        argmax[t] = -1;
       }
-      total[t] *= rescale[t];
     }
     if (grew) {
+      for (int64_t i = 0; i < n; ++i) {
+        for (int t = 0; t < kTile; ++t) {
+          const int64_t e = i * kTile + t;
+          const bool moves = argmax[t] >= 0;
+          scratch.shift_re[e] = moves ? y_re[(argmax[t] * n + i) * kTile + t] - scratch.r_re[e] : T(0);
+          scratch.shift_im[e] = moves ? y_im[(argmax[t] * n + i) * kTile + t] - scratch.r_im[e] : T(0);
+          scratch.r_re[e] += scratch.shift_re[e];
+          scratch.r_im[e] += scratch.shift_im[e];
+        }
+      }
+      move_shift(scratch, total, n);
+      for (int t = 0; t < kTile; ++t) total[t] *= rescale[t];
       scale_lanes(S_re, rescale);
       scale_lanes(S_im, rescale);
       scale_lanes(A_re, rescale);
@@ -183,7 +244,17 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
         total[t] += w;
       }
     }
-    // 3. sum_c w_c y_c and the weighted copies w_c y_c for the second moment.
+    // 3. y_c - r, sum_c w_c (y_c - r) and the weighted copies w_c (y_c - r) for the second moment.
+    for (int c = 0; c < chunk; ++c) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = (c * n + i) * kTile;
+#pragma omp simd
+        for (int t = 0; t < kTile; ++t) {
+          y_re[e + t] -= scratch.r_re[i * kTile + t];
+          y_im[e + t] -= scratch.r_im[i * kTile + t];
+        }
+      }
+    }
     for (int c = 0; c < chunk; ++c) {
       const T* w = score + c * kTile;
       for (int64_t i = 0; i < n; ++i) {
@@ -218,7 +289,7 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
         for (int t = 0; t < kTile; ++t) A_im[e * kTile + t] += acc_im[t];
       }
     }
-    // 5. Upper triangle of sum_c w_c y_c y_c^H, (y y^H)_ij = y_i conj(y_j).
+    // 5. Upper triangle of sum_c w_c (y_c - r)(y_c - r)^H, (y y^H)_ij = y_i conj(y_j).
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = i; j < n; ++j) {
         alignas(64) T acc_re[kTile] = {}, acc_im[kTile] = {};

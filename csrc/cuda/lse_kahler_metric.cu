@@ -2,7 +2,9 @@
 // csrc/cpu/lse_kahler_metric.cpp: one block per point, the K components streamed one at a time with an online softmax.
 // Per component: threads i < n form d_i = z_i - c_ki and y_i = (P_k d)_i in shared memory; every thread then forms the
 // same score (so the running max, rescale and weight agree without another barrier) and updates the upper-triangle
-// entries (i, j) it owns of sum w P_k and sum w y y^H. Complex values are (real, imaginary) pairs (torch.view_as_real).
+// entries (i, j) it owns of sum w P_k and sum w (y - r)(y - r)^H, around the shift r of the CPU kernel (the y of the
+// component with the largest score so far; the sums move to it exactly when the maximum moves, which every thread sees
+// at the same component). Complex values are (real, imaginary) pairs (torch.view_as_real).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -35,6 +37,7 @@ __global__ void lse_kahler_metric_kernel(const T* __restrict__ z,            // 
                                          T* __restrict__ G,  // [B, n, n, 2]
                                          int64_t K, int n) {
   __shared__ T d_re[kMaxN], d_im[kMaxN], y_re[kMaxN], y_im[kMaxN], u_part[kMaxN];
+  __shared__ T r_re[kMaxN], r_im[kMaxN], m_re[kMaxN], m_im[kMaxN];  // the shift r, and m = sum w (y - r)
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
   const int64_t nn = static_cast<int64_t>(n) * n;
@@ -45,7 +48,7 @@ __global__ void lse_kahler_metric_kernel(const T* __restrict__ z,            // 
   for (int q = 0; q < n_mine; ++q) S_re[q] = S_im[q] = A_re[q] = A_im[q] = T(0);
   const T z_re_mine = tid < n ? z[2 * (b * n + tid)] : T(0);
   const T z_im_mine = tid < n ? z[2 * (b * n + tid) + 1] : T(0);
-  T ysum_re = 0, ysum_im = 0;  // entry tid of sum w y, for tid < n
+  if (tid < n) r_re[tid] = r_im[tid] = m_re[tid] = m_im[tid] = T(0);  // visible after the loop's first barrier
   T running_max = -INFINITY, total = 0;
 
   for (int64_t k = 0; k < K; ++k) {
@@ -77,20 +80,39 @@ __global__ void lse_kahler_metric_kernel(const T* __restrict__ z,            // 
     for (int i = 0; i < n; ++i) u += u_part[i];  // every thread sums in the same order: identical scores
     const T score = log_weights[k] + u * inv_T;
     T rescale = 1;
-    if (score > running_max) {
+    if (score > running_max) {  // the same branch in every thread: y_k becomes the shift
+      // S' = S - m d^H - d m^H + W d d^H with d = y_k - r, (a b^H)_ij = a_i conj(b_j); then m' = m - W d, r' = y_k.
+      for (int q = 0; q < n_mine; ++q) {
+        const int i = pair_i[q], j = pair_j[q];
+        const T di_re = y_re[i] - r_re[i], di_im = y_im[i] - r_im[i];
+        const T dj_re = y_re[j] - r_re[j], dj_im = y_im[j] - r_im[j];
+        const T wd_re = total * dj_re - m_re[j], wd_im = total * dj_im - m_im[j];
+        S_re[q] += di_re * wd_re + di_im * wd_im - (m_re[i] * dj_re + m_im[i] * dj_im);
+        S_im[q] += di_im * wd_re - di_re * wd_im - (m_im[i] * dj_re - m_re[i] * dj_im);
+      }
+      __syncthreads();  // every read of the old m and r is done
+      if (tid < n) {
+        m_re[tid] -= total * (y_re[tid] - r_re[tid]);
+        m_im[tid] -= total * (y_im[tid] - r_im[tid]);
+        r_re[tid] = y_re[tid];
+        r_im[tid] = y_im[tid];
+      }
+      __syncthreads();
       rescale = negligible_as_zero<T>(running_max - score);
       running_max = score;
     }
     const T w = negligible_as_zero<T>(score - running_max);
     total = total * rescale + w;
-    if (tid < n) {
-      ysum_re = ysum_re * rescale + w * y_re[tid];
-      ysum_im = ysum_im * rescale + w * y_im[tid];
+    if (tid < n) {  // only thread tid writes m[tid]; others read it after the loop's last barrier
+      m_re[tid] = m_re[tid] * rescale + w * (y_re[tid] - r_re[tid]);
+      m_im[tid] = m_im[tid] * rescale + w * (y_im[tid] - r_im[tid]);
     }
     for (int q = 0; q < n_mine; ++q) {
       const int i = pair_i[q], j = pair_j[q];
-      S_re[q] = S_re[q] * rescale + w * (y_re[i] * y_re[j] + y_im[i] * y_im[j]);
-      S_im[q] = S_im[q] * rescale + w * (y_im[i] * y_re[j] - y_re[i] * y_im[j]);
+      const T ei_re = y_re[i] - r_re[i], ei_im = y_im[i] - r_im[i];
+      const T ej_re = y_re[j] - r_re[j], ej_im = y_im[j] - r_im[j];
+      S_re[q] = S_re[q] * rescale + w * (ei_re * ej_re + ei_im * ej_im);
+      S_im[q] = S_im[q] * rescale + w * (ei_im * ej_re - ei_re * ej_im);
       if (diagonal) {
         A_re[q] = A_re[q] * rescale + (i == j ? w * precisions[k * n + i] : T(0));
       } else {
@@ -103,9 +125,9 @@ __global__ void lse_kahler_metric_kernel(const T* __restrict__ z,            // 
   }
 
   const T inv_total = T(1) / total;
-  if (tid < n) {  // the mean of y, shared for the final covariance
-    d_re[tid] = ysum_re * inv_total;
-    d_im[tid] = ysum_im * inv_total;
+  if (tid < n) {  // the mean of y - r, shared for the final covariance
+    d_re[tid] = m_re[tid] * inv_total;
+    d_im[tid] = m_im[tid] * inv_total;
   }
   __syncthreads();
   T* Gb = G + 2 * b * nn;

@@ -74,7 +74,7 @@ def _cases():
             n, K, B, diagonal = size
             if provider == "autodiff hessian" and B * K * n * n > AUTODIFF_MAX_WORK:
                 continue
-            name = f"{device}-n{n}-K{K}-B{B}-{'diag' if diagonal else 'full'}-{provider.replace(' ', '_')}"
+            name = f"{provider.replace(' ', '_')}-{device}-n{n}-K{K}-B{B}-{'diag' if diagonal else 'full'}"
             params.append(pytest.param(device, size, provider, id=name))
     return params
 
@@ -85,6 +85,7 @@ def test_lse_kahler_metric(benchmark, device, size, provider):
     z, centers, precisions, log_weights = _problem(n, K, B, diagonal, device)
     fn = dict(_providers(device))[provider]
     temperature = 2.0
+    benchmark.group = f"lse_kahler_metric {device} n={n} K={K} B={B} {'diagonal' if diagonal else 'full'}"
 
     def call():
         G = fn(z, centers, precisions, log_weights, temperature)

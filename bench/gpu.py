@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # H100 SXM ceilings measured in shared/PERF.md (fp32 FMA matrix product, device-to-device copy read + write).
 PEAK_FP32_FLOPS = 51e12
 PEAK_BYTES_PER_S = 2966e9
-BASELINE_PROVIDERS = ("einsum", "jacfwd", "torch", "reference", "plain", "gemm", "closed_form", "broadcast")
+BASELINE_PROVIDERS = ("einsum", "jacfwd", "torch", "reference", "plain", "gemm", "closed_form", "torch_closed_form",
+                      "broadcast")
 
 
 def run(cmd, log: Path, cwd: Path = ROOT) -> int:
@@ -50,7 +51,7 @@ def summarise(results, out: Path) -> str:
     for data in results:
         groups = defaultdict(list)
         for bench in data["benchmarks"]:
-            groups[bench["group"]].append(bench)
+            groups[bench["group"] or bench["name"]].append(bench)
         for group, benches in sorted(groups.items()):
             if "cuda" not in group:
                 continue
@@ -75,6 +76,7 @@ def main() -> int:
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", default="", help="pytest -k expression for the benchmarks")
+    parser.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers for the test suite (0: none)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ def main() -> int:
         if run(build, log) != 0:
             return 1
     if not args.skip_tests:
-        status |= run([sys.executable, "-m", "pytest", "-q", "--durations=10"], log, cwd=ROOT / "tests")
+        workers = ["-n", str(args.test_workers)] if args.test_workers else []
+        status |= run([sys.executable, "-m", "pytest", "-q", "--durations=10", *workers], log, cwd=ROOT / "tests")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for bench in sorted(glob.glob(str(ROOT / "bench" / "bench_*.py"))):
@@ -94,9 +97,11 @@ def main() -> int:
             cmd = [sys.executable, "-m", "pytest", "-q", bench, "-k", selection, "--benchmark-json", str(target),
                    "--benchmark-columns=median,iqr", "--benchmark-min-rounds=10"]
             run(cmd, log, cwd=ROOT / "bench")
-            if target.exists():
+            if target.exists() and target.stat().st_size:  # empty when the selection ran nothing
                 results.append(json.loads(target.read_text()))
-    (out / "benchmarks.json").write_text(json.dumps(results))
+            # Written after every file, so a run stopped at its time limit still leaves what it measured.
+            (out / "benchmarks.json").write_text(json.dumps(results))
+            summarise(results, out)
     print(summarise(results, out))
     return status
 

@@ -1,13 +1,38 @@
 """Input validation shared by every public op: errors that name the argument and say what was expected."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 
-def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True) -> torch.Tensor:
-    """A real floating tensor (float32 or float64) with at least `min_dim` dimensions and, by default, no NaN/Inf."""
+def verify_once(value: torch.Tensor, what: str, check: Callable[[], None]) -> None:
+    """Run `check` (which raises on bad values) unless it already passed on this tensor object at its current version.
+
+    For model parameters (weights, centroids, precisions) that every call re-validates: scanning them costs a reduction
+    and a host-device synchronisation each time, which on the GPU can take longer than the kernel. In-place changes
+    (optimizer steps, load_state_dict, copy_) bump the tensor's version counter and bring the check back; writes through
+    `.data` are not tracked by the counter and are not re-checked."""
+    if _is_fake(value):
+        return
+    try:
+        version = value._version
+    except RuntimeError:  # inference tensors have no version counter: check every time
+        check()
+        return
+    passed = getattr(value, "_pygeo_verified", None)
+    if passed is not None and passed.get(what) == version:
+        return
+    check()
+    try:
+        value._pygeo_verified = {**(passed or {}), what: version}
+    except (AttributeError, RuntimeError):  # tensors that take no attributes are checked every time
+        pass
+
+
+def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True, parameter: bool = False) -> torch.Tensor:
+    """A real floating tensor (float32 or float64) with at least `min_dim` dimensions and, by default, no NaN/Inf.
+    parameter=True: the NaN/Inf scan runs once per version of the tensor (see verify_once)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.is_complex() or not value.is_floating_point():
@@ -16,21 +41,28 @@ def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True) -
         raise TypeError(f"{name} must be float32 or float64, got {value.dtype} (convert with .float() or .double())")
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
-    if check_finite and value.numel() and not _is_fake(value) and not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
+    if check_finite and value.numel() and not _is_fake(value):
+        _scan(name, value, value, parameter)
     return value
 
 
-def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True) -> torch.Tensor:
-    """A complex tensor (complex64 or complex128)."""
+def _scan(name: str, value: torch.Tensor, real_view: torch.Tensor, parameter: bool) -> None:
+    def check():
+        if not bool(torch.isfinite(real_view).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    verify_once(value, "finite", check) if parameter else check()
+
+
+def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True, parameter: bool = False) -> torch.Tensor:
+    """A complex tensor (complex64 or complex128); parameter=True as in real_tensor."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in (torch.complex64, torch.complex128):
         raise TypeError(f"{name} must be a complex tensor (complex64 or complex128), got dtype {value.dtype}")
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
-    if check_finite and value.numel() and not _is_fake(value) and not torch.isfinite(torch.view_as_real(value)).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
+    if check_finite and value.numel() and not _is_fake(value):
+        _scan(name, value, torch.view_as_real(value), parameter)
     return value
 
 

@@ -192,8 +192,8 @@ def default_rho(centroids: torch.Tensor) -> float:
 
 def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
     """Validate the metric's parameters (errors name the argument); full SPD check only when asked (it costs N Choleskys)."""
-    _checks.real_tensor("centroids", centroids, min_dim=2)
-    _checks.real_tensor("precisions", precisions, min_dim=2)
+    _checks.real_tensor("centroids", centroids, min_dim=2, parameter=True)
+    _checks.real_tensor("precisions", precisions, min_dim=2, parameter=True)
     if centroids.dim() != 2:
         raise ValueError(f"centroids must have shape [N, d], got {tuple(centroids.shape)}")
     N, d = centroids.shape
@@ -206,17 +206,21 @@ def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
                          f"got {tuple(precisions.shape)}")
     _checks.same_device(centroids=centroids, precisions=precisions)
     _checks.same_dtype(centroids=centroids, precisions=precisions)
-    if _checks._is_fake(precisions):  # values cannot be inspected while tracing
-        pass
-    elif precisions.dim() == 2:
+    def positive():
         if not bool((precisions > 0).all()):
             raise ValueError("precisions (diagonal) must be positive")
-    elif check_spd:
+
+    def spd():
         if not torch.equal(precisions, precisions.transpose(-1, -2)):
             raise ValueError("precisions must be symmetric matrices [N, d, d]")
         _, info = torch.linalg.cholesky_ex(precisions)
         if bool((info > 0).any()):
             raise ValueError(f"precisions must be symmetric positive definite; {int((info > 0).sum())} of {N} are not")
+
+    if precisions.dim() == 2:
+        _checks.verify_once(precisions, "positive", positive)
+    elif check_spd:
+        _checks.verify_once(precisions, "spd", spd)
     for name, value, lowest in (("lam", lam, 0.0), ("tau", tau, 0.0)):
         if not isinstance(value, (int, float)) or not (value >= lowest) or value == float("inf"):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -80,29 +80,37 @@ _lse_kahler_metric_op.register_autograd(_backward, setup_context=_setup_context)
 def check_precisions(precisions: torch.Tensor, n: Optional[int] = None, name: str = "precisions") -> bool:
     """Validates [K, n, n] complex Hermitian positive definite or [K, n] real positive precisions; True if diagonal."""
     if precisions.is_complex():
-        _checks.complex_tensor(name, precisions, min_dim=3)
+        _checks.complex_tensor(name, precisions, min_dim=3, parameter=True)
         if precisions.dim() != 3 or precisions.shape[-1] != precisions.shape[-2] or (n is not None and precisions.shape[-1] != n):
             raise ValueError(f"{name} must have shape [K, n, n] (complex Hermitian) or [K, n] (real diagonal)"
                              f"{'' if n is None else f' with n={n}'}, got {tuple(precisions.shape)}")
-        if not _checks._is_fake(precisions) and precisions.numel():
-            scale = precisions.abs().amax(dim=(-1, -2)).clamp_min(torch.finfo(precisions.real.dtype).tiny)
-            asymmetry = (precisions - precisions.mH).abs().amax(dim=(-1, -2))
-            tol = 100 * torch.finfo(precisions.real.dtype).eps
-            if bool((asymmetry > tol * scale).any()):
-                raise ValueError(f"{name} must be Hermitian (P == P^H): component(s) "
-                                 f"{torch.nonzero(asymmetry > tol * scale).flatten().tolist()[:5]} are not")
-            info = torch.linalg.cholesky_ex(precisions)[1]
-            if bool((info > 0).any()):
-                raise ValueError(f"{name} must be positive definite: component(s) "
-                                 f"{torch.nonzero(info > 0).flatten().tolist()[:5]} are not")
+        _checks.verify_once(precisions, "hermitian positive definite", lambda: _check_hermitian_pd(precisions, name))
         return False
-    _checks.real_tensor(name, precisions, min_dim=2)
+    _checks.real_tensor(name, precisions, min_dim=2, parameter=True)
     if precisions.dim() != 2 or (n is not None and precisions.shape[-1] != n):
         raise ValueError(f"{name} must have shape [K, n, n] (complex Hermitian) or [K, n] (real diagonal)"
                          f"{'' if n is None else f' with n={n}'}, got {tuple(precisions.shape)}")
-    if not _checks._is_fake(precisions) and bool((precisions <= 0).any()):
-        raise ValueError(f"{name} (diagonal, [K, n]) must be positive, got a minimum of {float(precisions.min()):.3g}")
+
+    def positive():
+        if bool((precisions <= 0).any()):
+            raise ValueError(f"{name} (diagonal, [K, n]) must be positive, got a minimum of {float(precisions.min()):.3g}")
+    _checks.verify_once(precisions, "positive", positive)
     return True
+
+
+def _check_hermitian_pd(precisions: torch.Tensor, name: str) -> None:
+    if not precisions.numel():
+        return
+    scale = precisions.abs().amax(dim=(-1, -2)).clamp_min(torch.finfo(precisions.real.dtype).tiny)
+    asymmetry = (precisions - precisions.mH).abs().amax(dim=(-1, -2))
+    tol = 100 * torch.finfo(precisions.real.dtype).eps
+    if bool((asymmetry > tol * scale).any()):
+        raise ValueError(f"{name} must be Hermitian (P == P^H): component(s) "
+                         f"{torch.nonzero(asymmetry > tol * scale).flatten().tolist()[:5]} are not")
+    info = torch.linalg.cholesky_ex(precisions)[1]
+    if bool((info > 0).any()):
+        raise ValueError(f"{name} must be positive definite: component(s) "
+                         f"{torch.nonzero(info > 0).flatten().tolist()[:5]} are not")
 
 
 def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor,
@@ -129,7 +137,7 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     n = z.shape[-1]
     if n == 0:
         raise ValueError(f"z must have a non-empty last dimension n, got shape {tuple(z.shape)}")
-    _checks.complex_tensor("centers", centers, min_dim=2)
+    _checks.complex_tensor("centers", centers, min_dim=2, parameter=True)
     if centers.dim() != 2 or centers.shape[-1] != n or centers.shape[0] == 0:
         raise ValueError(f"centers must have shape [K, n] with K >= 1 and n={n} (z is {tuple(z.shape)}), got {tuple(centers.shape)}")
     K = centers.shape[0]
@@ -139,7 +147,7 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     real_dtype = _REAL_DTYPE[z.dtype]
     if log_weights is None:
         log_weights = torch.zeros(K, dtype=real_dtype, device=z.device)
-    _checks.real_tensor("log_weights", log_weights, min_dim=1)
+    _checks.real_tensor("log_weights", log_weights, min_dim=1, parameter=True)
     if log_weights.shape != (K,):
         raise ValueError(f"log_weights must have shape [K] with K={K}, got {tuple(log_weights.shape)}")
     _checks.same_device(z=z, centers=centers, precisions=precisions, log_weights=log_weights)

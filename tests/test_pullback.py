@@ -298,3 +298,23 @@ def test_decoder_that_vmap_cannot_batch():
     assert_close(metric.metric(z), expected.metric(z), F64)
     for actual, wanted in zip(metric.metric_and_derivative(z), expected.metric_and_derivative(z)):
         assert_close(actual, wanted, F64)
+
+
+@pytest.mark.parametrize("likelihood", ["euclidean", "gaussian", "bernoulli"])
+@pytest.mark.parametrize("activation", [lambda: torch.nn.Softplus(beta=1.5, threshold=2.0), torch.nn.Tanh, torch.nn.ELU,
+                                        torch.nn.SiLU, lambda: torch.nn.LeakyReLU(0.2), torch.nn.Sigmoid],
+                         ids=["softplus", "tanh", "elu", "silu", "leaky_relu", "sigmoid"])
+def test_mlp_derivative_through_deep_decoders_matches_the_generic_path(activation, likelihood):
+    """The structured MLP derivative (tangents through the hidden layers, a linear layer without activation in the
+    middle, second tangents through every later layer) against forward mode over the whole decoder."""
+    torch.manual_seed(3)
+    decoder = torch.nn.Sequential(torch.nn.Linear(3, 7), activation(), torch.nn.Linear(7, 6), torch.nn.Linear(6, 5),
+                                  activation(), torch.nn.Linear(5, 9)).to(F64)
+    sigma = torch.linspace(0.5, 2.0, 9, dtype=F64) if likelihood == "gaussian" else None
+    metric = pygeo.PullbackMetric(decoder, likelihood, sigma=sigma)
+    assert metric._mlp_with_linear_output()
+    z = torch.randn(5, 3, dtype=F64)
+    G, dG = metric.metric_and_derivative(z)
+    G_ref, dG_ref = generic_twin(metric).metric_and_derivative(z)
+    assert_close(G, G_ref, F64)
+    assert_close(dG, dG_ref, F64)

@@ -89,17 +89,70 @@ class PullbackMetric(Metric):
         learned-std weights).
         """
         flat, batch_shape = self._flatten(z)
+        d = flat.shape[-1]
+        if self._mlp_with_linear_output() and not _inside_function_transform(flat):
+            G, dG = self._mlp_metric_and_derivative(flat)
+            return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
         rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
         weight = self._weight(rows)
         G = self._gram(J, weight)
         WJ = J if weight is None else J * weight.unsqueeze(-1)
         half = torch.einsum("brki,brj->bkij", H, WJ)
         dG = half + half.transpose(-1, -2)
-        weight_derivative = self._weight_derivative(rows, J)  # [B, R, d] or None
-        if weight_derivative is not None:
-            dG = dG + torch.einsum("brk,bri,brj->bkij", weight_derivative, J, J)
-        d = flat.shape[-1]
+        dG = dG + self._weight_derivative_term(rows, J)
         return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+    def _mlp_with_linear_output(self) -> bool:
+        return self._mlp is not None and self._mlp.activation_modules[-1] is None
+
+    def _mlp_metric_and_derivative(self, flat: torch.Tensor):
+        """G [B, d, d] and dG [B, d, d, d] of an MLP decoder whose last layer is linear (rows = W a + b).
+
+        First and second forward-mode tangents, T [B, n, d] and S [B, n, P] over the P = d(d+1)/2 pairs k <= i, go
+        through the hidden layers only (h = W a + b: U = W T, V = W S; a = s(h): T = s'(h) U,
+        S_ki = s''(h) U_k U_i + s'(h) V_ki). With J = W_L T and H_k = W_L S_k at the output,
+        J^T diag(w) H_k = Q^T S_k for Q = W_L^T diag(w) J [B, n, d]: the D-wide last layer is crossed by the d columns
+        of J, not by the d(d+1)/2 second derivatives the generic path pushes through the whole decoder.
+        """
+        mlp = self._mlp
+        B, d = flat.shape
+        pairs_k, pairs_i = torch.triu_indices(d, d, device=flat.device)
+        a = flat
+        T = torch.eye(d, dtype=flat.dtype, device=flat.device).expand(B, d, d)
+        S = None  # second tangents; zero entering the first layer
+        for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
+            h = linear(a)
+            U = torch.matmul(linear.weight, T)
+            V = None if S is None else torch.matmul(linear.weight, S)
+            if activation is None:
+                a, T, S = h, U, V
+                continue
+            a, slope, curvature = _elementwise_jet(activation, h)
+            T = slope.unsqueeze(-1) * U
+            S_new = curvature.unsqueeze(-1) * U[:, :, pairs_k] * U[:, :, pairs_i]
+            S = S_new if V is None else S_new + slope.unsqueeze(-1) * V
+        last = mlp.linears[-1]
+        rows = last(a)
+        self._check_rows(rows)
+        J = torch.matmul(last.weight, T)  # [B, D, d]
+        weight = self._weight(rows)
+        G = self._gram(J, weight)
+        dG = flat.new_zeros(B, d, d, d)
+        if S is not None:
+            Q = torch.matmul(last.weight.t(), J if weight is None else J * weight.unsqueeze(-1))  # [B, n, d]
+            half_pairs = torch.matmul(S.transpose(1, 2), Q)  # [B, P, d]: sum_m S[m, (k, i)] Q[m, j]
+            half = flat.new_zeros(B, d, d, d)
+            half[:, pairs_k, pairs_i] = half_pairs
+            half[:, pairs_i, pairs_k] = half_pairs
+            dG = half + half.transpose(-1, -2)
+        return G, dG + self._weight_derivative_term(rows, J)
+
+    def _weight_derivative_term(self, rows: torch.Tensor, J: torch.Tensor):
+        """J^T diag(d weight / d z_k) J [B, d, d, d] for the point-dependent weights, else 0."""
+        weight_derivative = self._weight_derivative(rows, J)  # [B, R, d] or None
+        if weight_derivative is None:
+            return 0
+        return torch.einsum("brk,bri,brj->bkij", weight_derivative, J, J)
 
     def flat_coordinates(self, z: torch.Tensor) -> torch.Tensor:
         """phi(z) [..., D] with G(z) = J_phi^T J_phi exactly (MATH.md section 1 table).
@@ -237,6 +290,18 @@ class PullbackMetric(Metric):
             return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
 
         return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _elementwise_jet(activation: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor):
+    """(s(h), s'(h), s''(h)) of an elementwise activation module, by forward mode over forward mode with unit
+    tangents (exact for the module as configured: softplus beta and threshold, leaky slope, ...)."""
+    ones = torch.ones_like(h)
+
+    def first(x):
+        return torch.func.jvp(activation, (x,), (ones,))
+
+    (value, slope), (_, curvature) = torch.func.jvp(first, (h,), (ones,))
+    return value, slope, curvature
 
 
 def _over_tangents(fn, *tangents: torch.Tensor):

@@ -196,25 +196,27 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
     width = d
     for layer, W in enumerate(weights):
-        _checks.real_tensor(f"weights[{layer}]", W, min_dim=2)
+        _checks.real_tensor(f"weights[{layer}]", W, min_dim=2, parameter=True)
         if W.dim() != 2 or W.shape[1] != width or W.shape[0] == 0:
             raise ValueError(f"weights[{layer}] must have shape [n_{layer + 1}, {width}] (layer input width {width}), "
                              f"got {tuple(W.shape)}")
         width = W.shape[0]
         if biases[layer] is None:
             biases[layer] = W.new_zeros(W.shape[0])
-        _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=1)
+        _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=1, parameter=True)
         if tuple(biases[layer].shape) != (W.shape[0],):
             raise ValueError(f"biases[{layer}] must have shape [{W.shape[0]}], got {tuple(biases[layer].shape)}")
     D = width
     output_weight = None
     if likelihood == "gaussian":
         sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
-        _checks.real_tensor("sigma", sigma)
+        _checks.real_tensor("sigma", sigma, parameter=True)
         if sigma.numel() not in (1, D):
             raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
-        if not _checks._is_fake(sigma) and not bool((sigma > 0).all()):
-            raise ValueError("sigma must be positive everywhere")
+        def positive():
+            if not bool((sigma > 0).all()):
+                raise ValueError("sigma must be positive everywhere")
+        _checks.verify_once(sigma, "positive", positive)
         output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
     encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
     codes = [code for code, _, _ in encoded]
@@ -251,6 +253,7 @@ class MLPDecoder:
 
     linears: Tuple[torch.nn.Linear, ...]
     activations: Tuple[Activation, ...]
+    activation_modules: Tuple[Optional[torch.nn.Module], ...]  # the module after each linear layer, None for none
 
     @staticmethod
     def recognise(decoder) -> Optional["MLPDecoder"]:
@@ -259,21 +262,24 @@ class MLPDecoder:
             return None
         linears: List[torch.nn.Linear] = []
         activations: List[Activation] = []
+        modules: List[Optional[torch.nn.Module]] = []
         for module in decoder:
             if isinstance(module, torch.nn.Identity):
                 continue
             if type(module) is torch.nn.Linear:
                 linears.append(module)
                 activations.append("identity")
+                modules.append(None)
                 continue
             describe = _MODULE_ACTIVATIONS.get(type(module))
             # An activation must follow a linear layer directly (no two in a row, none before the first layer).
             if describe is None or not linears or activations[-1] != "identity":
                 return None
             activations[-1] = describe(module)
+            modules[-1] = module
         if not linears:
             return None
-        return MLPDecoder(tuple(linears), tuple(activations))
+        return MLPDecoder(tuple(linears), tuple(activations), tuple(modules))
 
     @property
     def weights(self) -> List[torch.Tensor]:

@@ -86,6 +86,10 @@ def test_geometry_d16(benchmark, device, B, quantity, provider):
     def run():
         with torch.no_grad():
             return fn()
+    try:
+        run()  # nested jacfwd's scalar curvature at B=4096 needs more than the 80 GB of an H100
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{provider} ran out of memory at B={B}")
     out = benchmark.pedantic(timed(run, device), rounds=3, iterations=1, warmup_rounds=1)
     assert out.shape == (B, *shape)
 

@@ -83,7 +83,8 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
         div_Ginv: optional [..., d], the divergence of G^-1 when already known (exclusive with dG).
         target: optional [..., d], a point whose proposal log-density log q(target | z) is returned (the reverse move
             of a Metropolis test: call the step at the proposal with target = the current state).
-        backend: "auto", "torch", "cpp", "cuda" or "triton" (see pygeo.backends()).
+        backend: "auto", "torch", "cpp", "cuda" or "triton" (see pygeo.backends()). "auto" on a GPU is Triton up to
+            d = 16 and the plain-PyTorch step above (faster there, bench/RESULTS.md).
     Returns:
         LangevinStepResult with proposal [..., d], mean [..., d], half_log_det [...] (1/2 log det G),
         log_q_proposal [...] = log q(proposal | z), log_q_target [...] (None without target) and ok [...] (bool).
@@ -132,7 +133,11 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()) or (
             isinstance(step_size, torch.Tensor) and step_size.requires_grad and torch.is_grad_enabled()):
         raise ValueError("langevin_step is not differentiable (a sampler step): detach its inputs or use torch.no_grad()")
-    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED, gpu_preference=("triton", "cuda"))
+    # Measured on an H100 (bench/RESULTS.md): the fused kernels lead up to d = 16, but their factorisation of each
+    # chain's G in registers loses to batched cuSOLVER at d = 64 (62 and 52 ms against 16 ms), so there "auto" on a GPU
+    # takes the plain-PyTorch step.
+    gpu_preference = ("triton", "cuda") if d <= 16 else ("torch",)
+    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED, gpu_preference=gpu_preference)
 
     def flat(value, tail):
         return None if value is None else value.reshape(-1, *tail).contiguous()

@@ -11,7 +11,7 @@ BACKENDS = backend_params()
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B,D,d", [(1, 1, 1), (7, 33, 3), (3, 100, 17), (1000, 5, 2)])
+@pytest.mark.parametrize("B,D,d", [(1, 1, 1), (7, 33, 3), (4, 50, 7), (3, 100, 17), (1000, 5, 2)])
 @pytest.mark.parametrize("weight_kind", ["none", "shared", "batched"])
 def test_jtj_matches_float64_reference(backend_device, dtype, B, D, d, weight_kind):
     backend, device = backend_device

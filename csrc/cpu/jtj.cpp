@@ -3,6 +3,8 @@
 // Per batch item, J [D, d] is copied into a thread-local [D, dpad] buffer with columns zero-padded to a multiple of 8.
 // G is then built in 8 x 8 blocks (upper block triangle only) as a sum of rank-one updates over the D rows: each block's
 // 64 accumulators stay in vector registers, each row costs 8 broadcast-FMAs. Mirrored at the end: G is exactly symmetric.
+// Below d = 8 a block would be mostly padding (21x the work at d = 2), so there the d(d+1)/2 sums run in one pass over
+// the rows, vectorised across rows.
 #include <algorithm>
 #include <vector>
 
@@ -45,6 +47,51 @@ PYGEO_SIMD_CLONES void jtj_item(const T* Jb, const T* wb, T* Gb, int64_t D, int6
   }
 }
 
+// One batch item for a small d = N < kTile: the upper triangle's N(N+1)/2 sums over rows, no padding.
+template <typename T, int N>
+PYGEO_SIMD_CLONES void jtj_item_small(const T* Jb, const T* wb, T* Gb, int64_t D) {
+  constexpr int P = N * (N + 1) / 2;
+  T acc[P] = {};
+  if (wb) {
+#pragma omp simd reduction(+ : acc[:P])
+    for (int64_t r = 0; r < D; ++r) {
+      int p = 0;
+      for (int i = 0; i < N; ++i) {
+        const T s = wb[r] * Jb[r * N + i];
+        for (int j = i; j < N; ++j) acc[p++] += s * Jb[r * N + j];
+      }
+    }
+  } else {
+#pragma omp simd reduction(+ : acc[:P])
+    for (int64_t r = 0; r < D; ++r) {
+      int p = 0;
+      for (int i = 0; i < N; ++i) {
+        for (int j = i; j < N; ++j) acc[p++] += Jb[r * N + i] * Jb[r * N + j];
+      }
+    }
+  }
+  int p = 0;
+  for (int i = 0; i < N; ++i) {
+    for (int j = i; j < N; ++j, ++p) {
+      Gb[i * N + j] = acc[p];
+      Gb[j * N + i] = acc[p];
+    }
+  }
+}
+
+template <typename T>
+void jtj_item_small_dispatch(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d) {
+  switch (d) {
+    case 1: return jtj_item_small<T, 1>(Jb, wb, Gb, D);
+    case 2: return jtj_item_small<T, 2>(Jb, wb, Gb, D);
+    case 3: return jtj_item_small<T, 3>(Jb, wb, Gb, D);
+    case 4: return jtj_item_small<T, 4>(Jb, wb, Gb, D);
+    case 5: return jtj_item_small<T, 5>(Jb, wb, Gb, D);
+    case 6: return jtj_item_small<T, 6>(Jb, wb, Gb, D);
+    default: return jtj_item_small<T, 7>(Jb, wb, Gb, D);
+  }
+}
+
 }  // namespace
 
 // J: [B, D, d] contiguous; w: [B, D] (w_batch_stride = D), [D] (w_batch_stride = 0) or nullptr (all ones);
@@ -56,6 +103,13 @@ void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, in
   check_positive(d, "d");
   check_nonnegative(w_batch_stride, "w_batch_stride");
   const int64_t dpad = (d + kTile - 1) / kTile * kTile;
+  if (d < kTile) {
+#pragma omp parallel for schedule(static) if (B * D * d > (int64_t(1) << 16))
+    for (int64_t b = 0; b < B; ++b) {
+      jtj_item_small_dispatch(J + b * D * d, w ? w + b * w_batch_stride : nullptr, G + b * d * d, D, d);
+    }
+    return;
+  }
   // Starting the thread team costs more than a small batch's work.
 #pragma omp parallel if (B * D * dpad > (int64_t(1) << 16))
   {

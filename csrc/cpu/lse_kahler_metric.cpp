@@ -338,7 +338,8 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
         Gb[2 * (j * n + i) + 1] = -g_im;
       }
     }
-  }}
+  }
+}
 
 // The tile kernel compiled for AVX2/FMA as well as the baseline, picked at run time (GCC function multiversioning): the
 // wheel stays portable and the inner loops get 8-wide fused multiply-adds where the CPU has them.

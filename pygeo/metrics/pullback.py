@@ -108,42 +108,41 @@ class PullbackMetric(Metric):
     def _mlp_metric_and_derivative(self, flat: torch.Tensor):
         """G [B, d, d] and dG [B, d, d, d] of an MLP decoder whose last layer is linear (rows = W a + b).
 
-        First and second forward-mode tangents, T [B, n, d] and S [B, n, P] over the P = d(d+1)/2 pairs k <= i, go
-        through the hidden layers only (h = W a + b: U = W T, V = W S; a = s(h): T = s'(h) U,
-        S_ki = s''(h) U_k U_i + s'(h) V_ki). With J = W_L T and H_k = W_L S_k at the output,
-        J^T diag(w) H_k = Q^T S_k for Q = W_L^T diag(w) J [B, n, d]: the D-wide last layer is crossed by the d columns
-        of J, not by the d(d+1)/2 second derivatives the generic path pushes through the whole decoder.
+        First and second forward-mode tangents, kept as rows T [B, d, n] and S [B, d, d, n] (S[k, i] = d^2 a / dz_k dz_i),
+        go through the hidden layers only, each layer one matrix product for all of them (h = W a + b: U = T W^T,
+        V = S W^T; a = s(h): T = s'(h) U, S_ki = s''(h) U_k U_i + s'(h) V_ki). With J = W_L T and H_k = W_L S_k at
+        the output, J^T diag(w) H_k = Q^T S_k for Q = W_L^T diag(w) J [B, n, d]: the D-wide last layer is crossed by
+        the d columns of J, not by the d^2 second derivatives that the generic path pushes through the whole decoder.
         """
         mlp = self._mlp
         B, d = flat.shape
-        pairs_k, pairs_i = torch.triu_indices(d, d, device=flat.device)
         a = flat
         T = torch.eye(d, dtype=flat.dtype, device=flat.device).expand(B, d, d)
         S = None  # second tangents; zero entering the first layer
         for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
             h = linear(a)
-            U = torch.matmul(linear.weight, T)
-            V = None if S is None else torch.matmul(linear.weight, S)
+            n = h.shape[-1]
+            U = (T.reshape(-1, T.shape[-1]) @ linear.weight.t()).reshape(B, d, n)
+            V = None if S is None else (S.reshape(-1, S.shape[-1]) @ linear.weight.t()).reshape(B, d, d, n)
             if activation is None:
                 a, T, S = h, U, V
                 continue
             a, slope, curvature = _elementwise_jet(activation, h)
-            T = slope.unsqueeze(-1) * U
-            S_new = curvature.unsqueeze(-1) * U[:, :, pairs_k] * U[:, :, pairs_i]
-            S = S_new if V is None else S_new + slope.unsqueeze(-1) * V
+            T = slope.unsqueeze(1) * U
+            S_new = U.unsqueeze(2) * (curvature.unsqueeze(1) * U).unsqueeze(1)  # two passes over S, not four
+            S = S_new if V is None else torch.addcmul(S_new, slope[:, None, None, :], V)
         last = mlp.linears[-1]
         rows = last(a)
         self._check_rows(rows)
-        J = torch.matmul(last.weight, T)  # [B, D, d]
+        J_rows = (T.reshape(-1, T.shape[-1]) @ last.weight.t()).reshape(B, d, -1)  # [B, d, D]
+        J = J_rows.transpose(1, 2)
         weight = self._weight(rows)
-        G = self._gram(J, weight)
+        G = self._gram(J.contiguous(), weight)
         dG = flat.new_zeros(B, d, d, d)
         if S is not None:
-            Q = torch.matmul(last.weight.t(), J if weight is None else J * weight.unsqueeze(-1))  # [B, n, d]
-            half_pairs = torch.matmul(S.transpose(1, 2), Q)  # [B, P, d]: sum_m S[m, (k, i)] Q[m, j]
-            half = flat.new_zeros(B, d, d, d)
-            half[:, pairs_k, pairs_i] = half_pairs
-            half[:, pairs_i, pairs_k] = half_pairs
+            weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)
+            Q = torch.matmul(weighted, last.weight).transpose(1, 2)  # [B, n, d]
+            half = torch.bmm(S.reshape(B, d * d, -1), Q).reshape(B, d, d, d)  # sum_m S[k, i, m] Q[m, j]
             dG = half + half.transpose(-1, -2)
         return G, dG + self._weight_derivative_term(rows, J)
 

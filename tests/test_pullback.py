@@ -318,3 +318,15 @@ def test_mlp_derivative_through_deep_decoders_matches_the_generic_path(activatio
     G_ref, dG_ref = generic_twin(metric).metric_and_derivative(z)
     assert_close(G, G_ref, F64)
     assert_close(dG, dG_ref, F64)
+
+
+def test_mlp_derivative_in_chunks_equals_one_pass():
+    """Batches whose second tangents exceed the memory cap go through in chunks, with the same result."""
+    torch.manual_seed(4)
+    decoder = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.Softplus(), torch.nn.Linear(512, 6)).to(F64)
+    metric = pygeo.PullbackMetric(decoder, "bernoulli")
+    z = torch.randn(1100, 8, dtype=F64)  # the cap is 2^25 / (8 * 8 * 512) = 1024 points per chunk
+    G, dG = metric.metric_and_derivative(z)
+    G_tail, dG_tail = metric.metric_and_derivative(z[1000:])
+    assert_close(G[1000:], G_tail, F64)
+    assert_close(dG[1000:], dG_tail, F64)

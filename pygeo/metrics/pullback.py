@@ -114,8 +114,15 @@ class PullbackMetric(Metric):
         the output, J^T diag(w) H_k = Q^T S_k for Q = W_L^T diag(w) J [B, n, d]: the D-wide last layer is crossed by
         the d columns of J, not by the d^2 second derivatives that the generic path pushes through the whole decoder.
         """
+        # The second tangents take d^2 n numbers per point: points go through in chunks of at most 2^25 of them.
+        d = flat.shape[-1]
+        width = max(linear.out_features for linear in self._mlp.linears[:-1]) if len(self._mlp.linears) > 1 else 1
+        chunk = max(1, (1 << 25) // (d * d * width))
+        if flat.shape[0] > chunk:
+            parts = [self._mlp_metric_and_derivative(part) for part in flat.split(chunk)]
+            return torch.cat([G for G, _ in parts]), torch.cat([dG for _, dG in parts])
         mlp = self._mlp
-        B, d = flat.shape
+        B = flat.shape[0]
         a = flat
         T = torch.eye(d, dtype=flat.dtype, device=flat.device).expand(B, d, d)
         S = None  # second tangents; zero entering the first layer

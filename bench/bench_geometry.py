@@ -1,5 +1,7 @@
 """Christoffel symbols, scalar curvature and geodesics of an MLP decoder's pullback metric: pygeo against nested
-torch.func.jacfwd (how geomstats and the JAX libraries differentiate a metric), and pygeo's two geodesic solvers.
+torch.func.jacfwd (how geomstats and the JAX libraries differentiate a metric), pygeo's two geodesic solvers, and
+pygeo's energy solver against stochman's (pip install stochman, or pygeo-latent[compare]) on the same decoder, both
+curves' lengths measured the same way.
 
 Run: cd bench && python -m pytest bench_geometry.py -q --benchmark-columns=median,iqr
 """
@@ -118,3 +120,74 @@ def test_geodesics_d2(benchmark, device, method):
     result = benchmark.pedantic(timed(run, device), rounds=1, iterations=1)
     benchmark.extra_info["mean_length"] = float(result.length.mean())
     benchmark.extra_info["converged"] = int(result.converged.sum())
+
+
+def curved_decoder(device):
+    """The geodesic benchmarks' decoder: 2-64-64-784 softplus, first layer scaled up so the geometry is curved."""
+    decoder = make_decoder(2, hidden=64, out=784, seed=1).to(device)
+    with torch.no_grad():
+        decoder[0].weight.mul_(4.0)
+    return decoder
+
+
+def embedded_length(decoder, points, samples=64):
+    """Length of the decoded polyline through `samples` latent points along each curve points [B, T, d] (linear in
+    between): one measure for curves from either solver."""
+    B, T, d = points.shape
+    s = torch.linspace(0, T - 1, samples, dtype=points.dtype, device=points.device)
+    lo = s.floor().long().clamp(max=T - 2)
+    frac = (s - lo).unsqueeze(-1)
+    fine = points[:, lo] * (1 - frac) + points[:, lo + 1] * frac
+    with torch.no_grad():
+        out = decoder(fine.reshape(-1, d)).reshape(B, samples, -1)
+    return (out[:, 1:] - out[:, :-1]).norm(dim=-1).sum(-1)
+
+
+def stochman_geodesics(decoder, z0, z1):
+    """stochman's energy solver (cubic spline with 8 nodes, Adam, 150 iterations) on the same decoder; curve points
+    [B, 64, d]."""
+    from stochman.curves import CubicSpline
+    from stochman.geodesic import geodesic_minimizing_energy
+    from stochman.manifold import EmbeddedManifold
+
+    class Decoded(EmbeddedManifold):
+        def embed(self, c, jacobian=False):
+            return decoder(c)
+
+    curve = CubicSpline(begin=z0, end=z1, num_nodes=8, requires_grad=True)
+    geodesic_minimizing_energy(curve, Decoded(), max_iter=150, eval_grid=16)
+    with torch.no_grad():
+        return curve(torch.linspace(0, 1, 64, dtype=z0.dtype, device=z0.device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["pygeo-energy", "stochman"])
+def test_geodesics_against_stochman(benchmark, device, provider):
+    """The issue's comparison: 1,000 pairs (100 on CPU) on the same decoder; both curves measured the same way."""
+    if provider == "stochman":
+        pytest.importorskip("stochman")
+    pairs = 100 if device == "cpu" else 1000
+    decoder = curved_decoder(device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    z0 = torch.randn(pairs, 2, dtype=torch.float64, generator=generator).to(device)
+    z1 = torch.randn(pairs, 2, dtype=torch.float64, generator=generator).to(device)
+    benchmark.group = f"geodesics against stochman, d=2, {pairs} pairs {device}"
+    if provider == "stochman":
+        run = lambda: stochman_geodesics(decoder, z0, z1)  # noqa: E731
+    else:
+        metric = pygeo.PullbackMetric(decoder)
+        run = lambda: pygeo.geodesic(metric, z0, z1, n_points=16, method="energy", max_iter=200).points  # noqa: E731
+    points = benchmark.pedantic(timed(run, device), rounds=1, iterations=1)
+    length = embedded_length(decoder, points)
+    benchmark.extra_info["mean_length"] = float(length.mean())
+    benchmark.extra_info["straight_mean_length"] = float(embedded_length(decoder, torch.stack([z0, z1], 1)).mean())
+
+
+def test_pygeo_geodesics_are_no_longer_than_stochmans():
+    pytest.importorskip("stochman")
+    decoder = curved_decoder("cpu")
+    generator = torch.Generator().manual_seed(1)
+    z0, z1 = (torch.randn(20, 2, dtype=torch.float64, generator=generator) for _ in range(2))
+    ours = embedded_length(decoder, pygeo.geodesic(pygeo.PullbackMetric(decoder), z0, z1, n_points=16).points)
+    theirs = embedded_length(decoder, stochman_geodesics(decoder, z0, z1))
+    assert bool((ours <= theirs * (1 + 1e-3)).all())

@@ -20,12 +20,15 @@ def verify_once(value: torch.Tensor, what: str, check: Callable[[], None]) -> No
     except RuntimeError:  # inference tensors have no version counter: check every time
         check()
         return
+    # The record names this tensor object too: copy.deepcopy and torch.load copy a tensor's attributes onto a new object
+    # whose counter restarts, so a bare version could vouch for data it never saw.
+    stamp = (id(value), version)
     passed = getattr(value, "_pygeo_verified", None)
-    if passed is not None and passed.get(what) == version:
+    if passed is not None and passed.get(what) == stamp:
         return
     check()
     try:
-        value._pygeo_verified = {**(passed or {}), what: version}
+        value._pygeo_verified = {**(passed or {}), what: stamp}
     except (AttributeError, RuntimeError):  # tensors that take no attributes are checked every time
         pass
 

@@ -38,3 +38,14 @@ def test_latent_metric_precisions_made_negative_in_place_are_caught():
         precisions[1, 0] = -1.0
     with pytest.raises(ValueError, match="precisions \\(diagonal\\) must be positive"):
         pygeo.ops.latent_metric(z, centroids, precisions, rho=1.0, backend="torch")
+
+
+def test_a_deep_copy_is_checked_on_its_own():
+    import copy
+    value = torch.ones(3)
+    calls = []
+    _checks.verify_once(value, "finite", lambda: calls.append(1))
+    value[0] = float("nan")  # the original changes after its check (its version moves on) ...
+    clone = copy.deepcopy(value)  # ... and a copy starts a new version count with the original's attributes
+    _checks.verify_once(clone, "finite", lambda: calls.append(1))
+    assert len(calls) == 2

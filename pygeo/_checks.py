@@ -53,7 +53,10 @@ def _scan(name: str, value: torch.Tensor, real_view: torch.Tensor, parameter: bo
     def check():
         if not bool(torch.isfinite(real_view).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
-    verify_once(value, "finite", check) if parameter else check()
+    if parameter:
+        verify_once(value, "finite", check)
+    else:
+        check()
 
 
 def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True, parameter: bool = False) -> torch.Tensor:

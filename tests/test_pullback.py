@@ -302,8 +302,9 @@ def test_decoder_that_vmap_cannot_batch():
 
 @pytest.mark.parametrize("likelihood", ["euclidean", "gaussian", "bernoulli"])
 @pytest.mark.parametrize("activation", [lambda: torch.nn.Softplus(beta=1.5, threshold=2.0), torch.nn.Tanh, torch.nn.ELU,
-                                        torch.nn.SiLU, lambda: torch.nn.LeakyReLU(0.2), torch.nn.Sigmoid],
-                         ids=["softplus", "tanh", "elu", "silu", "leaky_relu", "sigmoid"])
+                                        torch.nn.SiLU, lambda: torch.nn.LeakyReLU(0.2), torch.nn.Sigmoid,
+                                        lambda: torch.nn.ELU(inplace=True), lambda: torch.nn.ReLU(inplace=True)],
+                         ids=["softplus", "tanh", "elu", "silu", "leaky_relu", "sigmoid", "elu_inplace", "relu_inplace"])
 def test_mlp_derivative_through_deep_decoders_matches_the_generic_path(activation, likelihood):
     """The structured MLP derivative (tangents through the hidden layers, a linear layer without activation in the
     middle, second tangents through every later layer) against forward mode over the whole decoder."""

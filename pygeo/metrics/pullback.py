@@ -300,13 +300,16 @@ class PullbackMetric(Metric):
 
 def _elementwise_jet(activation: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor):
     """(s(h), s'(h), s''(h)) of an elementwise activation module, by forward mode over forward mode with unit
-    tangents (exact for the module as configured: softplus beta and threshold, leaky slope, ...)."""
-    ones = torch.ones_like(h)
+    tangents (exact for the module as configured: softplus beta and threshold, leaky slope, ...). The module gets a
+    copy of its input, so in-place activations (ReLU(inplace=True)) mutate nothing the transforms captured."""
+
+    def fresh(x):
+        return activation(x.clone())
 
     def first(x):
-        return torch.func.jvp(activation, (x,), (ones,))
+        return torch.func.jvp(fresh, (x,), (torch.ones_like(x),))
 
-    (value, slope), (_, curvature) = torch.func.jvp(first, (h,), (ones,))
+    (value, slope), (_, curvature) = torch.func.jvp(first, (h,), (torch.ones_like(h),))
     return value, slope, curvature
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -87,7 +88,8 @@ def main() -> int:
         if run(build, log) != 0:
             return 1
     if not args.skip_tests:
-        workers = ["-n", str(args.test_workers)] if args.test_workers else []
+        has_xdist = importlib.util.find_spec("xdist") is not None
+        workers = ["-n", str(args.test_workers)] if args.test_workers and has_xdist else []
         status |= run([sys.executable, "-m", "pytest", "-q", "--durations=10", *workers], log, cwd=ROOT / "tests")
     results = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -331,3 +331,13 @@ def test_mlp_derivative_in_chunks_equals_one_pass():
     G_tail, dG_tail = metric.metric_and_derivative(z[1000:])
     assert_close(G[1000:], G_tail, F64)
     assert_close(dG[1000:], dG_tail, F64)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_empty_batch(fused):
+    metric = CASES["bernoulli"]()
+    if not fused:
+        metric = generic_twin(metric)
+    z = torch.randn(0, 3, dtype=F64)
+    G, dG = metric.metric_and_derivative(z)
+    assert G.shape == (0, 3, 3) and dG.shape == (0, 3, 3, 3) and metric.metric(z).shape == (0, 3, 3)

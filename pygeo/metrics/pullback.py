@@ -141,7 +141,7 @@ class PullbackMetric(Metric):
         last = mlp.linears[-1]
         rows = last(a)
         self._check_rows(rows)
-        J_rows = (T.reshape(-1, T.shape[-1]) @ last.weight.t()).reshape(B, d, -1)  # [B, d, D]
+        J_rows = (T.reshape(-1, T.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)  # [B, d, D]
         J = J_rows.transpose(1, 2)
         weight = self._weight(rows)
         G = self._gram(J.contiguous(), weight)
@@ -149,7 +149,7 @@ class PullbackMetric(Metric):
         if S is not None:
             weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)
             Q = torch.matmul(weighted, last.weight).transpose(1, 2)  # [B, n, d]
-            half = torch.bmm(S.reshape(B, d * d, -1), Q).reshape(B, d, d, d)  # sum_m S[k, i, m] Q[m, j]
+            half = torch.bmm(S.reshape(B, d * d, S.shape[-1]), Q).reshape(B, d, d, d)  # sum_m S[k, i, m] Q[m, j]
             dG = half + half.transpose(-1, -2)
         return G, dG + self._weight_derivative_term(rows, J)
 
@@ -204,7 +204,7 @@ class PullbackMetric(Metric):
                     raise ValueError(f"decoder {name} must be a tensor [B, ...] with B={B}, got {_describe_output(value)}")
             if mean.shape != std.shape:
                 raise ValueError(f"decoder mean and std must have the same shape, got {tuple(mean.shape)} and {tuple(std.shape)}")
-            return torch.cat([mean.reshape(B, -1), std.reshape(B, -1)], dim=-1)
+            return torch.cat([_rows_of(mean), _rows_of(std)], dim=-1)
         if not isinstance(output, torch.Tensor):
             extra = " (a decoder returning (mean, std) needs likelihood='gaussian' with sigma=None)" \
                 if isinstance(output, (tuple, list)) else ""
@@ -212,7 +212,7 @@ class PullbackMetric(Metric):
                              f"{_describe_output(output)}{extra}")
         if output.dim() < 1 or output.shape[0] != B:
             raise ValueError(f"decoder must return a tensor [B, ...] with B={B}, got shape {tuple(output.shape)}")
-        return output.reshape(B, -1)
+        return _rows_of(output)
 
     def _rows_and_jacobian(self, flat: torch.Tensor):
         """rows [B, R] and J [B, R, d] by d forward-mode jvps, vmapped over the basis tangents."""
@@ -296,6 +296,11 @@ class PullbackMetric(Metric):
             return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
 
         return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _rows_of(output: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, D], B = 0 included (where reshape(B, -1) cannot infer D)."""
+    return output.reshape(output.shape[0], math.prod(output.shape[1:]))
 
 
 def _elementwise_jet(activation: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor):

@@ -40,7 +40,7 @@ def oracle(z, centroids, precisions, lam, tau, rho):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B,N,d", [(1, 1, 1), (7, 5, 3), (5, 150, 17), (3, 70, 5), (1000, 3, 2)])
+@pytest.mark.parametrize("B,N,d", [(1, 1, 1), (7, 5, 3), (5, 150, 17), (3, 70, 5), (1000, 3, 2), (6, 600, 4)])  # 600: several centroid blocks
 @pytest.mark.parametrize("kind", ["diagonal", "full"])
 def test_latent_metric_matches_broadcast_formula(backend_device, dtype, B, N, d, kind):
     backend, device = backend_device

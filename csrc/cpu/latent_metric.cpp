@@ -27,11 +27,11 @@ namespace pygeo {
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // centroids per block: the block's scratch ([d][kBlock]) stays in L1/L2
+constexpr int64_t kBlock = 256;  // centroids per block: the block's scratch ([d][kBlock]) stays in L1/L2; fewer, longer dot products
 // Below this many point-centroid-entry products a call runs on one thread: waking an OpenMP team costs more (samplers
 // call with a few hundred points and few centroids, thousands of times).
 constexpr int64_t kParallelWork = 1 << 16;
-constexpr int64_t kMaxD = 64;  // point-blocked diagonal path: d up to this (larger d takes the general path)
+constexpr int64_t kMaxD = 64;  // point-blocked paths (G only): d up to this (larger d takes the general path)
 
 // The per-point loops are compiled for AVX2+FMA and for the baseline ISA, picked at load time (the build flags target
 // the baseline only); helpers are force-inlined into both versions.
@@ -308,6 +308,94 @@ PYGEO_VECTOR_CLONES void forward_points_diagonal(const Problem<T>& p, const T* c
   }
 }
 
+// Full precisions, G only: as forward_points_diagonal, kPoints points against vectors of kLanes centroids, so each
+// precision entry loaded serves kPoints points (the per-point path streams every M_i from L2 once per point). The
+// quadratic form runs over the upper triangle (M_i symmetric): q = sum_k M_kk d_k^2 + 2 sum_{k<l} M_kl d_k d_l.
+template <typename T>
+struct PointBlockFull {
+  explicit PointBlockFull(int64_t d) : acc(static_cast<size_t>(kPoints * d * d)) {}
+  T e[kPoints][kBlock];                 // exponents, then weights, of the current centroid block
+  T diff[kPoints][kMaxD][64 / sizeof(T)];  // z_q - c_i for one vector of centroids
+  std::vector<T> acc;                   // [kPoints][d * d], upper triangle of G_s
+  T running[kPoints];
+};
+
+template <typename T>
+PYGEO_VECTOR_CLONES void forward_points_full(const Problem<T>& p, const T* const* zs, const T* e0, PointBlockFull<T>& s) {
+  constexpr int kLanes = 64 / sizeof(T);
+  const int64_t N = p.N, d = p.d, dd = p.dd;
+  const T inv_rho2 = p.inv_rho2;
+  for (int q = 0; q < kPoints; ++q) s.running[q] = p.lam > 0 ? e0[q] : -std::numeric_limits<T>::infinity();
+  std::fill(s.acc.begin(), s.acc.end(), T(0));
+  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - i0);
+    const int64_t nb_lanes = (nb + kLanes - 1) / kLanes * kLanes;  // reads past N hit the zero padding
+    for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes) {
+      for (int64_t k = 0; k < d; ++k) {
+        const T* ck = p.cT.data() + k * p.stride + i0 + t0;
+        for (int q = 0; q < kPoints; ++q) {
+          const T zq = zs[q][k];
+#pragma omp simd
+          for (int v = 0; v < kLanes; ++v) s.diff[q][k][v] = zq - ck[v];
+        }
+      }
+      T quad[kPoints][kLanes] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        T twice_dk[kPoints][kLanes];  // 2 d_k, so that the off-diagonal terms need one product each
+        const T* mkk = p.PT.data() + (k * d + k) * p.stride + i0 + t0;
+        for (int q = 0; q < kPoints; ++q) {
+#pragma omp simd
+          for (int v = 0; v < kLanes; ++v) {
+            const T dk = s.diff[q][k][v];
+            quad[q][v] += mkk[v] * dk * dk;
+            twice_dk[q][v] = dk + dk;
+          }
+        }
+        for (int64_t l = k + 1; l < d; ++l) {
+          const T* mkl = p.PT.data() + (k * d + l) * p.stride + i0 + t0;
+          for (int q = 0; q < kPoints; ++q) {
+#pragma omp simd
+            for (int v = 0; v < kLanes; ++v) quad[q][v] += mkl[v] * twice_dk[q][v] * s.diff[q][l][v];
+          }
+        }
+      }
+      for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+        for (int v = 0; v < kLanes; ++v)
+          s.e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
+    }
+    for (int q = 0; q < kPoints; ++q) {
+      T* e = s.e[q];
+      T block_max = e[0];
+#pragma omp simd reduction(max : block_max)
+      for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
+      if (block_max > s.running[q]) {
+        const T factor = std::exp(s.running[q] - block_max);
+        for (int64_t jl = 0; jl < dd; ++jl) s.acc[q * dd + jl] *= factor;
+        s.running[q] = block_max;
+      }
+      const T running = s.running[q];
+#pragma omp simd
+      for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
+    }
+    for (int64_t j = 0; j < d; ++j) {
+      for (int64_t l = j; l < d; ++l) {
+        const T* mjl = p.PT.data() + (j * d + l) * p.stride + i0;
+        T sums[kPoints][kLanes] = {};
+        for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
+          for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+            for (int v = 0; v < kLanes; ++v) sums[q][v] += s.e[q][t0 + v] * mjl[t0 + v];
+        for (int q = 0; q < kPoints; ++q) {
+          T total = 0;
+          for (int v = 0; v < kLanes; ++v) total += sums[q][v];
+          s.acc[q * dd + j * d + l] += total;
+        }
+      }
+    }
+  }
+}
+
 // s.acc[k] = sum_i exp(e_i - sb) <A, M_i> (-2/rho^2) (M_i (z - c_i))_k for the point zb.
 template <typename T>
 PYGEO_VECTOR_CLONES void vjp_point(const Problem<T>& p, const T* zb, const T* Ab, T sb, Scratch<T>& s) {
@@ -339,13 +427,14 @@ void check_sizes(int64_t B, int64_t N, int64_t d, double rho) {
   PYGEO_CHECK(rho > 0, "rho must be positive");
 }
 
-// G_s and scale for diagonal precisions without dG, kPoints points per task (the last block padded with its last point).
+// G_s and scale without dG, kPoints points per task (the last block padded with its last point).
 template <typename T>
-void forward_diagonal_blocked(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
-  const int64_t d = p.d;
-#pragma omp parallel if (B * p.N * d >= kParallelWork)
+void forward_blocked(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
+  const int64_t d = p.d, dd = p.dd;
+#pragma omp parallel if (B * p.N * dd >= kParallelWork)
   {
     PointBlock<T> s;
+    PointBlockFull<T> s_full(p.full ? d : 0);
 #pragma omp for schedule(static)
     for (int64_t b0 = 0; b0 < B; b0 += kPoints) {
       const T* zs[kPoints];
@@ -356,11 +445,25 @@ void forward_diagonal_blocked(const Problem<T>& p, T* G_s, T* scale, int64_t B) 
         for (int64_t k = 0; k < d; ++k) norm2 += zs[q][k] * zs[q][k];
         e0[q] = T(-p.tau) * norm2;
       }
-      forward_points_diagonal(p, zs, e0, s);
+      if (p.full) {
+        forward_points_full(p, zs, e0, s_full);
+      } else {
+        forward_points_diagonal(p, zs, e0, s);
+      }
       for (int q = 0; q < kPoints && b0 + q < B; ++q) {
-        const T prior = p.lam > 0 ? T(p.lam) * std::exp(e0[q] - s.running[q]) : T(0);
-        scale[b0 + q] = s.running[q];
-        for (int64_t j = 0; j < d; ++j) G_s[(b0 + q) * d + j] = s.acc[q][j] + prior;
+        const T running = p.full ? s_full.running[q] : s.running[q];
+        const T prior = p.lam > 0 ? T(p.lam) * std::exp(e0[q] - running) : T(0);
+        scale[b0 + q] = running;
+        T* Gb = G_s + (b0 + q) * dd;
+        for (int64_t j = 0; j < d; ++j) {
+          if (p.full) {
+            for (int64_t l = j; l < d; ++l) {
+              Gb[j * d + l] = Gb[l * d + j] = s_full.acc[q * dd + j * d + l] + (j == l ? prior : T(0));
+            }
+          } else {
+            Gb[j] = s.acc[q][j] + prior;
+          }
+        }
       }
     }
   }
@@ -377,8 +480,8 @@ void latent_metric_forward_cpu(const T* z, const T* centroids, const T* precisio
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
   const int64_t dd = p.dd;
-  if (!full && !dG_s && d <= kMaxD) {
-    forward_diagonal_blocked(p, G_s, scale, B);
+  if (!dG_s && d <= kMaxD) {
+    forward_blocked(p, G_s, scale, B);
     return;
   }
 #pragma omp parallel if (B * N * dd >= kParallelWork)

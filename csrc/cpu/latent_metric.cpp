@@ -236,10 +236,50 @@ PYGEO_VECTOR_CLONES T forward_point(const Problem<T>& p, const T* zb, T e0, Scra
   return running;
 }
 
+constexpr int kPoints = 4;  // points per task of the point-blocked paths
+
+// Point-blocked paths: exponents -q / rho^2 of one vector of centroids for each point, -inf past the block's end.
+template <typename T, int kLanes>
+PYGEO_INLINE void store_exponents(T (*e)[kBlock], const T (&quad)[kPoints][kLanes], int64_t t0, int64_t nb, T inv_rho2) {
+  for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+    for (int v = 0; v < kLanes; ++v)
+      e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
+}
+
+// One point's block exponents e -> weights exp(e - s), raising its running maximum s first and then rescaling its
+// accumulators acc[0 .. count) by exp(s_old - s_new).
+template <typename T>
+PYGEO_INLINE void block_weights(T* e, int64_t nb, int64_t nb_lanes, T& running, T* acc, int64_t count) {
+  T block_max = e[0];
+#pragma omp simd reduction(max : block_max)
+  for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
+  if (block_max > running) {
+    const T factor = std::exp(running - block_max);
+    for (int64_t j = 0; j < count; ++j) acc[j] *= factor;
+    running = block_max;
+  }
+#pragma omp simd
+  for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
+}
+
+// totals[q] = sum_t w[q][t] m[t] over the block, for every point of the block.
+template <typename T, int kLanes>
+PYGEO_INLINE void weighted_sums(const T (*w)[kBlock], const T* m, int64_t nb_lanes, T (&totals)[kPoints]) {
+  T sums[kPoints][kLanes] = {};
+  for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
+    for (int q = 0; q < kPoints; ++q)
+#pragma omp simd
+      for (int v = 0; v < kLanes; ++v) sums[q][v] += w[q][t0 + v] * m[t0 + v];
+  for (int q = 0; q < kPoints; ++q) {
+    T total = 0;
+    for (int v = 0; v < kLanes; ++v) total += sums[q][v];
+    totals[q] = total;
+  }
+}
+
 // Diagonal precisions, G only: kPoints points at a time against vectors of kLanes centroids, with the partial sums in
 // fixed-size local arrays the compiler keeps in registers, so each centroid value loaded serves kPoints points.
-constexpr int kPoints = 4;
-
 template <typename T>
 struct PointBlock {
   T e[kPoints][kBlock];  // exponents, then weights, of the current centroid block
@@ -273,37 +313,13 @@ PYGEO_VECTOR_CLONES void forward_points_diagonal(const Problem<T>& p, const T* c
           }
         }
       }
-      for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-        for (int v = 0; v < kLanes; ++v)
-          s.e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
+      store_exponents<T, kLanes>(s.e, quad, t0, nb, inv_rho2);
     }
-    for (int q = 0; q < kPoints; ++q) {
-      T* e = s.e[q];
-      T block_max = e[0];
-#pragma omp simd reduction(max : block_max)
-      for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
-      if (block_max > s.running[q]) {
-        const T factor = std::exp(s.running[q] - block_max);
-        for (int64_t j = 0; j < d; ++j) s.acc[q][j] *= factor;
-        s.running[q] = block_max;
-      }
-      const T running = s.running[q];
-#pragma omp simd
-      for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
-    }
+    for (int q = 0; q < kPoints; ++q) block_weights(s.e[q], nb, nb_lanes, s.running[q], s.acc[q], d);
     for (int64_t j = 0; j < d; ++j) {
-      const T* mj = p.PT.data() + j * p.stride + i0;
-      T sums[kPoints][kLanes] = {};
-      for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
-        for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-          for (int v = 0; v < kLanes; ++v) sums[q][v] += s.e[q][t0 + v] * mj[t0 + v];
-      for (int q = 0; q < kPoints; ++q) {
-        T total = 0;
-        for (int v = 0; v < kLanes; ++v) total += sums[q][v];
-        s.acc[q][j] += total;
-      }
+      T totals[kPoints];
+      weighted_sums<T, kLanes>(s.e, p.PT.data() + j * p.stride + i0, nb_lanes, totals);
+      for (int q = 0; q < kPoints; ++q) s.acc[q][j] += totals[q];
     }
   }
 }
@@ -359,38 +375,14 @@ PYGEO_VECTOR_CLONES void forward_points_full(const Problem<T>& p, const T* const
           }
         }
       }
-      for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-        for (int v = 0; v < kLanes; ++v)
-          s.e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
+      store_exponents<T, kLanes>(s.e, quad, t0, nb, inv_rho2);
     }
-    for (int q = 0; q < kPoints; ++q) {
-      T* e = s.e[q];
-      T block_max = e[0];
-#pragma omp simd reduction(max : block_max)
-      for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
-      if (block_max > s.running[q]) {
-        const T factor = std::exp(s.running[q] - block_max);
-        for (int64_t jl = 0; jl < dd; ++jl) s.acc[q * dd + jl] *= factor;
-        s.running[q] = block_max;
-      }
-      const T running = s.running[q];
-#pragma omp simd
-      for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
-    }
+    for (int q = 0; q < kPoints; ++q) block_weights(s.e[q], nb, nb_lanes, s.running[q], s.acc.data() + q * dd, dd);
     for (int64_t j = 0; j < d; ++j) {
       for (int64_t l = j; l < d; ++l) {
-        const T* mjl = p.PT.data() + (j * d + l) * p.stride + i0;
-        T sums[kPoints][kLanes] = {};
-        for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
-          for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-            for (int v = 0; v < kLanes; ++v) sums[q][v] += s.e[q][t0 + v] * mjl[t0 + v];
-        for (int q = 0; q < kPoints; ++q) {
-          T total = 0;
-          for (int v = 0; v < kLanes; ++v) total += sums[q][v];
-          s.acc[q * dd + j * d + l] += total;
-        }
+        T totals[kPoints];
+        weighted_sums<T, kLanes>(s.e, p.PT.data() + (j * d + l) * p.stride + i0, nb_lanes, totals);
+        for (int q = 0; q < kPoints; ++q) s.acc[q * dd + j * d + l] += totals[q];
       }
     }
   }

@@ -259,8 +259,9 @@ PYGEO_INLINE void block_weights(T* e, int64_t nb, int64_t nb_lanes, T& running, 
     for (int64_t j = 0; j < count; ++j) acc[j] *= factor;
     running = block_max;
   }
+  const T shift = running;  // a local: stores to e[t] could otherwise alias `running` and stop the loop vectorising
 #pragma omp simd
-  for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - running);  // -inf (padding) -> 0
+  for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - shift);  // -inf (padding) -> 0
 }
 
 // totals[q] = sum_t w[q][t] m[t] over the block, for every point of the block.

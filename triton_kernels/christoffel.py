@@ -71,5 +71,8 @@ def christoffel(G: torch.Tensor, dG: torch.Tensor, Gamma: torch.Tensor, failed: 
     if B == 0:
         return Gamma
     block_dim = block_for(d)
-    _christoffel_kernel[(B,)](G, dG, Gamma, failed, d, BLOCK_DIM=block_dim, num_warps=1 if block_dim <= 16 else 4)
+    # Past 16 no software pipelining of the per-i loads: at d = 64 its buffers took 442 KB of shared memory in float64
+    # (the H100 has 227 KB per block), 64 KB without.
+    _christoffel_kernel[(B,)](G, dG, Gamma, failed, d, BLOCK_DIM=block_dim, num_warps=1 if block_dim <= 16 else 4,
+                              num_stages=3 if block_dim <= 16 else 1)
     return Gamma

@@ -6,7 +6,6 @@ import torch
 
 import pygeo
 from pygeo.metrics.base import metric_and_derivative_by_autograd
-from pygeo.ops.mlp_metric import _IMPLEMENTED as MLP_METRIC_BACKENDS
 
 from conftest import assert_close, available_backends
 
@@ -228,8 +227,6 @@ def test_image_shaped_outputs_are_flattened():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("fused", [True, False])
 def test_every_backend(backend, device, case, fused):
-    if fused and backend not in MLP_METRIC_BACKENDS:
-        pytest.skip(f"mlp_metric has no {backend} backend yet")
     metric = CASES[case]()
     z = torch.randn(5, 3, dtype=F64)
     expected = explicit_metric(metric, z)

@@ -185,3 +185,13 @@ def ptr(tensor: Optional[torch.Tensor]) -> int:
 
 def cuda_stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def run_compiled(kernel: str, backend: str, args: tuple, like: torch.Tensor) -> None:
+    """Call pygeo._C's `<kernel>_cpu(*args)` for backend "cpp", or `<kernel>_cuda(*args, stream)` for "cuda" on the
+    current stream of like's device: the one place where an op hands its pointers to the compiled kernels."""
+    C = compiled_module()
+    if backend == "cpp":
+        getattr(C, f"{kernel}_cpu")(*args)
+    else:
+        getattr(C, f"{kernel}_cuda")(*args, cuda_stream(like))

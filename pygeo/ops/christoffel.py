@@ -24,12 +24,8 @@ def _run(G: torch.Tensor, dG: torch.Tensor, backend: str) -> Tuple[torch.Tensor,
         from ..triton_kernels import christoffel as triton_christoffel
 
         return triton_christoffel.christoffel(G, dG, Gamma, failed), failed
-    C = _backend.compiled_module()
     args = (_backend.ptr(G), _backend.ptr(dG), _backend.ptr(Gamma), _backend.ptr(failed), B, d, _backend.dtype_name(G))
-    if backend == "cpp":
-        C.christoffel_cpu(*args)
-    else:
-        C.christoffel_cuda(*args, _backend.cuda_stream(G))
+    _backend.run_compiled("christoffel", backend, args, G)
     return Gamma, failed
 
 

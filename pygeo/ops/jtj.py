@@ -22,12 +22,8 @@ def _run(J: torch.Tensor, weight: Optional[torch.Tensor], backend: str) -> torch
         from ..triton_kernels import jtj as triton_jtj
 
         return triton_jtj.jtj(J, weight, w_batch_stride, out)
-    C = _backend.compiled_module()
     args = (_backend.ptr(J), _backend.ptr(weight), w_batch_stride, _backend.ptr(out), B, D, d, _backend.dtype_name(J))
-    if backend == "cpp":
-        C.jtj_cpu(*args)
-    else:
-        C.jtj_cuda(*args, _backend.cuda_stream(J))
+    _backend.run_compiled("jtj", backend, args, J)
     return out
 
 

@@ -34,15 +34,11 @@ def _run(z, G, grad_log_prob, step_size, noise, dG, div_Ginv, target, backend):
 
         triton_langevin_step.langevin_step(z, G, grad_log_prob, step_size, noise, dG, div_Ginv, target, *outputs)
         return outputs
-    C = _backend.compiled_module()
     ptr = _backend.ptr
     args = (ptr(z), ptr(G), ptr(grad_log_prob), ptr(step_size), ptr(noise), ptr(dG), ptr(div_Ginv), ptr(target),
             ptr(proposal), ptr(mean), ptr(half_log_det), ptr(log_q_proposal), ptr(log_q_target) if target is not None else 0,
             ptr(ok), B, d, _backend.dtype_name(z))
-    if backend == "cpp":
-        C.langevin_step_cpu(*args)
-    else:
-        C.langevin_step_cuda(*args, _backend.cuda_stream(z))
+    _backend.run_compiled("langevin_step", backend, args, z)
     return outputs
 
 

@@ -44,13 +44,9 @@ def _forward(z, centroids, precisions, lam, tau, rho, with_derivative, backend):
 
         triton_latent_metric.forward(z, centroids, precisions, lam, tau, rho, G_s, scale, dG_s)
         return G_s, scale, dG_s
-    C = _backend.compiled_module()
     args = (_backend.ptr(z), _backend.ptr(centroids), _backend.ptr(precisions), not diagonal, lam, tau, rho,
             _backend.ptr(G_s), _backend.ptr(scale), _backend.ptr(dG_s), B, N, d, _backend.dtype_name(z))
-    if backend == "cpp":
-        C.latent_metric_forward_cpu(*args)
-    else:
-        C.latent_metric_forward_cuda(*args, _backend.cuda_stream(z))
+    _backend.run_compiled("latent_metric_forward", backend, args, z)
     return G_s, scale, dG_s
 
 
@@ -66,13 +62,9 @@ def _vjp(z, centroids, precisions, lam, tau, rho, A, scale, backend):
         from ..triton_kernels import latent_metric as triton_latent_metric
 
         return triton_latent_metric.vjp(z, centroids, precisions, lam, tau, rho, A, scale, v)
-    C = _backend.compiled_module()
     args = (_backend.ptr(z), _backend.ptr(centroids), _backend.ptr(precisions), precisions.dim() == 3, lam, tau, rho,
             _backend.ptr(A), _backend.ptr(scale), _backend.ptr(v), B, N, d, _backend.dtype_name(z))
-    if backend == "cpp":
-        C.latent_metric_vjp_cpu(*args)
-    else:
-        C.latent_metric_vjp_cuda(*args, _backend.cuda_stream(z))
+    _backend.run_compiled("latent_metric_vjp", backend, args, z)
     return v
 
 

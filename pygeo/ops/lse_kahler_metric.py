@@ -37,13 +37,9 @@ def _run(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_w
         from ..triton_kernels import lse_kahler_metric as triton_lse
 
         return triton_lse.lse_kahler_metric(z, centers, precisions, log_weights, temperature, diagonal, out)
-    C = _backend.compiled_module()
     args = (_backend.ptr(z), _backend.ptr(centers), _backend.ptr(precisions), _backend.ptr(log_weights),
             float(temperature), diagonal, _backend.ptr(out), B, K, n, _backend.dtype_name(z))
-    if backend == "cpp":
-        C.lse_kahler_metric_cpu(*args)
-    else:
-        C.lse_kahler_metric_cuda(*args, _backend.cuda_stream(z))
+    _backend.run_compiled("lse_kahler_metric", backend, args, z)
     return out
 
 

@@ -60,15 +60,11 @@ def _run(z, weights, biases, activation_codes, activation_params, output_weight,
 
         return triton_mlp_metric.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight,
                                             bernoulli, eps, upper_triangular, out)
-    C = _backend.compiled_module()
     widths = [d] + [W.shape[0] for W in weights]
     args = (_backend.ptr(z), [_backend.ptr(W) for W in weights], [_backend.ptr(b) for b in biases], widths,
             list(activation_codes), list(activation_params), _backend.ptr(output_weight), bool(bernoulli), float(eps),
             upper_triangular, _backend.ptr(out), B, _backend.dtype_name(z))
-    if backend == "cpp":
-        C.mlp_metric_cpu(*args)
-    else:
-        C.mlp_metric_cuda(*args, _backend.cuda_stream(z))
+    _backend.run_compiled("mlp_metric", backend, args, z)
     return out
 
 

@@ -82,6 +82,26 @@ __device__ __forceinline__ void activate(int code, T p0, T p1, T h, T& value, T&
   }
 }
 
+// (X W^T)[row, col] for the block's kTile x kTile output tile, X [rows, K] and W [N, K] row-major, staged through shared
+// memory tile by tile along K. Every thread of the block must call it (it synchronises).
+template <typename T>
+__device__ T tile_product(const T* __restrict__ X, const T* __restrict__ W, int64_t rows, int64_t K, int64_t N) {
+  __shared__ T x_tile[kTile][kTile + 1];
+  __shared__ T w_tile[kTile][kTile + 1];
+  const int64_t row = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
+  const int64_t w_row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
+  T acc = T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    x_tile[threadIdx.y][threadIdx.x] = (row < rows && k0 + threadIdx.x < K) ? X[row * K + k0 + threadIdx.x] : T(0);
+    w_tile[threadIdx.y][threadIdx.x] = (w_row < N && k0 + threadIdx.x < K) ? W[w_row * K + k0 + threadIdx.x] : T(0);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) acc += x_tile[threadIdx.y][k] * w_tile[threadIdx.x][k];
+    __syncthreads();
+  }
+  return acc;
+}
+
 // Hidden layer, primal rows: h = A W^T + b [B, N], out = a(h), slope = a'(h).
 template <typename T>
 __global__ void primal_layer_kernel(const T* __restrict__ A,  // [B, K]
@@ -90,20 +110,9 @@ __global__ void primal_layer_kernel(const T* __restrict__ A,  // [B, K]
                                     T* __restrict__ out,  // [B, N]
                                     T* __restrict__ slope,  // [B, N]
                                     int64_t B, int64_t K, int64_t N, int code, T p0, T p1) {
-  __shared__ T a_tile[kTile][kTile + 1];
-  __shared__ T w_tile[kTile][kTile + 1];
   const int64_t row = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  const int64_t w_row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
-  T acc = T(0);
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    a_tile[threadIdx.y][threadIdx.x] = (row < B && k0 + threadIdx.x < K) ? A[row * K + k0 + threadIdx.x] : T(0);
-    w_tile[threadIdx.y][threadIdx.x] = (w_row < N && k0 + threadIdx.x < K) ? W[w_row * K + k0 + threadIdx.x] : T(0);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTile; ++k) acc += a_tile[threadIdx.y][k] * w_tile[threadIdx.x][k];
-    __syncthreads();
-  }
+  const T acc = tile_product(A, W, B, K, N);
   if (row < B && col < N) {
     T value, s;
     activate(code, p0, p1, acc + bias[col], value, s);
@@ -119,23 +128,13 @@ __global__ void tangent_layer_kernel(const T* __restrict__ tangents,  // [B * d,
                                      const T* __restrict__ slope,  // [B, N]
                                      T* __restrict__ out,  // [B * d, N]
                                      int64_t rows, int64_t d, int64_t K, int64_t N) {
-  __shared__ T t_tile[kTile][kTile + 1];
-  __shared__ T w_tile[kTile][kTile + 1];
   const int64_t row = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  const int64_t w_row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
   T acc = T(0);
-  if (tangents == nullptr) {
+  if (tangents == nullptr) {  // the same branch for the whole grid
     if (row < rows && col < N) acc = W[col * K + row % d];
   } else {
-    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-      t_tile[threadIdx.y][threadIdx.x] = (row < rows && k0 + threadIdx.x < K) ? tangents[row * K + k0 + threadIdx.x] : T(0);
-      w_tile[threadIdx.y][threadIdx.x] = (w_row < N && k0 + threadIdx.x < K) ? W[w_row * K + k0 + threadIdx.x] : T(0);
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < kTile; ++k) acc += t_tile[threadIdx.y][k] * w_tile[threadIdx.x][k];
-      __syncthreads();
-    }
+    acc = tile_product(tangents, W, rows, K, N);
   }
   if (row < rows && col < N) out[row * N + col] = acc * slope[(row / d) * N + col];
 }

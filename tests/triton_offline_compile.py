@@ -97,6 +97,9 @@ def _exercise():
             for bernoulli, upper in ((False, False), (False, True), (True, False)):
                 mlp_metric.mlp_metric(z, weights, biases, [6, 0], [0.0, 0.0, 0.0, 0.0], None, bernoulli, 1e-6, upper,
                                       t(B, d, d))
+            # Two hidden layers: the second one's tangents are not the identity.
+            mlp_metric.mlp_metric(z, [t(64, d), t(512, 64), t(784, 512)], [t(64), t(512), t(784)], [6, 6, 0],
+                                  [0.0] * 6, None, True, 1e-6, False, t(B, d, d))
             # One linear layer: the tangents entering the last layer are the identity (its FIRST path).
             mlp_metric.mlp_metric(z, [t(784, d)], [t(784)], [0], [0.0, 0.0], t(784), False, 1e-6, False, t(B, d, d))
         for n in (2, 8, 17, 32):

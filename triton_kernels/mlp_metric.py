@@ -60,6 +60,20 @@ def _activate(h, CODE: tl.constexpr, p0, p1):
 
 
 @triton.jit
+def _tile_product(X_ptr, W_ptr, rows, row_mask, cols, col_mask, K, dtype: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(X W^T)[rows, cols] [BLOCK_M, BLOCK_N] for X [*, K] and W [N, K] row-major, one tl.dot per K tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K),
+                    other=0.0)
+        w = tl.load(W_ptr + cols[None, :] * K + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0.0)
+        acc += tl.dot(x, w, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _primal_layer_kernel(
     A_ptr,  # [B, K] layer input
     W_ptr,  # [N, K] nn.Linear weight
@@ -74,12 +88,8 @@ def _primal_layer_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < B, cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(A_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
-        w = tl.load(W_ptr + cols[None, :] * K + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+    acc = _tile_product(A_ptr, W_ptr, rows, row_mask, cols, col_mask, K, out_ptr.dtype.element_ty, PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
     h = acc + tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
     value, slope = _activate(h, CODE, tl.load(params_ptr), tl.load(params_ptr + 1))
     offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -104,12 +114,8 @@ def _tangent_layer_kernel(
     if FIRST:  # T = I: the tangent row k of a point is column k of W
         acc = tl.load(W_ptr + cols[None, :] * K + (rows % d)[:, None], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            t = tl.load(T_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)
-            w = tl.load(W_ptr + cols[None, :] * K + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < K), other=0.0)
-            acc += tl.dot(t, w, input_precision=PRECISION)
+        acc = _tile_product(T_ptr, W_ptr, rows, row_mask, cols, col_mask, K, out_ptr.dtype.element_ty, PRECISION,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_mask[:, None] & col_mask[None, :]
     slope = tl.load(slope_ptr + (rows // d)[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc * slope, mask=mask)

@@ -18,6 +18,7 @@ CPU_SIZES = [  # (n, K, B, diagonal)
     (8, 256, 4096, False),
     (8, 256, 4096, True),
     (32, 256, 512, False),
+    (32, 1024, 1024, False),  # the GPU goal's n and K at 1/16 of its batch
 ]
 CUDA_SIZES = [(32, 1024, 16384, False), (8, 256, 16384, False)]
 AUTODIFF_MAX_WORK = 256 * 256 * 64  # B * K * n^2 above which the autodiff Hessian is left out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pygeo
+from pygeo import _backend
 from pygeo.metrics.kahler import to_complex, to_real
 from pygeo.reference.lse_kahler_metric import lse_kahler_metric as reference
 
@@ -103,6 +104,27 @@ def test_lse_kahler_metric_matches_float64_reference(backend_device, dtype, diag
     assert G.shape == (B, n, n) and G.dtype == complex_dtype
     assert torch.equal(G, G.mH), "G must be exactly Hermitian"
     assert_close(torch.view_as_real(G.cpu()), torch.view_as_real(expected), dtype)
+
+
+@pytest.mark.skipif(not _backend.status("cpp").available, reason="needs the compiled C++ backend")
+@pytest.mark.parametrize("simd_bytes", ["16", "32", "64"])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_lse_kahler_metric_cpp_every_vector_width(monkeypatch, simd_bytes, diagonal):
+    """The C++ kernel is compiled for 16-, 32- and 64-byte vectors and picks the CPU's widest at run time;
+    PYGEO_SIMD_BYTES caps the width, so each version runs here (sizes that are not multiples of a tile or a block,
+    a sharp softmax that moves the shift and underflows weights)."""
+    monkeypatch.setenv("PYGEO_SIMD_BYTES", simd_bytes)
+    for (B, K, n), spread, temperature in [((37, 19, 6), 1.0, 0.8), ((21, 40, 3), 6.0, 0.02), ((3, 2, 33), 1.0, 2.0)]:
+        z, centers, precisions, log_weights = random_problem(B, K, n, diagonal, spread=spread)
+        expected = reference(z, centers, precisions, log_weights, temperature)
+        scale = float(expected.abs().max())
+        for dtype, tol in ((torch.float32, 1e-3), (torch.float64, 1e-9)):
+            cd = torch.complex64 if dtype == torch.float32 else C128
+            G = pygeo.ops.lse_kahler_metric(z.to(cd), centers.to(cd), precisions.to(dtype if diagonal else cd),
+                                            log_weights.to(dtype), temperature, backend="cpp")
+            assert torch.equal(G, G.mH)
+            torch.testing.assert_close(torch.view_as_real(G).double() / scale, torch.view_as_real(expected) / scale,
+                                       rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -1,337 +1,418 @@
-// Hermitian metric of the log-sum-exp Kahler potential (MATH.md section 5), OpenMP-parallel over points.
+// Hermitian metric of the log-sum-exp Kahler potential (MATH.md section 5), OpenMP-parallel over tiles of points.
 //   G = sum_i p_i P_i + (1/T) (sum_i p_i y_i y_i^H - ybar ybar^H),  p = softmax(log pi + u / T),
 //   u_i = (z - c_i)^H P_i (z - c_i),  y_i = P_i (z - c_i).
-// One pass over the K components per point with an online softmax: running max m, accumulators scaled by exp(s - m)
+// One pass over the K components per tile with an online softmax: running max m, accumulators scaled by exp(s - m)
 // and rescaled when m grows (once per chunk of components, as keys in flash attention).
-// The covariance sum p y y^H - ybar ybar^H is accumulated around a shift r, the y of the component with the largest
-// score so far (sums of w (y - r) and w (y - r)(y - r)^H): it is the same for every r, but the plain second moment minus
-// the squared mean cancels catastrophically for a sharp softmax (one weight ~1) in float32. When the maximum moves to
-// another component the sums are moved to its y exactly: S' = S - m d^H - d m^H + W d d^H, m' = m - W d, d = r' - r.
-// Complex numbers are (real, imaginary) pairs, as torch.view_as_real lays them out; the arithmetic is written on split
-// real/imaginary arrays so the inner loops vectorise (std::complex multiplies do not).
+//
+// Both weighted sums run in one accumulator, M = sum_i w_i (T P_i + (y_i - r)(y_i - r)^H), so that
+// G = (1/T) (M / W - mean mean^H) with W = sum w and mean = sum w (y - r) / W. The shift r is the y of the component with
+// the largest score so far: the covariance is the same for every r, but the plain second moment minus the squared mean
+// cancels catastrophically for a sharp softmax (one weight ~1) in float32. When the maximum moves to another component
+// the sums move to its y exactly (the P part does not depend on r): M' = M - m d^H - d m^H + W d d^H, m' = m - W d,
+// d = r' - r.
+//
+// Layout: a tile is one SIMD vector of points (GCC vector extensions, as wide as the CPU's registers: 64, 32 or 16
+// bytes, picked at run time) and every quantity of the tile is an array of such vectors. The two
+// O(K n^2) loops, y = P (z - c) and the update of M, are register-blocked (4 rows of y; 2 x 4 entries of M) so that
+// they run at the fused multiply-add rate rather than at the latency of one accumulator.
+// Complex numbers arrive as (real, imaginary) pairs, as torch.view_as_real lays them out; they are split into real
+// and imaginary arrays once per call.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "common/checks.h"
-#include "common/parallel.h"
+
+// A vector argument's calling convention differs between targets; every function that takes one is inlined below.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace pygeo {
 
 namespace {
 
-constexpr int kTile = 8;    // points per tile: one or two SIMD registers of float, the unit every inner loop runs over
-constexpr int kChunk = 16;  // components per chunk: one max update and one accumulator read/write per chunk
+// Everything a tile runs is inlined into the clones below, so that it is compiled for each clone's target (a vector
+// passed to an out-of-line function compiled for another target would not even agree on the calling convention).
+#define PYGEO_INLINE inline __attribute__((always_inline))
+
+// One SIMD vector of Bytes bytes of T (GCC vector extensions).
+template <typename T, int Bytes>
+struct Simd {
+  typedef T V __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / sizeof(T);
+};
+
+// A fixed-size array of SIMD vectors on 64-byte boundaries (std::vector does not honour the vectors' alignment here).
+template <typename V>
+class VectorArray {
+ public:
+  explicit VectorArray(int64_t size)
+      : size_(size), data_(static_cast<V*>(::operator new(sizeof(V) * std::max<int64_t>(size, 1), std::align_val_t(64)))) {}
+  ~VectorArray() { ::operator delete(data_, std::align_val_t(64)); }
+  VectorArray(const VectorArray&) = delete;
+  VectorArray& operator=(const VectorArray&) = delete;
+  V& operator[](int64_t i) { return data_[i]; }
+  const V& operator[](int64_t i) const { return data_[i]; }
+  V* data() { return data_; }
+  const V* data() const { return data_; }
+  PYGEO_INLINE void fill(const V& value) { std::fill(data_, data_ + size_, value); }
+  PYGEO_INLINE void scale(const V& factor) {
+    for (int64_t i = 0; i < size_; ++i) data_[i] *= factor;
+  }
+
+ private:
+  int64_t size_;
+  V* data_;
+};
+
+constexpr int kChunk = 8;  // components per chunk: one max update per chunk, and the M update's reuse of its entries
+// Register blocks: y = P d runs 4 rows at a time (16 accumulators), M is updated in 2 x 4 blocks (16 accumulators).
+// Narrower blocks for 16-register targets measured the same on AVX2.
+constexpr int kRows = 4;
+constexpr int kBlockI = 2;
+constexpr int kBlockJ = 4;
+constexpr int kPad = 4;  // n is padded to a multiple of this (and so of kRows, kBlockI, kBlockJ) with zeros
+static_assert(kPad % kRows == 0 && kPad % kBlockI == 0 && kPad % kBlockJ == 0, "blocks must tile the padded n");
 
 // exp(x) for x <= 0, with weights below 1e-25 (float) / 1e-290 (double) relative to the largest set to exactly 0:
 // they cannot change a sum that holds a weight of 1, and left alone they decay into denormals whose arithmetic is ~100x
 // slower (a far-away component's weight times y y^H).
 template <typename T>
-inline T negligible_as_zero(T x) {
-  const T cutoff = std::log(std::numeric_limits<T>::min()) + T(30);
-  return x < cutoff ? T(0) : std::exp(x);
+constexpr T negligible_below() {
+  return (std::numeric_limits<T>::min_exponent - 1) * T(0.6931471805599453) + T(30);  // log of the smallest normal, + 30
 }
-
-// acc [m, kTile] *= factor [kTile], lane by lane.
 template <typename T>
-void scale_lanes(std::vector<T>& acc, const T* factor) {
-  const size_t rows = acc.size() / kTile;
-  for (size_t r = 0; r < rows; ++r) {
-#pragma omp simd
-    for (int t = 0; t < kTile; ++t) acc[r * kTile + t] *= factor[t];
-  }
+inline T negligible_as_zero(T x) {
+  return x < negligible_below<T>() ? T(0) : std::exp(x);
 }
 
-// Inputs and shared read-only data of one call.
+// The same for a vector of scores, lane by lane (K exponentials per point: one scalar call each is 20 % of the time at
+// n = 8). exp(x) = 2^k exp(r) with k = round(x / log 2) and r = x - k log 2 (log 2 in two parts, so r is exact), exp(r)
+// by its Taylor polynomial on |r| <= log(2) / 2: degree 7 for float (error < 5e-9), 13 for double (< 5e-18).
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  typedef int32_t Int;
+  static constexpr int degree = 7;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  static constexpr int32_t magic_bits = 0x4B400000, bias = 127, mantissa_bits = 23;
+};
+template <>
+struct ExpConstants<double> {
+  typedef int64_t Int;
+  static constexpr int degree = 13;
+  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr int64_t magic_bits = 0x4338000000000000LL, bias = 1023, mantissa_bits = 52;
+};
+
+template <typename T, int Bytes>
+PYGEO_INLINE typename Simd<T, Bytes>::V exp_negligible_as_zero(const typename Simd<T, Bytes>::V& x) {
+  using V = typename Simd<T, Bytes>::V;
+  using C = ExpConstants<T>;
+  typedef typename C::Int I __attribute__((vector_size(Bytes)));
+  const V shifted = x * T(1.4426950408889634) + C::round_magic;  // round(x / log 2) in the low mantissa bits
+  const V k = shifted - C::round_magic;
+  const V r = (x - k * T(0.693145751953125)) - k * T(1.4286068203094173e-06);  // log 2 = 0.693145751953125 + 1.43e-6
+  V p = V{} + T(1);
+  for (int i = C::degree; i >= 1; --i) p = p * (r * (T(1) / T(i))) + T(1);  // Horner on 1 + r (1 + r/2 (1 + r/3 ...))
+  const I exponent = ((I)shifted - C::magic_bits + C::bias) << C::mantissa_bits;  // the bits of 2^k
+  const V result = p * (V)exponent;
+  return x < negligible_below<T>() ? V{} + T(0) : result;
+}
+
+// The problem of one call, with the components split into zero-padded real and imaginary arrays.
 template <typename T>
 struct Problem {
   const T* z;            // [B, n, 2]
-  const T* centers;      // [K, n, 2]
-  const T* precisions;   // [K, n, n, 2] or [K, n] (diagonal)
   const T* log_weights;  // [K]
-  const T* P_t_re;       // [p_stride, K_padded]: precisions transposed, real parts
-  const T* P_t_im;       // [n * n, K_padded]: imaginary parts (full precisions only)
   T* G;                  // [B, n, n, 2]
-  T inv_T;
+  T inv_T, temperature;
   bool diagonal;
-  int64_t B, K, n, nn, p_stride, K_padded;
-};
+  int64_t B, K, n, np;     // np: n padded to kPad
+  std::vector<T> c_re, c_im;  // [K, np]
+  std::vector<T> P_re, P_im;  // [K, np, np], or P_re [K, np] for diagonal precisions
 
-// Per-thread state of one tile of kTile points, point index innermost ([..., kTile]) so that every loop below is a
-// unit-stride loop over the tile's points that the compiler vectorises.
-template <typename T>
-struct Scratch {
-  explicit Scratch(const Problem<T>& p)
-      : z_re(p.n * kTile), z_im(p.n * kTile), d_re(p.n * kTile), d_im(p.n * kTile), y_re(kChunk * p.n * kTile), y_im(kChunk * p.n * kTile),
-        wy_re(kChunk * p.n * kTile), wy_im(kChunk * p.n * kTile), ysum_re(p.n * kTile), ysum_im(p.n * kTile),
-        S_re(p.nn * kTile), S_im(p.nn * kTile), A_re(p.p_stride * kTile), A_im(p.diagonal ? 0 : p.nn * kTile),
-        r_re(p.n * kTile), r_im(p.n * kTile), shift_re(p.n * kTile), shift_im(p.n * kTile) {}
-  std::vector<T> z_re, z_im, d_re, d_im;  // [i, t]: the tile's points, and z - c_k
-  std::vector<T> y_re, y_im, wy_re, wy_im;  // [c, i, t]: y_c and w_c y_c of the current chunk
-  std::vector<T> ysum_re, ysum_im, S_re, S_im, A_re, A_im;  // sums of w (y - r), w (y - r)(y - r)^H and w P
-  std::vector<T> r_re, r_im, shift_re, shift_im;          // [i, t]: the shift r and its change d
-};
-
-// Moves the sums of the lanes whose shift changes by d (d = 0 in the other lanes) to the new shift:
-// S' = S - m d^H - d m^H + W d d^H (upper triangle), m' = m - W d.
-template <typename T>
-void move_shift(Scratch<T>& s, const T* total, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* mi_re = s.ysum_re.data() + i * kTile;
-    const T* mi_im = s.ysum_im.data() + i * kTile;
-    const T* di_re = s.shift_re.data() + i * kTile;
-    const T* di_im = s.shift_im.data() + i * kTile;
-    for (int64_t j = i; j < n; ++j) {
-      const T* mj_re = s.ysum_re.data() + j * kTile;
-      const T* mj_im = s.ysum_im.data() + j * kTile;
-      const T* dj_re = s.shift_re.data() + j * kTile;
-      const T* dj_im = s.shift_im.data() + j * kTile;
-      T* sr = s.S_re.data() + (i * n + j) * kTile;
-      T* si = s.S_im.data() + (i * n + j) * kTile;
-#pragma omp simd
-      for (int t = 0; t < kTile; ++t) {  // (a b^H)_ij = a_i conj(b_j)
-        const T wd_re = total[t] * dj_re[t] - mj_re[t], wd_im = total[t] * dj_im[t] - mj_im[t];  // W d_j - m_j
-        sr[t] += di_re[t] * wd_re + di_im[t] * wd_im - (mi_re[t] * dj_re[t] + mi_im[t] * dj_im[t]);
-        si[t] += di_im[t] * wd_re - di_re[t] * wd_im - (mi_im[t] * dj_re[t] - mi_re[t] * dj_im[t]);
+  Problem(const T* z_, const T* centers, const T* precisions, const T* log_weights_, T* G_, double temperature_,
+          bool diagonal_, int64_t B_, int64_t K_, int64_t n_)
+      : z(z_), log_weights(log_weights_), G(G_), inv_T(T(1) / static_cast<T>(temperature_)),
+        temperature(static_cast<T>(temperature_)), diagonal(diagonal_), B(B_), K(K_), n(n_),
+        np((n_ + kPad - 1) / kPad * kPad), c_re(K_ * np, T(0)), c_im(K_ * np, T(0)),
+        P_re(diagonal_ ? K_ * np : K_ * np * np, T(0)), P_im(diagonal_ ? 0 : K_ * np * np, T(0)) {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < n; ++i) {
+        c_re[k * np + i] = centers[2 * (k * n + i)];
+        c_im[k * np + i] = centers[2 * (k * n + i) + 1];
+        if (diagonal) {
+          P_re[k * np + i] = precisions[k * n + i];
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          P_re[(k * np + i) * np + j] = precisions[2 * ((k * n + i) * n + j)];
+          P_im[(k * np + i) * np + j] = precisions[2 * ((k * n + i) * n + j) + 1];
+        }
       }
     }
   }
-  for (int64_t e = 0; e < n * kTile; ++e) {
-    const T W = total[e % kTile];
-    s.ysum_re[e] -= W * s.shift_re[e];
-    s.ysum_im[e] -= W * s.shift_im[e];
+};
+
+// Per-thread state of one tile: arrays of vectors, lane l of every vector belonging to point l of the tile.
+template <typename T, int Bytes>
+struct Scratch {
+  using V = typename Simd<T, Bytes>::V;
+  explicit Scratch(const Problem<T>& p)
+      : z_re(p.np), z_im(p.np), d_re(p.np), d_im(p.np), y_re(kChunk * p.np), y_im(kChunk * p.np),
+        wy_re(kChunk * p.np), wy_im(kChunk * p.np), mean_re(p.np), mean_im(p.np), r_re(p.np), r_im(p.np),
+        shift_re(p.np), shift_im(p.np), diag_P(p.diagonal ? p.np : 0), M_re(p.np * p.np), M_im(p.np * p.np) {}
+  VectorArray<V> z_re, z_im, d_re, d_im;    // [i]: the tile's points, and z - c_k
+  VectorArray<V> y_re, y_im, wy_re, wy_im;  // [c, i]: y_c - r and w_c (y_c - r) of the current chunk
+  VectorArray<V> mean_re, mean_im;          // [i]: sum w (y - r)
+  VectorArray<V> r_re, r_im, shift_re, shift_im;  // [i]: the shift r and its change d
+  VectorArray<V> diag_P;                    // [i]: sum w P for diagonal precisions (M holds it for full ones)
+  VectorArray<V> M_re, M_im;                // [i, j], upper triangle: sum w (T P + (y - r)(y - r)^H)
+};
+
+// y_c = P_k d for one component, 4 rows at a time (re/im products in separate accumulators: 16 independent chains),
+// and u = Re(d^H y).
+template <typename T, int Bytes>
+PYGEO_INLINE typename Simd<T, Bytes>::V apply_precision(const Problem<T>& prob, Scratch<T, Bytes>& s, int64_t k, int c) {
+  using V = typename Simd<T, Bytes>::V;
+  const int64_t np = prob.np;
+  V* y_re = s.y_re.data() + c * np;
+  V* y_im = s.y_im.data() + c * np;
+  const V* d_re = s.d_re.data();
+  const V* d_im = s.d_im.data();
+  V u = V{} + T(0);
+  if (prob.diagonal) {
+    const T* p = prob.P_re.data() + k * np;
+    for (int64_t i = 0; i < np; ++i) {
+      y_re[i] = p[i] * d_re[i];
+      y_im[i] = p[i] * d_im[i];
+      u += d_re[i] * y_re[i] + d_im[i] * y_im[i];
+    }
+    return u;
+  }
+  for (int64_t i0 = 0; i0 < np; i0 += kRows) {
+    const T* Pr = prob.P_re.data() + (k * np + i0) * np;
+    const T* Pi = prob.P_im.data() + (k * np + i0) * np;
+    V rr[kRows], ii[kRows], ri[kRows], ir[kRows];  // sums of Re P Re d, Im P Im d, Re P Im d, Im P Re d
+    for (int r = 0; r < kRows; ++r) rr[r] = ii[r] = ri[r] = ir[r] = V{} + T(0);
+    for (int64_t j = 0; j < np; ++j) {
+      const V dr = d_re[j], di = d_im[j];
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const T pr = Pr[r * np + j], pi = Pi[r * np + j];
+        rr[r] += pr * dr;
+        ii[r] += pi * di;
+        ri[r] += pr * di;
+        ir[r] += pi * dr;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const V yr = rr[r] - ii[r], yi = ri[r] + ir[r];
+      y_re[i0 + r] = yr;
+      y_im[i0 + r] = yi;
+      u += d_re[i0 + r] * yr + d_im[i0 + r] * yi;
+    }
+  }
+  return u;
+}
+
+// M[i0:i0+2, j0:j0+4] += sum_c w_c (T P_c + (y_c - r)(y_c - r)^H) over the chunk, in registers; (a b^H)_ij = a_i conj(b_j).
+template <typename T, int Bytes>
+PYGEO_INLINE void update_block(const Problem<T>& prob, Scratch<T, Bytes>& s, int64_t k0, int chunk,
+                               const typename Simd<T, Bytes>::V* w, int64_t i0, int64_t j0) {
+  using V = typename Simd<T, Bytes>::V;
+  const int64_t np = prob.np;
+  V acc_re[kBlockI][kBlockJ], acc_im[kBlockI][kBlockJ];
+  for (int a = 0; a < kBlockI; ++a) {
+    for (int b = 0; b < kBlockJ; ++b) {
+      acc_re[a][b] = s.M_re[(i0 + a) * np + j0 + b];
+      acc_im[a][b] = s.M_im[(i0 + a) * np + j0 + b];
+    }
+  }
+  for (int c = 0; c < chunk; ++c) {
+    V a_re[kBlockI], a_im[kBlockI], b_re[kBlockJ], b_im[kBlockJ];
+    for (int a = 0; a < kBlockI; ++a) {
+      a_re[a] = s.wy_re[c * np + i0 + a];
+      a_im[a] = s.wy_im[c * np + i0 + a];
+    }
+    for (int b = 0; b < kBlockJ; ++b) {
+      b_re[b] = s.y_re[c * np + j0 + b];
+      b_im[b] = s.y_im[c * np + j0 + b];
+    }
+    if (!prob.diagonal) {
+      const V wT = w[c] * prob.temperature;
+      const T* Pr = prob.P_re.data() + ((k0 + c) * np + i0) * np + j0;
+      const T* Pi = prob.P_im.data() + ((k0 + c) * np + i0) * np + j0;
+#pragma GCC unroll 8
+      for (int a = 0; a < kBlockI; ++a) {
+#pragma GCC unroll 8
+        for (int b = 0; b < kBlockJ; ++b) {
+          acc_re[a][b] += wT * Pr[a * np + b];
+          acc_im[a][b] += wT * Pi[a * np + b];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < kBlockI; ++a) {
+#pragma GCC unroll 8
+      for (int b = 0; b < kBlockJ; ++b) {
+        acc_re[a][b] += a_re[a] * b_re[b];
+        acc_re[a][b] += a_im[a] * b_im[b];
+        acc_im[a][b] += a_im[a] * b_re[b];
+        acc_im[a][b] -= a_re[a] * b_im[b];
+      }
+    }
+  }
+  for (int a = 0; a < kBlockI; ++a) {
+    for (int b = 0; b < kBlockJ; ++b) {
+      s.M_re[(i0 + a) * np + j0 + b] = acc_re[a][b];
+      s.M_im[(i0 + a) * np + j0 + b] = acc_im[a][b];
+    }
   }
 }
 
-// One tile of points. The components go through in chunks of kChunk (as keys do in flash attention): y and the scores
-// of a chunk first, then one max update and one rescale per chunk, then the chunk's contributions to sum w P and
-// sum w y y^H summed in registers and added once.
-template <typename T>
-inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, Scratch<T>& scratch, int64_t tile) {
-  const T* z = prob.z;
-  const T* centers = prob.centers;
-  const T* precisions = prob.precisions;
-  const T* log_weights = prob.log_weights;
-  T* G = prob.G;
-  const T inv_T = prob.inv_T;
-  const bool diagonal = prob.diagonal;
-  const int64_t B = prob.B, K = prob.K, n = prob.n, nn = prob.nn, p_stride = prob.p_stride, K_padded = prob.K_padded;
-  const T* P_t_re_data = prob.P_t_re;
-  const T* P_t_im_data = prob.P_t_im;
-  std::vector<T>&z_re = scratch.z_re, &z_im = scratch.z_im, &d_re = scratch.d_re, &d_im = scratch.d_im;
-  std::vector<T>&y_re = scratch.y_re, &y_im = scratch.y_im;
-  std::vector<T>&wy_re = scratch.wy_re, &wy_im = scratch.wy_im, &ysum_re = scratch.ysum_re, &ysum_im = scratch.ysum_im;
-  std::vector<T>&S_re = scratch.S_re, &S_im = scratch.S_im, &A_re = scratch.A_re, &A_im = scratch.A_im;
-  alignas(64) T running_max[kTile], total[kTile], rescale[kTile], chunk_max[kTile];
-  alignas(64) T score[kChunk * kTile];  // [c, t], then the weights w
-  const int64_t b0 = tile * kTile;
-  const int64_t count = std::min<int64_t>(kTile, B - b0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int t = 0; t < kTile; ++t) {
-      const int64_t b = b0 + (t < count ? t : 0);  // padding lanes repeat the tile's first point, never written
-      z_re[i * kTile + t] = z[2 * (b * n + i)];
-      z_im[i * kTile + t] = z[2 * (b * n + i) + 1];
+// Moves the sums of the lanes whose shift changes by d (d = 0 in the other lanes) to the new shift:
+// M' = M - m d^H - d m^H + W d d^H (upper triangle), m' = m - W d.
+template <typename T, int Bytes>
+PYGEO_INLINE void move_shift(Scratch<T, Bytes>& s, const typename Simd<T, Bytes>::V& total, int64_t np) {
+  using V = typename Simd<T, Bytes>::V;
+  for (int64_t i = 0; i < np; ++i) {
+    const V mi_re = s.mean_re[i], mi_im = s.mean_im[i], di_re = s.shift_re[i], di_im = s.shift_im[i];
+    for (int64_t j = i; j < np; ++j) {
+      const V wd_re = total * s.shift_re[j] - s.mean_re[j], wd_im = total * s.shift_im[j] - s.mean_im[j];  // W d_j - m_j
+      s.M_re[i * np + j] += di_re * wd_re + di_im * wd_im - (mi_re * s.shift_re[j] + mi_im * s.shift_im[j]);
+      s.M_im[i * np + j] += di_im * wd_re - di_re * wd_im - (mi_im * s.shift_re[j] - mi_re * s.shift_im[j]);
     }
   }
-  std::fill(S_re.begin(), S_re.end(), T(0));
-  std::fill(S_im.begin(), S_im.end(), T(0));
-  std::fill(A_re.begin(), A_re.end(), T(0));
-  std::fill(A_im.begin(), A_im.end(), T(0));
-  std::fill(ysum_re.begin(), ysum_re.end(), T(0));
-  std::fill(ysum_im.begin(), ysum_im.end(), T(0));
-  std::fill(scratch.r_re.begin(), scratch.r_re.end(), T(0));
-  std::fill(scratch.r_im.begin(), scratch.r_im.end(), T(0));
-  for (int t = 0; t < kTile; ++t) {
-    running_max[t] = -std::numeric_limits<T>::infinity();
-    total[t] = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    s.mean_re[i] -= total * s.shift_re[i];
+    s.mean_im[i] -= total * s.shift_im[i];
   }
+}
+
+// One tile of points. The components go through in chunks of kChunk: y and the scores of a chunk first, then one max
+// update and one rescale per chunk, then the chunk's contributions to M summed in registers and added once.
+template <typename T, int Bytes>
+PYGEO_INLINE void process_tile(const Problem<T>& prob, Scratch<T, Bytes>& s, int64_t tile) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int L = Simd<T, Bytes>::lanes;
+  const int64_t n = prob.n, np = prob.np, K = prob.K;
+  const int64_t b0 = tile * L;
+  const int count = static_cast<int>(std::min<int64_t>(L, prob.B - b0));
+  for (int64_t i = 0; i < np; ++i) {
+    for (int l = 0; l < L; ++l) {
+      const int64_t b = b0 + (l < count ? l : 0);  // padding lanes repeat the tile's first point, never written
+      s.z_re[i][l] = i < n ? prob.z[2 * (b * n + i)] : T(0);
+      s.z_im[i][l] = i < n ? prob.z[2 * (b * n + i) + 1] : T(0);
+    }
+  }
+  const V zero = V{} + T(0);
+  s.M_re.fill(zero);
+  s.M_im.fill(zero);
+  s.mean_re.fill(zero);
+  s.mean_im.fill(zero);
+  s.r_re.fill(zero);
+  s.r_im.fill(zero);
+  s.diag_P.fill(zero);
+  V running_max = V{} - std::numeric_limits<T>::infinity();
+  V total = zero;
+  V w[kChunk];  // the chunk's scores, then its weights
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int chunk = static_cast<int>(std::min<int64_t>(kChunk, K - k0));
-    // 1. y_c = P_c (z - c_c) and u_c = Re((z - c_c)^H y_c) for the chunk's components.
+    // 1. y_c = P_c (z - c_c) and the scores log pi_c + u_c / T.
     for (int c = 0; c < chunk; ++c) {
       const int64_t k = k0 + c;
-      const T* ck = centers + k * n * 2;
-      T* yr_c = y_re.data() + c * n * kTile;
-      T* yi_c = y_im.data() + c * n * kTile;
-      for (int64_t j = 0; j < n; ++j) {
-        const T c_re = ck[2 * j], c_im = ck[2 * j + 1];
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) {
-          d_re[j * kTile + t] = z_re[j * kTile + t] - c_re;
-          d_im[j * kTile + t] = z_im[j * kTile + t] - c_im;
-        }
+      for (int64_t i = 0; i < np; ++i) {
+        s.d_re[i] = s.z_re[i] - prob.c_re[k * np + i];
+        s.d_im[i] = s.z_im[i] - prob.c_im[k * np + i];
       }
-      alignas(64) T u[kTile] = {};  // Re(d^H y), accumulated in registers
-      for (int64_t i = 0; i < n; ++i) {
-        alignas(64) T acc_re[kTile], acc_im[kTile];
-        if (diagonal) {
-          const T p = precisions[k * n + i];
-#pragma omp simd
-          for (int t = 0; t < kTile; ++t) {
-            acc_re[t] = p * d_re[i * kTile + t];
-            acc_im[t] = p * d_im[i * kTile + t];
-          }
-        } else {
-          const T* row = precisions + 2 * (k * nn + i * n);  // interleaved (re, im) row i of P_k
-          for (int t = 0; t < kTile; ++t) acc_re[t] = acc_im[t] = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            const T p_re = row[2 * j], p_im = row[2 * j + 1];
-            const T* dr = d_re.data() + j * kTile;
-            const T* di = d_im.data() + j * kTile;
-#pragma omp simd
-            for (int t = 0; t < kTile; ++t) {
-              acc_re[t] += p_re * dr[t] - p_im * di[t];
-              acc_im[t] += p_re * di[t] + p_im * dr[t];
-            }
-          }
-        }
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) {
-          yr_c[i * kTile + t] = acc_re[t];
-          yi_c[i * kTile + t] = acc_im[t];
-          u[t] += d_re[i * kTile + t] * acc_re[t] + d_im[i * kTile + t] * acc_im[t];
-        }
-      }
-      for (int t = 0; t < kTile; ++t) score[c * kTile + t] = log_weights[k] + u[t] * inv_T;
+      w[c] = prob.log_weights[k] + apply_precision(prob, s, k, c) * prob.inv_T;
     }
     // 2. One max update per chunk. Where it grows, the y of the new maximum becomes the lane's shift (the sums move to
     // it) and the sums are rescaled.
     bool grew = false;
-    int argmax[kTile];
-    for (int t = 0; t < kTile; ++t) {
-      argmax[t] = 0;
-      chunk_max[t] = score[t];
+    int argmax[L];
+    V rescale = zero + T(1);
+    for (int l = 0; l < L; ++l) {
+      T chunk_max = w[0][l];
+      argmax[l] = 0;
       for (int c = 1; c < chunk; ++c) {
-        if (score[c * kTile + t] > chunk_max[t]) {
-          chunk_max[t] = score[c * kTile + t];
-          argmax[t] = c;
+        if (w[c][l] > chunk_max) {
+          chunk_max = w[c][l];
+          argmax[l] = c;
         }
       }
-      rescale[t] = 1;
-      if (chunk_max[t] > running_max[t]) {
-        rescale[t] = negligible_as_zero(running_max[t] - chunk_max[t]);  // exp(-inf) = 0 at the start
-        running_max[t] = chunk_max[t];
+      if (chunk_max > running_max[l]) {
+        rescale[l] = negligible_as_zero(running_max[l] - chunk_max);  // exp(-inf) = 0 at the start
+        running_max[l] = chunk_max;
         grew = true;
       } else {
-        argmax[t] = -1;
+        argmax[l] = -1;
       }
     }
     if (grew) {
-      for (int64_t i = 0; i < n; ++i) {
-        for (int t = 0; t < kTile; ++t) {
-          const int64_t e = i * kTile + t;
-          const bool moves = argmax[t] >= 0;
-          scratch.shift_re[e] = moves ? y_re[(argmax[t] * n + i) * kTile + t] - scratch.r_re[e] : T(0);
-          scratch.shift_im[e] = moves ? y_im[(argmax[t] * n + i) * kTile + t] - scratch.r_im[e] : T(0);
-          scratch.r_re[e] += scratch.shift_re[e];
-          scratch.r_im[e] += scratch.shift_im[e];
+      for (int64_t i = 0; i < np; ++i) {
+        for (int l = 0; l < L; ++l) {
+          const bool moves = argmax[l] >= 0;
+          s.shift_re[i][l] = moves ? s.y_re[argmax[l] * np + i][l] - s.r_re[i][l] : T(0);
+          s.shift_im[i][l] = moves ? s.y_im[argmax[l] * np + i][l] - s.r_im[i][l] : T(0);
         }
+        s.r_re[i] += s.shift_re[i];
+        s.r_im[i] += s.shift_im[i];
       }
-      move_shift(scratch, total, n);
-      for (int t = 0; t < kTile; ++t) total[t] *= rescale[t];
-      scale_lanes(S_re, rescale);
-      scale_lanes(S_im, rescale);
-      scale_lanes(A_re, rescale);
-      scale_lanes(A_im, rescale);
-      scale_lanes(ysum_re, rescale);
-      scale_lanes(ysum_im, rescale);
-    }
-    for (int c = 0; c < kChunk; ++c) {
-      for (int t = 0; t < kTile; ++t) {
-        const T w = c < chunk ? negligible_as_zero(score[c * kTile + t] - running_max[t]) : T(0);
-        score[c * kTile + t] = w;
-        total[t] += w;
-      }
-    }
-    // 3. y_c - r, sum_c w_c (y_c - r) and the weighted copies w_c (y_c - r) for the second moment.
-    for (int c = 0; c < chunk; ++c) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = (c * n + i) * kTile;
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) {
-          y_re[e + t] -= scratch.r_re[i * kTile + t];
-          y_im[e + t] -= scratch.r_im[i * kTile + t];
-        }
-      }
+      move_shift(s, total, np);
+      total *= rescale;
+      s.M_re.scale(rescale);
+      s.M_im.scale(rescale);
+      s.mean_re.scale(rescale);
+      s.mean_im.scale(rescale);
+      s.diag_P.scale(rescale);
     }
     for (int c = 0; c < chunk; ++c) {
-      const T* w = score + c * kTile;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = (c * n + i) * kTile;
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) {
-          wy_re[e + t] = w[t] * y_re[e + t];
-          wy_im[e + t] = w[t] * y_im[e + t];
-          ysum_re[i * kTile + t] += wy_re[e + t];
-          ysum_im[i * kTile + t] += wy_im[e + t];
-        }
+      w[c] = exp_negligible_as_zero<T, Bytes>(w[c] - running_max);
+      total += w[c];
+    }
+    // 3. y_c - r, its weighted copy w_c (y_c - r), and their sum.
+    for (int c = 0; c < chunk; ++c) {
+      for (int64_t i = 0; i < np; ++i) {
+        const int64_t e = c * np + i;
+        s.y_re[e] -= s.r_re[i];
+        s.y_im[e] -= s.r_im[i];
+        s.wy_re[e] = w[c] * s.y_re[e];
+        s.wy_im[e] = w[c] * s.y_im[e];
+        s.mean_re[i] += s.wy_re[e];
+        s.mean_im[i] += s.wy_im[e];
+      }
+      if (prob.diagonal) {
+        const T* p = prob.P_re.data() + (k0 + c) * np;
+        for (int64_t i = 0; i < np; ++i) s.diag_P[i] += w[c] * p[i];
       }
     }
-    // 4. sum_c w_c P_c entry by entry (padded components have zero weight and zero precision).
-    for (int64_t e = 0; e < p_stride; ++e) {
-      const T* p_re = P_t_re_data + e * K_padded + k0;
-      const T* p_im = diagonal ? nullptr : P_t_im_data + e * K_padded + k0;
-      alignas(64) T acc_re[kTile] = {}, acc_im[kTile] = {};
-      for (int c = 0; c < kChunk; ++c) {
-        const T* w = score + c * kTile;
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) acc_re[t] += w[t] * p_re[c];
-        if (!diagonal) {
-#pragma omp simd
-          for (int t = 0; t < kTile; ++t) acc_im[t] += w[t] * p_im[c];
-        }
-      }
-#pragma omp simd
-      for (int t = 0; t < kTile; ++t) A_re[e * kTile + t] += acc_re[t];
-      if (!diagonal) {
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) A_im[e * kTile + t] += acc_im[t];
-      }
-    }
-    // 5. Upper triangle of sum_c w_c (y_c - r)(y_c - r)^H, (y y^H)_ij = y_i conj(y_j).
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = i; j < n; ++j) {
-        alignas(64) T acc_re[kTile] = {}, acc_im[kTile] = {};
-        for (int c = 0; c < chunk; ++c) {
-          const T* a_re = wy_re.data() + (c * n + i) * kTile;
-          const T* a_im = wy_im.data() + (c * n + i) * kTile;
-          const T* b_re = y_re.data() + (c * n + j) * kTile;
-          const T* b_im = y_im.data() + (c * n + j) * kTile;
-#pragma omp simd
-          for (int t = 0; t < kTile; ++t) {
-            acc_re[t] += a_re[t] * b_re[t] + a_im[t] * b_im[t];
-            acc_im[t] += a_im[t] * b_re[t] - a_re[t] * b_im[t];
-          }
-        }
-        T* sr = S_re.data() + (i * n + j) * kTile;
-        T* si = S_im.data() + (i * n + j) * kTile;
-#pragma omp simd
-        for (int t = 0; t < kTile; ++t) {
-          sr[t] += acc_re[t];
-          si[t] += acc_im[t];
-        }
-      }
+    // 4. The upper triangle of M, block by block (blocks that cross the diagonal also fill a few entries below it,
+    // which are never read).
+    for (int64_t i0 = 0; i0 < np; i0 += kBlockI) {
+      for (int64_t j0 = i0 / kBlockJ * kBlockJ; j0 < np; j0 += kBlockJ) update_block(prob, s, k0, chunk, w, i0, j0);
     }
   }
-  for (int t = 0; t < count; ++t) {
-    const T inv_total = T(1) / total[t];
-    T* Gb = G + (b0 + t) * nn * 2;
+  // G = (1/T) (M / W - mean mean^H) + sum w P / W for diagonal precisions; written in full, exactly Hermitian.
+  for (int l = 0; l < count; ++l) {
+    const T inv_total = T(1) / total[l];
+    T* Gb = prob.G + (b0 + l) * n * n * 2;
     for (int64_t i = 0; i < n; ++i) {
-      const T mean_re_i = ysum_re[i * kTile + t] * inv_total, mean_im_i = ysum_im[i * kTile + t] * inv_total;
+      const T mean_re_i = s.mean_re[i][l] * inv_total, mean_im_i = s.mean_im[i][l] * inv_total;
       for (int64_t j = i; j < n; ++j) {
-        const T mean_re_j = ysum_re[j * kTile + t] * inv_total, mean_im_j = ysum_im[j * kTile + t] * inv_total;
-        const int64_t e = (i * n + j) * kTile + t;
-        const T cov_re = S_re[e] * inv_total - (mean_re_i * mean_re_j + mean_im_i * mean_im_j);
-        const T cov_im = S_im[e] * inv_total - (mean_im_i * mean_re_j - mean_re_i * mean_im_j);
-        T g_re = cov_re * inv_T, g_im = cov_im * inv_T;
-        if (diagonal) {
-          if (i == j) g_re += A_re[i * kTile + t] * inv_total;
-        } else {
-          g_re += A_re[e] * inv_total;
-          g_im += A_im[e] * inv_total;
+        const T mean_re_j = s.mean_re[j][l] * inv_total, mean_im_j = s.mean_im[j][l] * inv_total;
+        T g_re = (s.M_re[i * np + j][l] * inv_total - (mean_re_i * mean_re_j + mean_im_i * mean_im_j)) * prob.inv_T;
+        T g_im = (s.M_im[i * np + j][l] * inv_total - (mean_im_i * mean_re_j - mean_re_i * mean_im_j)) * prob.inv_T;
+        if (i == j) {
+          if (prob.diagonal) g_re += s.diag_P[i][l] * inv_total;
+          g_im = 0;  // a Hermitian matrix has a real diagonal
         }
-        if (i == j) g_im = 0;  // a Hermitian matrix has a real diagonal
         Gb[2 * (i * n + j)] = g_re;
         Gb[2 * (i * n + j) + 1] = g_im;
         Gb[2 * (j * n + i)] = g_re;
@@ -341,21 +422,63 @@ inline __attribute__((always_inline)) void process_tile(const Problem<T>& prob, 
   }
 }
 
-// The tile kernel compiled for AVX2/FMA as well as the baseline, picked at run time (GCC function multiversioning): the
-// wheel stays portable and the inner loops get 8-wide fused multiply-adds where the CPU has them.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYGEO_TILE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYGEO_TILE_CLONES
+// The tile kernel compiled for AVX-512, AVX2 + FMA and the baseline, each with its own vector width, and picked at run
+// time: the wheel stays portable and runs at the width of the machine it is on. (GCC's target_clones cannot do this:
+// every clone has the same types, and 64-byte vectors on a 32-byte target spill.) The attribute is on the tile
+// function, not on the OpenMP loop: an outlined parallel region would not inherit it.
+template <typename T>
+void tile_portable(const Problem<T>& prob, Scratch<T, 16>& s, int64_t tile) {
+  process_tile<T, 16>(prob, s, tile);
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) void tile_avx512(const Problem<T>& prob, Scratch<T, 64>& s, int64_t tile) {
+  process_tile<T, 64>(prob, s, tile);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void tile_avx2(const Problem<T>& prob, Scratch<T, 32>& s, int64_t tile) {
+  process_tile<T, 32>(prob, s, tile);
+}
 #endif
-PYGEO_TILE_CLONES void process_tile_float(const Problem<float>& p, Scratch<float>& s, int64_t tile) {
-  process_tile(p, s, tile);
+
+// All tiles of one call, one OpenMP thread per tile.
+template <typename T, int Bytes>
+void run_tiles(const Problem<T>& prob, void (*tile_fn)(const Problem<T>&, Scratch<T, Bytes>&, int64_t)) {
+  const int64_t n_tiles = (prob.B + Simd<T, Bytes>::lanes - 1) / Simd<T, Bytes>::lanes;
+#pragma omp parallel
+  {
+    Scratch<T, Bytes> scratch(prob);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < n_tiles; ++tile) tile_fn(prob, scratch, tile);
+  }
 }
-PYGEO_TILE_CLONES void process_tile_double(const Problem<double>& p, Scratch<double>& s, int64_t tile) {
-  process_tile(p, s, tile);
+
+// The widest vectors this CPU has, or fewer bytes if the environment variable PYGEO_SIMD_BYTES (16, 32 or 64; read by
+// this kernel only) asks for them: the tests run every width on one machine that way.
+inline int simd_bytes() {
+  int bytes = 16;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl")) {
+    bytes = 64;  // x86-64-v4
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+    bytes = 32;  // x86-64-v3
+  }
+#endif
+  if (const char* asked = std::getenv("PYGEO_SIMD_BYTES")) bytes = std::min(bytes, std::max(16, std::atoi(asked)));
+  return bytes;
 }
-inline void run_tile(const Problem<float>& p, Scratch<float>& s, int64_t tile) { process_tile_float(p, s, tile); }
-inline void run_tile(const Problem<double>& p, Scratch<double>& s, int64_t tile) { process_tile_double(p, s, tile); }
+
+template <typename T>
+void run_all_tiles(const Problem<T>& prob) {
+  const int bytes = simd_bytes();
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (bytes >= 64) return run_tiles<T, 64>(prob, tile_avx512<T>);
+  if (bytes >= 32) return run_tiles<T, 32>(prob, tile_avx2<T>);
+#endif
+  run_tiles<T, 16>(prob, tile_portable<T>);
+}
 
 }  // namespace
 
@@ -368,36 +491,8 @@ void lse_kahler_metric_cpu(const T* z, const T* centers, const T* precisions, co
   check_positive(K, "K");
   check_positive(n, "n");
   PYGEO_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0");
-  const T inv_T = T(1) / static_cast<T>(temperature);
-  const int64_t nn = n * n;
-  const int64_t p_stride = diagonal ? n : nn;  // entries of one P_k
-  const int64_t K_padded = (K + kChunk - 1) / kChunk * kChunk;
-
-  // Precisions transposed to [entry, k] (real and imaginary parts apart, zero-padded to whole chunks), shared by every
-  // thread: sum_k w_k P_k[e] over a chunk is then a unit-stride dot product per entry e.
-  std::vector<T> P_t_re(static_cast<size_t>(p_stride * K_padded), T(0));
-  std::vector<T> P_t_im(diagonal ? 0 : static_cast<size_t>(nn * K_padded), T(0));
-#pragma omp parallel for schedule(static)
-  for (int64_t e = 0; e < p_stride; ++e) {
-    for (int64_t k = 0; k < K; ++k) {
-      if (diagonal) {
-        P_t_re[e * K_padded + k] = precisions[k * n + e];
-      } else {
-        P_t_re[e * K_padded + k] = precisions[2 * (k * nn + e)];
-        P_t_im[e * K_padded + k] = precisions[2 * (k * nn + e) + 1];
-      }
-    }
-  }
-
-const Problem<T> prob{z, centers, precisions, log_weights, P_t_re.data(), diagonal ? nullptr : P_t_im.data(), G,
-                        inv_T, diagonal, B, K, n, nn, p_stride, K_padded};
-  const int64_t n_tiles = (B + kTile - 1) / kTile;
-#pragma omp parallel
-  {
-    Scratch<T> scratch(prob);
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < n_tiles; ++tile) run_tile(prob, scratch, tile);
-  }
+  const Problem<T> prob(z, centers, precisions, log_weights, G, temperature, diagonal, B, K, n);
+  run_all_tiles(prob);
 }
 
 template void lse_kahler_metric_cpu<float>(const float*, const float*, const float*, const float*, double, bool, float*,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pygeo
+from pygeo import _backend
 from pygeo.cluster import kmedoids
 from pygeo.reference import latent_metric as reference
 
@@ -63,6 +64,30 @@ def test_latent_metric_matches_broadcast_formula(backend_device, dtype, B, N, d,
     only_G = pygeo.ops.latent_metric(z.to(**to), centroids.to(**to), precisions.to(**to), lam, tau, rho, backend=backend)
     assert only_G.derivative is None and only_G.log_volume is None
     assert_close(only_G.metric.cpu(), G_ref, dtype)
+
+
+@pytest.mark.skipif(not _backend.status("cpp").available, reason="needs the compiled C++ backend")
+@pytest.mark.parametrize("simd_bytes", ["16", "32", "64"])
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+def test_latent_metric_cpp_every_vector_width(monkeypatch, simd_bytes, kind):
+    """The C++ metric-only path runs on SIMD tiles compiled for 16-, 32- and 64-byte vectors (the CPU's widest picked
+    at run time); PYGEO_SIMD_BYTES caps the width, so each version runs here: batches and centroid counts that are not
+    multiples of a tile or a chunk, d not a multiple of a register block, points far from every centroid."""
+    monkeypatch.setenv("PYGEO_SIMD_BYTES", simd_bytes)
+    # the last: no lam term, every weight below float32's range (only the log-space scale keeps log det finite)
+    for (B, N, d), spread, lam in [((37, 19, 6), 1.5, 0.05), ((5, 1, 3), 1.5, 0.05), ((21, 40, 17), 1.5, 0.05),
+                                   ((9, 13, 2), 12.0, 0.0)]:
+        z, centroids, precisions = make_problem(B, N, d, kind, spread=spread)
+        tau, rho = 0.001, 1.3
+        G_ref, _, L_ref, grad_ref = oracle(z, centroids, precisions, lam, tau, rho)
+        for dtype in (torch.float32, torch.float64):
+            to = dict(dtype=dtype)
+            out = pygeo.ops.latent_metric(z.to(**to), centroids.to(**to), precisions.to(**to), lam, tau, rho,
+                                          log_volume=True, backend="cpp")
+            assert torch.equal(out.metric, out.metric.transpose(-1, -2))
+            assert_close(out.metric, G_ref, dtype)
+            assert_close(out.log_volume, L_ref, dtype)
+            assert_close(out.log_volume_grad, grad_ref, dtype)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

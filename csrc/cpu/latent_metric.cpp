@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "common/simd.h"
 
 // The selects in exp_scaled and the max reductions are if-converted (hence vectorised) only when floating-point
 // comparisons may be treated as non-trapping; nothing here reads the floating-point exception flags.
@@ -27,11 +28,12 @@ namespace pygeo {
 
 namespace {
 
+constexpr int kChunk = 8;  // centroids per chunk of the SIMD-tile path (G only)
+constexpr int kGroup = 4;  // entries of G per register block of the SIMD-tile path
 constexpr int64_t kBlock = 256;  // centroids per block: the block's scratch ([d][kBlock]) stays in L1/L2; fewer, longer dot products
 // Below this many point-centroid-entry products a call runs on one thread: waking an OpenMP team costs more (samplers
 // call with a few hundred points and few centroids, thousands of times).
 constexpr int64_t kParallelWork = 1 << 16;
-constexpr int64_t kMaxD = 64;  // point-blocked paths (G only): d up to this (larger d takes the general path)
 
 // The per-point loops are compiled for AVX2+FMA and for the baseline ISA, picked at load time (the build flags target
 // the baseline only); helpers are force-inlined into both versions.
@@ -40,7 +42,6 @@ constexpr int64_t kMaxD = 64;  // point-blocked paths (G only): d up to this (la
 #else
 #define PYGEO_VECTOR_CLONES
 #endif
-#define PYGEO_INLINE inline __attribute__((always_inline))
 
 // exp(x) for x <= ~700 (float: <= ~80) with about 1 ulp relative error; exactly 0 below the normal range (those
 // weights are below 1e-300 (1e-37) relative to the largest one, which is 1). Cody-Waite reduction x = n ln2 + r,
@@ -104,10 +105,20 @@ PYGEO_INLINE float exp_scaled(float x) {
 // elements so that rows are not a multiple of 4 KiB apart (rows read together would evict each other from L1).
 inline int64_t padded(int64_t N) { return (N + kBlock - 1) / kBlock * kBlock + 16; }
 
+// The rows of x [rows, cols] past the last whole chunk of kChunk rows, zero-padded to kChunk rows.
+template <typename T>
+std::vector<T> last_chunk(const T* x, int64_t rows, int64_t cols) {
+  std::vector<T> out(static_cast<size_t>(kChunk * cols), T(0));
+  const int64_t first = rows / kChunk * kChunk;
+  std::copy(x + first * cols, x + rows * cols, out.begin());
+  return out;
+}
+
 template <typename T>
 std::vector<T> transpose(const T* x, int64_t rows, int64_t cols) {
   const int64_t stride = padded(rows);
-  std::vector<T> out(static_cast<size_t>(stride * cols), T(0));
+  const int64_t out_rows = (cols + kGroup - 1) / kGroup * kGroup;  // zero rows up to whole groups of kGroup entries
+  std::vector<T> out(static_cast<size_t>(stride * out_rows), T(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[c * stride + r] = x[r * cols + c];
   return out;
@@ -127,23 +138,35 @@ struct Scratch {
 template <typename T>
 struct Problem {
   const T* z;
+  const T* centroids;   // [N, d]
+  const T* precisions;  // [N, d] or [N, d, d]
   std::vector<T> cT, PT;
+  std::vector<T> tail_centroids, tail_precisions;  // the centroids past the last whole chunk, zero-padded to kChunk
+  std::vector<int64_t> groups;  // first entries of the groups of kGroup entries of G the SIMD-tile path computes
   bool full;
   int64_t N, stride, d, dd;  // stride: row length of cT / PT (N padded to a multiple of kBlock)
   double lam, tau;
   T inv_rho2, derivative_factor;  // 1/rho^2 and -2/rho^2 (dw_i/dz = -(2/rho^2) w_i M_i (z - c_i))
 
-  Problem(const T* z_, const T* centroids, const T* precisions, bool full_, double lam_, double tau_, double rho,
+  Problem(const T* z_, const T* centroids_, const T* precisions_, bool full_, double lam_, double tau_, double rho,
           int64_t N_, int64_t d_)
-      : z(z_), cT(transpose(centroids, N_, d_)), PT(transpose(precisions, N_, full_ ? d_ * d_ : d_)), full(full_),
+      : z(z_), centroids(centroids_), precisions(precisions_), cT(transpose(centroids_, N_, d_)),
+        PT(transpose(precisions_, N_, full_ ? d_ * d_ : d_)), tail_centroids(last_chunk(centroids_, N_, d_)),
+        tail_precisions(last_chunk(precisions_, N_, full_ ? d_ * d_ : d_)), full(full_),
         N(N_), stride(padded(N_)), d(d_), dd(full_ ? d_ * d_ : d_), lam(lam_), tau(tau_), inv_rho2(T(1.0 / (rho * rho))),
-        derivative_factor(T(-2.0 / (rho * rho))) {}
+        derivative_factor(T(-2.0 / (rho * rho))) {
+    for (int64_t e = 0; e < dd; e += kGroup) {  // full: the groups with an entry on or above the diagonal
+      bool needed = !full;
+      for (int64_t j = e; j < std::min(e + kGroup, dd); ++j) needed |= j / d <= j % d;
+      if (needed) groups.push_back(e);
+    }
+  }
 };
 
 // Exponents e_t = -q_t / rho^2 and y[k][t] = (M_i (z - c_i))_k for centroids i0 .. i0 + nb of the point zb.
 template <typename T>
 PYGEO_INLINE void block_exponents(const Problem<T>& p, const T* zb, int64_t i0, int64_t nb, Scratch<T>& s) {
-  const int64_t N = p.N, d = p.d;
+  const int64_t d = p.d;
   T* diff = s.diff.data();
   T* y = s.y.data();
   T* e = s.e.data();
@@ -236,157 +259,153 @@ PYGEO_VECTOR_CLONES T forward_point(const Problem<T>& p, const T* zb, T e0, Scra
   return running;
 }
 
-constexpr int kPoints = 4;  // points per task of the point-blocked paths
+// G only (the metric alone, and the first pass of log_volume): SIMD tiles of points (common/simd.h), each point in
+// one lane of every vector. The tile goes through the centroids in chunks of kChunk: the exponents of the chunk, one
+// running-maximum update per chunk (rescaling the tile's sums where it grows), then the chunk's weighted precisions
+// added entry by entry with the chunk's weights held in registers.
 
-// Point-blocked paths: exponents -q / rho^2 of one vector of centroids for each point, -inf past the block's end.
-template <typename T, int kLanes>
-PYGEO_INLINE void store_exponents(T (*e)[kBlock], const T (&quad)[kPoints][kLanes], int64_t t0, int64_t nb, T inv_rho2) {
-  for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-    for (int v = 0; v < kLanes; ++v)
-      e[q][t0 + v] = t0 + v < nb ? -quad[q][v] * inv_rho2 : -std::numeric_limits<T>::infinity();
-}
-
-// One point's block exponents e -> weights exp(e - s), raising its running maximum s first and then rescaling its
-// accumulators acc[0 .. count) by exp(s_old - s_new).
-template <typename T>
-PYGEO_INLINE void block_weights(T* e, int64_t nb, int64_t nb_lanes, T& running, T* acc, int64_t count) {
-  T block_max = e[0];
-#pragma omp simd reduction(max : block_max)
-  for (int64_t t = 1; t < nb; ++t) block_max = block_max > e[t] ? block_max : e[t];
-  if (block_max > running) {
-    const T factor = std::exp(running - block_max);
-    for (int64_t j = 0; j < count; ++j) acc[j] *= factor;
-    running = block_max;
-  }
-  const T shift = running;  // a local: stores to e[t] could otherwise alias `running` and stop the loop vectorising
-#pragma omp simd
-  for (int64_t t = 0; t < nb_lanes; ++t) e[t] = exp_scaled(e[t] - shift);  // -inf (padding) -> 0
-}
-
-// totals[q] = sum_t w[q][t] m[t] over the block, for every point of the block.
-template <typename T, int kLanes>
-PYGEO_INLINE void weighted_sums(const T (*w)[kBlock], const T* m, int64_t nb_lanes, T (&totals)[kPoints]) {
-  T sums[kPoints][kLanes] = {};
-  for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes)
-    for (int q = 0; q < kPoints; ++q)
-#pragma omp simd
-      for (int v = 0; v < kLanes; ++v) sums[q][v] += w[q][t0 + v] * m[t0 + v];
-  for (int q = 0; q < kPoints; ++q) {
-    T total = 0;
-    for (int v = 0; v < kLanes; ++v) total += sums[q][v];
-    totals[q] = total;
-  }
-}
-
-// Diagonal precisions, G only: kPoints points at a time against vectors of kLanes centroids, with the partial sums in
-// fixed-size local arrays the compiler keeps in registers, so each centroid value loaded serves kPoints points.
-template <typename T>
-struct PointBlock {
-  T e[kPoints][kBlock];  // exponents, then weights, of the current centroid block
-  T acc[kPoints][kMaxD]; // G_s diagonal
-  T running[kPoints];
+template <typename T, int Bytes>
+struct TileScratch {
+  using V = typename Simd<T, Bytes>::V;
+  explicit TileScratch(int64_t d, int64_t dd) : z(d), acc((dd + kGroup - 1) / kGroup * kGroup) {}
+  VectorArray<V> z;    // [d]: the tile's points
+  VectorArray<V> acc;  // [dd padded to kGroup]: sum_i exp(e_i - running) M_i (full: upper triangle)
 };
 
-template <typename T>
-PYGEO_VECTOR_CLONES void forward_points_diagonal(const Problem<T>& p, const T* const* zs, const T* e0, PointBlock<T>& s) {
-  constexpr int kLanes = 64 / sizeof(T);
-  const int64_t N = p.N, d = p.d;
-  const T inv_rho2 = p.inv_rho2;
-  for (int q = 0; q < kPoints; ++q) {
-    s.running[q] = p.lam > 0 ? e0[q] : -std::numeric_limits<T>::infinity();
-    for (int64_t j = 0; j < d; ++j) s.acc[q][j] = 0;
-  }
-  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
-    const int64_t nb = std::min(kBlock, N - i0);
-    const int64_t nb_lanes = (nb + kLanes - 1) / kLanes * kLanes;  // reads past N hit the zero padding
-    for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes) {
-      T quad[kPoints][kLanes] = {};
-      for (int64_t k = 0; k < d; ++k) {
-        const T* ck = p.cT.data() + k * p.stride + i0 + t0;
-        const T* mk = p.PT.data() + k * p.stride + i0 + t0;
-        for (int q = 0; q < kPoints; ++q) {
-          const T zq = zs[q][k];
-#pragma omp simd
-          for (int v = 0; v < kLanes; ++v) {
-            const T diff = zq - ck[v];
-            quad[q][v] += mk[v] * diff * diff;
-          }
-        }
+// The exponents -(z - c_i)^T M_i (z - c_i) / rho^2 of the chunk's centroids (C [kChunk, d], M [kChunk, dd], rows as
+// stored) for every point of the tile, the chunk's centroids side by side: kChunk independent sums, each z_k loaded once
+// per chunk. Full M_i over the upper triangle: q = sum_k 2 d_k (M_kk d_k / 2 + sum_{l>k} M_kl d_l).
+template <typename T, int Bytes>
+PYGEO_INLINE void chunk_exponents(const Problem<T>& p, const TileScratch<T, Bytes>& s, const T* C, const T* M,
+                                  typename Simd<T, Bytes>::V* e) {
+  using V = typename Simd<T, Bytes>::V;
+  const int64_t d = p.d;
+  V q[kChunk];
+  for (int c = 0; c < kChunk; ++c) q[c] = V{} + T(0);
+  for (int64_t k = 0; k < d; ++k) {
+    const V zk = s.z[k];
+    if (!p.full) {
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunk; ++c) {
+        const V dk = zk - C[c * d + k];
+        q[c] += M[c * d + k] * (dk * dk);
       }
-      store_exponents<T, kLanes>(s.e, quad, t0, nb, inv_rho2);
+      continue;
     }
-    for (int q = 0; q < kPoints; ++q) block_weights(s.e[q], nb, nb_lanes, s.running[q], s.acc[q], d);
+    V dk[kChunk], half[kChunk];  // d_k, and M_kk d_k / 2 + sum_{l>k} M_kl d_l
+#pragma GCC unroll 8
+    for (int c = 0; c < kChunk; ++c) {
+      dk[c] = zk - C[c * d + k];
+      half[c] = (T(0.5) * M[(c * d + k) * d + k]) * dk[c];
+    }
+    for (int64_t l = k + 1; l < d; ++l) {
+      const V zl = s.z[l];
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunk; ++c) half[c] += M[(c * d + k) * d + l] * (zl - C[c * d + l]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < kChunk; ++c) q[c] += dk[c] * (half[c] + half[c]);
+  }
+  for (int c = 0; c < kChunk; ++c) e[c] = q[c] * (-p.inv_rho2);
+}
+
+// One tile: writes G_s (exactly symmetric) and scale for its points.
+template <typename T, int Bytes>
+PYGEO_INLINE void forward_tile(const Problem<T>& p, TileScratch<T, Bytes>& s, int64_t tile, int64_t B, T* G_s,
+                               T* scale) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int L = Simd<T, Bytes>::lanes;
+  const int64_t d = p.d, dd = p.dd, N = p.N;
+  const int64_t b0 = tile * L;
+  const int count = static_cast<int>(std::min<int64_t>(L, B - b0));
+  for (int64_t k = 0; k < d; ++k) {
+    for (int l = 0; l < L; ++l) s.z[k][l] = p.z[(b0 + (l < count ? l : 0)) * d + k];  // padding lanes repeat point 0
+  }
+  V norm2 = V{} + T(0);
+  for (int64_t k = 0; k < d; ++k) norm2 += s.z[k] * s.z[k];
+  const V e0 = norm2 * T(-p.tau);  // the lam term's exponent
+  V running = p.lam > 0 ? e0 : V{} - std::numeric_limits<T>::infinity();
+  s.acc.fill(V{} + T(0));
+  for (int64_t i0 = 0; i0 < N; i0 += kChunk) {
+    const int chunk = static_cast<int>(std::min<int64_t>(kChunk, N - i0));
+    V w[kChunk];  // exponents, then weights
+    const bool whole = i0 + kChunk <= N;  // the last chunk reads a zero-padded copy of its centroids
+    chunk_exponents(p, s, whole ? p.centroids + i0 * d : p.tail_centroids.data(),
+                    whole ? p.precisions + i0 * dd : p.tail_precisions.data(), w);
+    V chunk_max = V{} - std::numeric_limits<T>::infinity();
+    for (int c = 0; c < kChunk; ++c) {
+      if (c >= chunk) w[c] = V{} - std::numeric_limits<T>::infinity();  // padding: weight 0
+      chunk_max = w[c] > chunk_max ? w[c] : chunk_max;
+    }
+    bool grew = false;
+    for (int l = 0; l < L; ++l) grew |= chunk_max[l] > running[l];
+    if (grew) {
+      const V new_max = chunk_max > running ? chunk_max : running;
+      s.acc.scale(exp_weight<T, Bytes>(running - new_max));  // exp(-inf) = 0 where nothing was summed yet
+      running = new_max;
+    }
+    for (int c = 0; c < kChunk; ++c) w[c] = exp_weight<T, Bytes>(w[c] - running);
+    // acc[e] += sum_c w_c M_{i0+c}[e], kGroup entries at a time, from the transposed precisions ([dd][N]: the chunk's
+    // values of an entry side by side; the zero rows and columns of its padding meet zero weights or unread entries).
+    for (const int64_t e : p.groups) {
+      V a[kGroup];
+      for (int j = 0; j < kGroup; ++j) a[j] = s.acc[e + j];
+      const T* M = p.PT.data() + e * p.stride + i0;
+      for (int c = 0; c < kChunk; ++c) {
+#pragma GCC unroll 4
+        for (int j = 0; j < kGroup; ++j) a[j] += w[c] * M[j * p.stride + c];
+      }
+      for (int j = 0; j < kGroup; ++j) s.acc[e + j] = a[j];
+    }
+  }
+  const V prior = T(p.lam) * exp_weight<T, Bytes>(e0 - running);  // lam exp(-tau |z|^2) under the final scale
+  for (int l = 0; l < count; ++l) {
+    const int64_t b = b0 + l;
+    scale[b] = running[l];
+    T* Gb = G_s + b * dd;
     for (int64_t j = 0; j < d; ++j) {
-      T totals[kPoints];
-      weighted_sums<T, kLanes>(s.e, p.PT.data() + j * p.stride + i0, nb_lanes, totals);
-      for (int q = 0; q < kPoints; ++q) s.acc[q][j] += totals[q];
+      if (p.full) {
+        for (int64_t k = j; k < d; ++k) Gb[j * d + k] = Gb[k * d + j] = s.acc[j * d + k][l] + (j == k ? prior[l] : T(0));
+      } else {
+        Gb[j] = s.acc[j][l] + prior[l];
+      }
     }
   }
 }
 
-// Full precisions, G only: as forward_points_diagonal, kPoints points against vectors of kLanes centroids, so each
-// precision entry loaded serves kPoints points (the per-point path streams every M_i from L2 once per point). The
-// quadratic form runs over the upper triangle (M_i symmetric): q = sum_k M_kk d_k^2 + 2 sum_{k<l} M_kl d_k d_l.
 template <typename T>
-struct PointBlockFull {
-  explicit PointBlockFull(int64_t d) : acc(static_cast<size_t>(kPoints * d * d)) {}
-  T e[kPoints][kBlock];                 // exponents, then weights, of the current centroid block
-  T diff[kPoints][kMaxD][64 / sizeof(T)];  // z_q - c_i for one vector of centroids
-  std::vector<T> acc;                   // [kPoints][d * d], upper triangle of G_s
-  T running[kPoints];
-};
+void forward_tile_16(const Problem<T>& p, TileScratch<T, 16>& s, int64_t tile, int64_t B, T* G_s, T* scale) {
+  forward_tile<T, 16>(p, s, tile, B, G_s, scale);
+}
+template <typename T>
+PYGEO_TARGET_32 void forward_tile_32(const Problem<T>& p, TileScratch<T, 32>& s, int64_t tile, int64_t B, T* G_s,
+                                     T* scale) {
+  forward_tile<T, 32>(p, s, tile, B, G_s, scale);
+}
+template <typename T>
+PYGEO_TARGET_64 void forward_tile_64(const Problem<T>& p, TileScratch<T, 64>& s, int64_t tile, int64_t B, T* G_s,
+                                     T* scale) {
+  forward_tile<T, 64>(p, s, tile, B, G_s, scale);
+}
+
+template <typename T, int Bytes>
+void forward_tiles(const Problem<T>& p, T* G_s, T* scale, int64_t B,
+                   void (*tile_fn)(const Problem<T>&, TileScratch<T, Bytes>&, int64_t, int64_t, T*, T*)) {
+  const int64_t n_tiles = (B + Simd<T, Bytes>::lanes - 1) / Simd<T, Bytes>::lanes;
+#pragma omp parallel if (B * p.N * p.dd >= kParallelWork)
+  {
+    TileScratch<T, Bytes> s(p.d, p.dd);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < n_tiles; ++tile) tile_fn(p, s, tile, B, G_s, scale);
+  }
+}
 
 template <typename T>
-PYGEO_VECTOR_CLONES void forward_points_full(const Problem<T>& p, const T* const* zs, const T* e0, PointBlockFull<T>& s) {
-  constexpr int kLanes = 64 / sizeof(T);
-  const int64_t N = p.N, d = p.d, dd = p.dd;
-  const T inv_rho2 = p.inv_rho2;
-  for (int q = 0; q < kPoints; ++q) s.running[q] = p.lam > 0 ? e0[q] : -std::numeric_limits<T>::infinity();
-  std::fill(s.acc.begin(), s.acc.end(), T(0));
-  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
-    const int64_t nb = std::min(kBlock, N - i0);
-    const int64_t nb_lanes = (nb + kLanes - 1) / kLanes * kLanes;  // reads past N hit the zero padding
-    for (int64_t t0 = 0; t0 < nb_lanes; t0 += kLanes) {
-      for (int64_t k = 0; k < d; ++k) {
-        const T* ck = p.cT.data() + k * p.stride + i0 + t0;
-        for (int q = 0; q < kPoints; ++q) {
-          const T zq = zs[q][k];
-#pragma omp simd
-          for (int v = 0; v < kLanes; ++v) s.diff[q][k][v] = zq - ck[v];
-        }
-      }
-      T quad[kPoints][kLanes] = {};
-      for (int64_t k = 0; k < d; ++k) {
-        T twice_dk[kPoints][kLanes];  // 2 d_k, so that the off-diagonal terms need one product each
-        const T* mkk = p.PT.data() + (k * d + k) * p.stride + i0 + t0;
-        for (int q = 0; q < kPoints; ++q) {
-#pragma omp simd
-          for (int v = 0; v < kLanes; ++v) {
-            const T dk = s.diff[q][k][v];
-            quad[q][v] += mkk[v] * dk * dk;
-            twice_dk[q][v] = dk + dk;
-          }
-        }
-        for (int64_t l = k + 1; l < d; ++l) {
-          const T* mkl = p.PT.data() + (k * d + l) * p.stride + i0 + t0;
-          for (int q = 0; q < kPoints; ++q) {
-#pragma omp simd
-            for (int v = 0; v < kLanes; ++v) quad[q][v] += mkl[v] * twice_dk[q][v] * s.diff[q][l][v];
-          }
-        }
-      }
-      store_exponents<T, kLanes>(s.e, quad, t0, nb, inv_rho2);
-    }
-    for (int q = 0; q < kPoints; ++q) block_weights(s.e[q], nb, nb_lanes, s.running[q], s.acc.data() + q * dd, dd);
-    for (int64_t j = 0; j < d; ++j) {
-      for (int64_t l = j; l < d; ++l) {
-        T totals[kPoints];
-        weighted_sums<T, kLanes>(s.e, p.PT.data() + (j * d + l) * p.stride + i0, nb_lanes, totals);
-        for (int q = 0; q < kPoints; ++q) s.acc[q * dd + j * d + l] += totals[q];
-      }
-    }
-  }
+void forward_metric_only(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
+  const int bytes = simd_bytes();
+  if (bytes >= 64) return forward_tiles<T, 64>(p, G_s, scale, B, forward_tile_64<T>);
+  if (bytes >= 32) return forward_tiles<T, 32>(p, G_s, scale, B, forward_tile_32<T>);
+  forward_tiles<T, 16>(p, G_s, scale, B, forward_tile_16<T>);
 }
 
 // s.acc[k] = sum_i exp(e_i - sb) <A, M_i> (-2/rho^2) (M_i (z - c_i))_k for the point zb.
@@ -420,48 +439,6 @@ void check_sizes(int64_t B, int64_t N, int64_t d, double rho) {
   PYGEO_CHECK(rho > 0, "rho must be positive");
 }
 
-// G_s and scale without dG, kPoints points per task (the last block padded with its last point).
-template <typename T>
-void forward_blocked(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
-  const int64_t d = p.d, dd = p.dd;
-#pragma omp parallel if (B * p.N * dd >= kParallelWork)
-  {
-    PointBlock<T> s;
-    PointBlockFull<T> s_full(p.full ? d : 0);
-#pragma omp for schedule(static)
-    for (int64_t b0 = 0; b0 < B; b0 += kPoints) {
-      const T* zs[kPoints];
-      T e0[kPoints];
-      for (int q = 0; q < kPoints; ++q) {
-        zs[q] = p.z + std::min(b0 + q, B - 1) * d;
-        T norm2 = 0;
-        for (int64_t k = 0; k < d; ++k) norm2 += zs[q][k] * zs[q][k];
-        e0[q] = T(-p.tau) * norm2;
-      }
-      if (p.full) {
-        forward_points_full(p, zs, e0, s_full);
-      } else {
-        forward_points_diagonal(p, zs, e0, s);
-      }
-      for (int q = 0; q < kPoints && b0 + q < B; ++q) {
-        const T running = p.full ? s_full.running[q] : s.running[q];
-        const T prior = p.lam > 0 ? T(p.lam) * std::exp(e0[q] - running) : T(0);
-        scale[b0 + q] = running;
-        T* Gb = G_s + (b0 + q) * dd;
-        for (int64_t j = 0; j < d; ++j) {
-          if (p.full) {
-            for (int64_t l = j; l < d; ++l) {
-              Gb[j * d + l] = Gb[l * d + j] = s_full.acc[q * dd + j * d + l] + (j == l ? prior : T(0));
-            }
-          } else {
-            Gb[j] = s.acc[q][j] + prior;
-          }
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
 
 // z: [B, d]; centroids: [N, d]; precisions: [N, d] (full = false) or [N, d, d] (full = true).
@@ -473,8 +450,8 @@ void latent_metric_forward_cpu(const T* z, const T* centroids, const T* precisio
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
   const int64_t dd = p.dd;
-  if (!dG_s && d <= kMaxD) {
-    forward_blocked(p, G_s, scale, B);
+  if (!dG_s) {
+    forward_metric_only(p, G_s, scale, B);
     return;
   }
 #pragma omp parallel if (B * N * dd >= kParallelWork)

@@ -19,53 +19,15 @@
 // and imaginary arrays once per call.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <new>
 #include <vector>
 
 #include "common/checks.h"
-
-// A vector argument's calling convention differs between targets; every function that takes one is inlined below.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "common/simd.h"
 
 namespace pygeo {
 
 namespace {
-
-// Everything a tile runs is inlined into the clones below, so that it is compiled for each clone's target (a vector
-// passed to an out-of-line function compiled for another target would not even agree on the calling convention).
-#define PYGEO_INLINE inline __attribute__((always_inline))
-
-// One SIMD vector of Bytes bytes of T (GCC vector extensions).
-template <typename T, int Bytes>
-struct Simd {
-  typedef T V __attribute__((vector_size(Bytes)));
-  static constexpr int lanes = Bytes / sizeof(T);
-};
-
-// A fixed-size array of SIMD vectors on 64-byte boundaries (std::vector does not honour the vectors' alignment here).
-template <typename V>
-class VectorArray {
- public:
-  explicit VectorArray(int64_t size)
-      : size_(size), data_(static_cast<V*>(::operator new(sizeof(V) * std::max<int64_t>(size, 1), std::align_val_t(64)))) {}
-  ~VectorArray() { ::operator delete(data_, std::align_val_t(64)); }
-  VectorArray(const VectorArray&) = delete;
-  VectorArray& operator=(const VectorArray&) = delete;
-  V& operator[](int64_t i) { return data_[i]; }
-  const V& operator[](int64_t i) const { return data_[i]; }
-  V* data() { return data_; }
-  const V* data() const { return data_; }
-  PYGEO_INLINE void fill(const V& value) { std::fill(data_, data_ + size_, value); }
-  PYGEO_INLINE void scale(const V& factor) {
-    for (int64_t i = 0; i < size_; ++i) data_[i] *= factor;
-  }
-
- private:
-  int64_t size_;
-  V* data_;
-};
 
 constexpr int kChunk = 8;  // components per chunk: one max update per chunk, and the M update's reuse of its entries
 // Register blocks: y = P d runs 4 rows at a time (16 accumulators), M is updated in 2 x 4 blocks (16 accumulators).
@@ -76,51 +38,10 @@ constexpr int kBlockJ = 4;
 constexpr int kPad = 4;  // n is padded to a multiple of this (and so of kRows, kBlockI, kBlockJ) with zeros
 static_assert(kPad % kRows == 0 && kPad % kBlockI == 0 && kPad % kBlockJ == 0, "blocks must tile the padded n");
 
-// exp(x) for x <= 0, with weights below 1e-25 (float) / 1e-290 (double) relative to the largest set to exactly 0:
-// they cannot change a sum that holds a weight of 1, and left alone they decay into denormals whose arithmetic is ~100x
-// slower (a far-away component's weight times y y^H).
-template <typename T>
-constexpr T negligible_below() {
-  return (std::numeric_limits<T>::min_exponent - 1) * T(0.6931471805599453) + T(30);  // log of the smallest normal, + 30
-}
+// A scalar exp(x) for x <= 0, zero where the vector one is (common/simd.h).
 template <typename T>
 inline T negligible_as_zero(T x) {
   return x < negligible_below<T>() ? T(0) : std::exp(x);
-}
-
-// The same for a vector of scores, lane by lane (K exponentials per point: one scalar call each is 20 % of the time at
-// n = 8). exp(x) = 2^k exp(r) with k = round(x / log 2) and r = x - k log 2 (log 2 in two parts, so r is exact), exp(r)
-// by its Taylor polynomial on |r| <= log(2) / 2: degree 7 for float (error < 5e-9), 13 for double (< 5e-18).
-template <typename T>
-struct ExpConstants;
-template <>
-struct ExpConstants<float> {
-  typedef int32_t Int;
-  static constexpr int degree = 7;
-  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  static constexpr int32_t magic_bits = 0x4B400000, bias = 127, mantissa_bits = 23;
-};
-template <>
-struct ExpConstants<double> {
-  typedef int64_t Int;
-  static constexpr int degree = 13;
-  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
-  static constexpr int64_t magic_bits = 0x4338000000000000LL, bias = 1023, mantissa_bits = 52;
-};
-
-template <typename T, int Bytes>
-PYGEO_INLINE typename Simd<T, Bytes>::V exp_negligible_as_zero(const typename Simd<T, Bytes>::V& x) {
-  using V = typename Simd<T, Bytes>::V;
-  using C = ExpConstants<T>;
-  typedef typename C::Int I __attribute__((vector_size(Bytes)));
-  const V shifted = x * T(1.4426950408889634) + C::round_magic;  // round(x / log 2) in the low mantissa bits
-  const V k = shifted - C::round_magic;
-  const V r = (x - k * T(0.693145751953125)) - k * T(1.4286068203094173e-06);  // log 2 = 0.693145751953125 + 1.43e-6
-  V p = V{} + T(1);
-  for (int i = C::degree; i >= 1; --i) p = p * (r * (T(1) / T(i))) + T(1);  // Horner on 1 + r (1 + r/2 (1 + r/3 ...))
-  const I exponent = ((I)shifted - C::magic_bits + C::bias) << C::mantissa_bits;  // the bits of 2^k
-  const V result = p * (V)exponent;
-  return x < negligible_below<T>() ? V{} + T(0) : result;
 }
 
 // The problem of one call, with the components split into zero-padded real and imaginary arrays.
@@ -374,7 +295,7 @@ PYGEO_INLINE void process_tile(const Problem<T>& prob, Scratch<T, Bytes>& s, int
       s.diag_P.scale(rescale);
     }
     for (int c = 0; c < chunk; ++c) {
-      w[c] = exp_negligible_as_zero<T, Bytes>(w[c] - running_max);
+      w[c] = exp_weight<T, Bytes>(w[c] - running_max);
       total += w[c];
     }
     // 3. y_c - r, its weighted copy w_c (y_c - r), and their sum.
@@ -422,26 +343,20 @@ PYGEO_INLINE void process_tile(const Problem<T>& prob, Scratch<T, Bytes>& s, int
   }
 }
 
-// The tile kernel compiled for AVX-512, AVX2 + FMA and the baseline, each with its own vector width, and picked at run
-// time: the wheel stays portable and runs at the width of the machine it is on. (GCC's target_clones cannot do this:
-// every clone has the same types, and 64-byte vectors on a 32-byte target spill.) The attribute is on the tile
-// function, not on the OpenMP loop: an outlined parallel region would not inherit it.
+// The tile kernel for each vector width (common/simd.h), one OpenMP thread per tile.
 template <typename T>
-void tile_portable(const Problem<T>& prob, Scratch<T, 16>& s, int64_t tile) {
+void tile_16(const Problem<T>& prob, Scratch<T, 16>& s, int64_t tile) {
   process_tile<T, 16>(prob, s, tile);
 }
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) void tile_avx512(const Problem<T>& prob, Scratch<T, 64>& s, int64_t tile) {
-  process_tile<T, 64>(prob, s, tile);
-}
-template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void tile_avx2(const Problem<T>& prob, Scratch<T, 32>& s, int64_t tile) {
+PYGEO_TARGET_32 void tile_32(const Problem<T>& prob, Scratch<T, 32>& s, int64_t tile) {
   process_tile<T, 32>(prob, s, tile);
 }
-#endif
+template <typename T>
+PYGEO_TARGET_64 void tile_64(const Problem<T>& prob, Scratch<T, 64>& s, int64_t tile) {
+  process_tile<T, 64>(prob, s, tile);
+}
 
-// All tiles of one call, one OpenMP thread per tile.
 template <typename T, int Bytes>
 void run_tiles(const Problem<T>& prob, void (*tile_fn)(const Problem<T>&, Scratch<T, Bytes>&, int64_t)) {
   const int64_t n_tiles = (prob.B + Simd<T, Bytes>::lanes - 1) / Simd<T, Bytes>::lanes;
@@ -453,31 +368,12 @@ void run_tiles(const Problem<T>& prob, void (*tile_fn)(const Problem<T>&, Scratc
   }
 }
 
-// The widest vectors this CPU has, or fewer bytes if the environment variable PYGEO_SIMD_BYTES (16, 32 or 64; read by
-// this kernel only) asks for them: the tests run every width on one machine that way.
-inline int simd_bytes() {
-  int bytes = 16;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl")) {
-    bytes = 64;  // x86-64-v4
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
-    bytes = 32;  // x86-64-v3
-  }
-#endif
-  if (const char* asked = std::getenv("PYGEO_SIMD_BYTES")) bytes = std::min(bytes, std::max(16, std::atoi(asked)));
-  return bytes;
-}
-
 template <typename T>
 void run_all_tiles(const Problem<T>& prob) {
   const int bytes = simd_bytes();
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (bytes >= 64) return run_tiles<T, 64>(prob, tile_avx512<T>);
-  if (bytes >= 32) return run_tiles<T, 32>(prob, tile_avx2<T>);
-#endif
-  run_tiles<T, 16>(prob, tile_portable<T>);
+  if (bytes >= 64) return run_tiles<T, 64>(prob, tile_64<T>);
+  if (bytes >= 32) return run_tiles<T, 32>(prob, tile_32<T>);
+  run_tiles<T, 16>(prob, tile_16<T>);
 }
 
 }  // namespace

@@ -408,27 +408,138 @@ void forward_metric_only(const Problem<T>& p, T* G_s, T* scale, int64_t B) {
   forward_tiles<T, 16>(p, G_s, scale, B, forward_tile_16<T>);
 }
 
-// s.acc[k] = sum_i exp(e_i - sb) <A, M_i> (-2/rho^2) (M_i (z - c_i))_k for the point zb.
-template <typename T>
-PYGEO_VECTOR_CLONES void vjp_point(const Problem<T>& p, const T* zb, const T* Ab, T sb, Scratch<T>& s) {
-  const int64_t N = p.N, d = p.d, dd = p.dd;
-  T* coef = s.w.data();
-  std::fill(s.acc.begin(), s.acc.begin() + d, T(0));
-  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
-    const int64_t nb = std::min(kBlock, N - i0);
-    block_exponents(p, zb, i0, nb, s);
-    std::fill(coef, coef + nb, T(0));
-    for (int64_t jl = 0; jl < dd; ++jl) {  // coef_i = <A, M_i>
-      const T a = Ab[jl];
-      const T* Mjl = p.PT.data() + jl * p.stride + i0;
-#pragma omp simd
-      for (int64_t t = 0; t < nb; ++t) coef[t] += a * Mjl[t];
+// The backward pass on SIMD tiles of points, as the G-only path:
+//   v[k] = sum_i exp(e_i - s) <A, M_i> (-2/rho^2) (M_i (z - c_i))_k
+// with s the forward's scale, so no running maximum is needed.
+template <typename T, int Bytes>
+struct VjpScratch {
+  using V = typename Simd<T, Bytes>::V;
+  VjpScratch(int64_t d, int64_t dd) : z(d), A(dd), y(kChunk * d), v(d) {}
+  VectorArray<V> z;  // [d]: the tile's points
+  VectorArray<V> A;  // [dd]: A's entries, full: A_kk on the diagonal and A_kl + A_lk above it (M_i is symmetric)
+  VectorArray<V> y;  // [kChunk, d]: M_c (z - c_c) for the chunk's centroids
+  VectorArray<V> v;  // [d]: the result
+};
+
+// y_c = M_c (z - c_c) and the exponents -(z - c_c)^T y_c / rho^2 of the chunk's centroids (C [kChunk, d],
+// M [kChunk, dd] as stored), the chunk's centroids side by side as in chunk_exponents.
+template <typename T, int Bytes>
+PYGEO_INLINE void chunk_projections(const Problem<T>& p, VjpScratch<T, Bytes>& s, const T* C, const T* M,
+                                    typename Simd<T, Bytes>::V* e) {
+  using V = typename Simd<T, Bytes>::V;
+  const int64_t d = p.d;
+  V q[kChunk];
+  for (int c = 0; c < kChunk; ++c) q[c] = V{} + T(0);
+  for (int64_t k = 0; k < d; ++k) {
+    const V zk = s.z[k];
+    V yk[kChunk];
+    if (p.full) {
+      for (int c = 0; c < kChunk; ++c) yk[c] = V{} + T(0);
+      for (int64_t l = 0; l < d; ++l) {
+        const V zl = s.z[l];
+#pragma GCC unroll 8
+        for (int c = 0; c < kChunk; ++c) yk[c] += M[(c * d + k) * d + l] * (zl - C[c * d + l]);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunk; ++c) yk[c] = M[c * d + k] * (zk - C[c * d + k]);
     }
-    const T* e = s.e.data();
-    const T factor = p.derivative_factor;
-#pragma omp simd
-    for (int64_t t = 0; t < nb; ++t) coef[t] *= factor * exp_scaled(e[t] - sb);
-    for (int64_t k = 0; k < d; ++k) s.acc[k] += dot(coef, s.y.data() + k * kBlock, nb);
+#pragma GCC unroll 8
+    for (int c = 0; c < kChunk; ++c) {
+      s.y[c * d + k] = yk[c];
+      q[c] += (zk - C[c * d + k]) * yk[c];
+    }
+  }
+  for (int c = 0; c < kChunk; ++c) e[c] = q[c] * (-p.inv_rho2);
+}
+
+template <typename T, int Bytes>
+PYGEO_INLINE void vjp_tile(const Problem<T>& p, VjpScratch<T, Bytes>& s, int64_t tile, int64_t B, const T* A,
+                           const T* scale, T* v) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int L = Simd<T, Bytes>::lanes;
+  const int64_t d = p.d, dd = p.dd, N = p.N;
+  const int64_t b0 = tile * L;
+  const int count = static_cast<int>(std::min<int64_t>(L, B - b0));
+  V s_tile, trace = V{} + T(0);
+  for (int l = 0; l < L; ++l) {
+    const int64_t b = b0 + (l < count ? l : 0);  // padding lanes repeat point 0
+    s_tile[l] = scale[b];
+    for (int64_t k = 0; k < d; ++k) s.z[k][l] = p.z[b * d + k];
+    const T* Ab = A + b * dd;
+    for (int64_t k = 0; k < d; ++k) {
+      if (!p.full) {
+        s.A[k][l] = Ab[k];
+        continue;
+      }
+      for (int64_t j = k; j < d; ++j) s.A[k * d + j][l] = j == k ? Ab[k * d + k] : Ab[k * d + j] + Ab[j * d + k];
+    }
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    s.v[k] = V{} + T(0);
+    trace += s.A[p.full ? k * d + k : k];
+  }
+  for (int64_t i0 = 0; i0 < N; i0 += kChunk) {
+    const int chunk = static_cast<int>(std::min<int64_t>(kChunk, N - i0));
+    const bool whole = i0 + kChunk <= N;
+    const T* C = whole ? p.centroids + i0 * d : p.tail_centroids.data();
+    const T* M = whole ? p.precisions + i0 * dd : p.tail_precisions.data();
+    V coef[kChunk], inner[kChunk];  // exponents, then coefficients; <A, M_c>
+    chunk_projections(p, s, C, M, coef);
+    for (int c = 0; c < kChunk; ++c) inner[c] = V{} + T(0);
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t j = p.full ? k : 0; j < (p.full ? d : 1); ++j) {
+        const int64_t e = p.full ? k * d + j : k;
+        const V a = s.A[e];
+#pragma GCC unroll 8
+        for (int c = 0; c < kChunk; ++c) inner[c] += a * M[c * dd + e];
+      }
+    }
+    for (int c = 0; c < kChunk; ++c) {
+      const V w = c < chunk ? exp_weight<T, Bytes>(coef[c] - s_tile) : V{} + T(0);
+      coef[c] = (w * inner[c]) * p.derivative_factor;
+    }
+    for (int64_t k = 0; k < d; ++k) {
+      V sum = s.v[k];
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunk; ++c) sum += coef[c] * s.y[c * d + k];
+      s.v[k] = sum;
+    }
+  }
+  // The lam term lam exp(-tau |z|^2) I under the scale: its derivative is -2 tau z_k lam exp(e0 - s) tr(A).
+  V norm2 = V{} + T(0);
+  for (int64_t k = 0; k < d; ++k) norm2 += s.z[k] * s.z[k];
+  const V prior = T(p.lam) * exp_weight<T, Bytes>(norm2 * T(-p.tau) - s_tile);
+  for (int l = 0; l < count; ++l) {
+    for (int64_t k = 0; k < d; ++k) v[(b0 + l) * d + k] = s.v[k][l] + T(-2.0 * p.tau) * prior[l] * trace[l] * s.z[k][l];
+  }
+}
+
+template <typename T>
+void vjp_tile_16(const Problem<T>& p, VjpScratch<T, 16>& s, int64_t tile, int64_t B, const T* A, const T* scale,
+                 T* v) {
+  vjp_tile<T, 16>(p, s, tile, B, A, scale, v);
+}
+template <typename T>
+PYGEO_TARGET_32 void vjp_tile_32(const Problem<T>& p, VjpScratch<T, 32>& s, int64_t tile, int64_t B, const T* A,
+                                 const T* scale, T* v) {
+  vjp_tile<T, 32>(p, s, tile, B, A, scale, v);
+}
+template <typename T>
+PYGEO_TARGET_64 void vjp_tile_64(const Problem<T>& p, VjpScratch<T, 64>& s, int64_t tile, int64_t B, const T* A,
+                                 const T* scale, T* v) {
+  vjp_tile<T, 64>(p, s, tile, B, A, scale, v);
+}
+
+template <typename T, int Bytes>
+void vjp_tiles(const Problem<T>& p, const T* A, const T* scale, T* v, int64_t B,
+               void (*tile_fn)(const Problem<T>&, VjpScratch<T, Bytes>&, int64_t, int64_t, const T*, const T*, T*)) {
+  const int64_t n_tiles = (B + Simd<T, Bytes>::lanes - 1) / Simd<T, Bytes>::lanes;
+#pragma omp parallel if (B * p.N * p.dd >= kParallelWork)
+  {
+    VjpScratch<T, Bytes> s(p.d, p.dd);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < n_tiles; ++tile) tile_fn(p, s, tile, B, A, scale, v);
   }
 }
 
@@ -503,24 +614,10 @@ void latent_metric_vjp_cpu(const T* z, const T* centroids, const T* precisions, 
                            double rho, const T* A, const T* scale, T* v, int64_t B, int64_t N, int64_t d) {
   check_sizes(B, N, d, rho);
   const Problem<T> p(z, centroids, precisions, full, lam, tau, rho, N, d);
-  const int64_t dd = p.dd;
-#pragma omp parallel if (B * N * dd >= kParallelWork)
-  {
-    Scratch<T> s(d, dd, false);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const T* zb = z + b * d;
-      const T* Ab = A + b * dd;
-      vjp_point(p, zb, Ab, scale[b], s);
-      T norm2 = 0, trace = 0;
-      for (int64_t k = 0; k < d; ++k) {
-        norm2 += zb[k] * zb[k];
-        trace += full ? Ab[k * d + k] : Ab[k];
-      }
-      const T prior = lam > 0 ? T(lam) * std::exp(T(-tau) * norm2 - scale[b]) : T(0);
-      for (int64_t k = 0; k < d; ++k) v[b * d + k] = s.acc[k] + T(-2.0 * tau) * prior * trace * zb[k];
-    }
-  }
+  const int bytes = simd_bytes();
+  if (bytes >= 64) return vjp_tiles<T, 64>(p, A, scale, v, B, vjp_tile_64<T>);
+  if (bytes >= 32) return vjp_tiles<T, 32>(p, A, scale, v, B, vjp_tile_32<T>);
+  vjp_tiles<T, 16>(p, A, scale, v, B, vjp_tile_16<T>);
 }
 
 template void latent_metric_forward_cpu<float>(const float*, const float*, const float*, bool, double, double, double,

@@ -109,6 +109,12 @@ def _describe(expected: Sequence[Optional[int]]) -> str:
     return "trailing dims (" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
 
 
+try:
+    from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
+except ImportError:  # pragma: no cover
+    _torch_is_fake = None
+
+
 def _is_fake(value: torch.Tensor) -> bool:
     """True while tracing (torch.compile), inside torch.func transforms (vmap, jvp) or for fake/meta tensors: values
     that cannot be inspected on the host."""
@@ -116,8 +122,6 @@ def _is_fake(value: torch.Tensor) -> bool:
         return True
     if torch._C._functorch.is_functorch_wrapped_tensor(value):
         return True
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover
-        return False
-    return is_fake(value)
+    if type(value) is torch.Tensor or type(value) is torch.nn.Parameter:  # no subclass: fake only if functionalized
+        return torch._is_functional_tensor(value)
+    return _torch_is_fake is not None and _torch_is_fake(value)

@@ -95,3 +95,29 @@ def test_kernel_rechecks_sizes_and_raises_instead_of_crashing():
         module.jtj_cpu(0, 0, 0, G.data_ptr(), 1, 3, 0, "float32")
     with pytest.raises(ValueError, match="dtype must be float32 or float64"):
         module.jtj_cpu(0, 0, 0, G.data_ptr(), 1, 3, 2, "int32")
+
+
+def test_call_op_skips_the_dispatcher_only_where_nothing_needs_it():
+    """Plain eager calls without autograd run the op's implementation directly; autograd, fake tensors and torch.func
+    transforms go through the custom op (its autograd formula and fake implementation)."""
+    calls = []
+
+    def op(x, weights):
+        calls.append("op")
+        return x * 2
+
+    def implementation(x, weights):
+        calls.append("implementation")
+        return x * 2
+
+    x, w = torch.randn(3), torch.randn(3)
+    _backend.call_op(op, implementation, x, [w])
+    with torch.no_grad():
+        _backend.call_op(op, implementation, x.requires_grad_(), [w])
+    _backend.call_op(op, implementation, x, [w])  # x needs a gradient
+    _backend.call_op(op, implementation, x.detach(), [w.requires_grad_()])  # so does a parameter in a list
+    torch.func.vmap(lambda row: _backend.call_op(op, implementation, row, [w.detach()]))(torch.randn(2, 3))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        _backend.call_op(op, implementation, torch.empty(3), [torch.empty(3)])
+    assert calls == ["implementation", "implementation", "op", "op", "op", "op"]

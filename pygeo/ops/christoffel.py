@@ -100,7 +100,7 @@ def christoffel(G: torch.Tensor, dG: torch.Tensor, *, backend: str = "auto") -> 
     chosen = _backend.resolve("christoffel", G.device, backend, _IMPLEMENTED)
     G_flat = G.reshape(-1, d, d).contiguous()
     dG_flat = dG.reshape(-1, d, d, d).contiguous()
-    Gamma, failed = _christoffel_op(G_flat, dG_flat, chosen)
+    Gamma, failed = _backend.call_op(_christoffel_op, _run, G_flat, dG_flat, chosen)
     if not torch.compiler.is_compiling() and G_flat.device.type != "meta" and bool(failed.any()):
         # Rare: recompute those points through the jittered Cholesky, which raises ValueError if jitter is not enough.
         bad = failed.nonzero().squeeze(-1)

@@ -98,6 +98,6 @@ def jtj(J: torch.Tensor, weight: Optional[torch.Tensor] = None, *, backend: str 
     J_flat = J.reshape(-1, D, d).contiguous()
     if weight is not None:
         weight = weight.contiguous() if weight.dim() == 1 else weight.expand(*batch_shape, D).reshape(-1, D).contiguous()
-    G = _jtj_op(J_flat, weight, chosen)
+    G = _backend.call_op(_jtj_op, _run, J_flat, weight, chosen)
     _checks.finite_result(G, "G = J^T diag(weight) J", "J or weight contains NaN or Inf values")
     return G.reshape(*batch_shape, d, d)

@@ -138,8 +138,9 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     def flat(value, tail):
         return None if value is None else value.reshape(-1, *tail).contiguous()
 
-    outputs = _langevin_step_op(flat(z, (d,)), flat(G, (d, d)), flat(grad_log_prob, (d,)), step.reshape(-1).contiguous(),
-                                flat(noise, (d,)), flat(dG, (d, d, d)), flat(div_Ginv, (d,)), flat(target, (d,)), chosen)
+    outputs = _backend.call_op(_langevin_step_op, _run, flat(z, (d,)), flat(G, (d, d)), flat(grad_log_prob, (d,)),
+                               step.reshape(-1).contiguous(), flat(noise, (d,)), flat(dG, (d, d, d)), flat(div_Ginv, (d,)),
+                               flat(target, (d,)), chosen)
     proposal, mean, half_log_det, log_q_proposal, log_q_target, ok = outputs
     # One pass over the outputs: a sum is finite iff its terms are (or it overflows, which flags the chain too).
     total = proposal.sum(-1) + mean.sum(-1) + half_log_det + log_q_proposal

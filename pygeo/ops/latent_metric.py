@@ -252,8 +252,9 @@ def latent_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
     chosen = _backend.resolve("latent_metric", z.device, backend, _IMPLEMENTED)
     batch_shape = z.shape[:-1]
     flat = z.reshape(-1, d).contiguous()
-    G, dG, log_vol, log_vol_grad = _latent_metric_op(flat, centroids.contiguous(), precisions.contiguous(), float(lam),
-                                                     float(tau), float(rho), derivative, log_volume, chosen)
+    G, dG, log_vol, log_vol_grad = _backend.call_op(_latent_metric_op, _compute, flat, centroids.contiguous(),
+                                                    precisions.contiguous(), float(lam), float(tau), float(rho),
+                                                    derivative, log_volume, chosen)
     return LatentMetricOutput(
         G.reshape(*batch_shape, d, d),
         dG.reshape(*batch_shape, d, d, d) if derivative else None,

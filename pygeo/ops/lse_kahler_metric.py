@@ -160,7 +160,8 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     z_real = torch.view_as_real(z.reshape(-1, n).resolve_conj()).contiguous()
     centers_real = torch.view_as_real(centers.resolve_conj()).contiguous()
     precisions_real = precisions.contiguous() if diagonal else torch.view_as_real(precisions.resolve_conj()).contiguous()
-    G_real = _lse_kahler_metric_op(z_real, centers_real, precisions_real, log_weights.contiguous(), float(temperature), chosen)
+    G_real = _backend.call_op(_lse_kahler_metric_op, _run, z_real, centers_real, precisions_real,
+                              log_weights.contiguous(), float(temperature), chosen)
     G = torch.view_as_complex(G_real).reshape(*batch_shape, n, n)
     if not with_log_det:
         return G

@@ -222,9 +222,9 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     _checks.same_device(**tensors)
     _checks.same_dtype(**tensors)
     chosen = _backend.resolve("mlp_metric", z.device, backend, _IMPLEMENTED)
-    G = _mlp_metric_op(z.reshape(-1, d).contiguous(), [W.contiguous() for W in weights],
-                       [b.contiguous() for b in biases], codes, params, output_weight, likelihood == "bernoulli",
-                       float(eps), chosen)
+    G = _backend.call_op(_mlp_metric_op, _run, z.reshape(-1, d).contiguous(), [W.contiguous() for W in weights],
+                         [b.contiguous() for b in biases], codes, params, output_weight, likelihood == "bernoulli",
+                         float(eps), chosen)
     return G.reshape(*batch_shape, d, d)
 
 

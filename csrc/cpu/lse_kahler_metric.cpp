@@ -38,12 +38,6 @@ constexpr int kBlockJ = 4;
 constexpr int kPad = 4;  // n is padded to a multiple of this (and so of kRows, kBlockI, kBlockJ) with zeros
 static_assert(kPad % kRows == 0 && kPad % kBlockI == 0 && kPad % kBlockJ == 0, "blocks must tile the padded n");
 
-// A scalar exp(x) for x <= 0, zero where the vector one is (common/simd.h).
-template <typename T>
-inline T negligible_as_zero(T x) {
-  return x < negligible_below<T>() ? T(0) : std::exp(x);
-}
-
 // The problem of one call, with the components split into zero-padded real and imaginary arrays.
 template <typename T>
 struct Problem {
@@ -257,26 +251,21 @@ PYGEO_INLINE void process_tile(const Problem<T>& prob, Scratch<T, Bytes>& s, int
     // 2. One max update per chunk. Where it grows, the y of the new maximum becomes the lane's shift (the sums move to
     // it) and the sums are rescaled.
     bool grew = false;
-    int argmax[L];
-    V rescale = zero + T(1);
+    int argmax[L];  // the chunk's component with the lane's new maximum, -1 where the maximum stays
+    V new_max = running_max;
     for (int l = 0; l < L; ++l) {
-      T chunk_max = w[0][l];
-      argmax[l] = 0;
-      for (int c = 1; c < chunk; ++c) {
-        if (w[c][l] > chunk_max) {
-          chunk_max = w[c][l];
+      argmax[l] = -1;
+      for (int c = 0; c < chunk; ++c) {
+        if (w[c][l] > new_max[l]) {
+          new_max[l] = w[c][l];
           argmax[l] = c;
         }
       }
-      if (chunk_max > running_max[l]) {
-        rescale[l] = negligible_as_zero(running_max[l] - chunk_max);  // exp(-inf) = 0 at the start
-        running_max[l] = chunk_max;
-        grew = true;
-      } else {
-        argmax[l] = -1;
-      }
+      grew |= argmax[l] >= 0;
     }
     if (grew) {
+      const V rescale = exp_weight<T, Bytes>(running_max - new_max);  // 1 where it stays; exp(-inf) = 0 at the start
+      running_max = new_max;
       for (int64_t i = 0; i < np; ++i) {
         for (int l = 0; l < L; ++l) {
           const bool moves = argmax[l] >= 0;

@@ -40,9 +40,9 @@ std::vector<T> last_chunk(const T* x, int64_t rows, int64_t cols) {
   return out;
 }
 
-// Row length of the transposed precisions: N rounded up to whole chunks, plus 16 so that rows read together are not a
-// multiple of 4 KiB apart (they would evict each other from L1).
-inline int64_t padded(int64_t N) { return (N + kChunk - 1) / kChunk * kChunk + 16; }
+// Row length of the transposed precisions: N rounded up to a multiple of 256 (so of kChunk), plus 16, so that rows
+// read together are never a multiple of 4 KiB apart (they would evict each other from L1).
+inline int64_t padded(int64_t N) { return (N + 255) / 256 * 256 + 16; }
 
 // x [rows, cols] -> [cols rounded up to kGroup][padded(rows)], zero-padded.
 template <typename T>

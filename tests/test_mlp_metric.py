@@ -238,3 +238,19 @@ def test_compressed_last_layer_cache_follows_weight_updates():
         decoder[2].weight = torch.nn.Parameter(torch.randn(48, 24, dtype=F64))  # a new tensor
         assert_close(metric.metric(z), explicit_metric(decoder, z, "euclidean"), F64)
         assert_close(metric.metric(z[:3]), explicit_metric(decoder, z[:3], "euclidean"), F64)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_tanh_values_and_slopes_to_float32_accuracy(backend_device):
+    """z -> tanh -> (x 1) -> tanh -> (x 1): G = ((1 - t1^2)(1 - tanh(t1)^2))^2 with t1 = tanh(z), so both the values
+    and the slopes of the first tanh (the C++ kernel's vectorised float tanh: a polynomial below |x| = 0.4, exp above)
+    enter G. Checked on a dense grid to 1e-6 absolute in float32 (G <= 1; relative accuracy is lost for large |z| by
+    any float32 tanh, where 1 - t^2 cancels)."""
+    backend, device = backend_device
+    z = torch.cat([torch.linspace(-12.0, 12.0, 4001, dtype=torch.float64), torch.tensor([0.0, 1e-30, -1e-8, 0.3999, 0.4001])])
+    t1 = torch.tanh(z)
+    expected = ((1 - t1 ** 2) * (1 - torch.tanh(t1) ** 2)) ** 2
+    one = torch.ones(1, 1, dtype=torch.float32, device=device)
+    G = pygeo.ops.mlp_metric(z.float().to(device)[:, None], [one, one, one], [None, None, None],
+                             ["tanh", "tanh", "identity"], backend=backend)
+    torch.testing.assert_close(G.cpu().double()[:, 0, 0], expected, rtol=0.0, atol=1e-6)

@@ -102,10 +102,14 @@ PYGEO_ALWAYS_INLINE void activate(int64_t code, T p0, T p1, T h, T& value, T& sl
   }
 }
 
-// exp(x) for x in [0, 88] (larger x is clamped): Cody-Waite reduction, Taylor polynomial, 2^n built in the exponent
-// bits; plain arithmetic, so `omp simd` loops vectorise it.
-PYGEO_ALWAYS_INLINE float exp_nonnegative(float x) {
-  const float xc = std::min(x, 88.0f);
+// Vectorised float activations for hidden rows (std::tanh / exp / log1p cost 20-30 ns an element here, a sixth of
+// the euclidean metric's time): plain arithmetic that `omp simd` loops vectorise, within 2e-7 relative of the libm
+// functions (tests/test_mlp_metric.py checks values and slopes on a dense grid).
+
+// exp(x) with x clamped into [-87, 88] (normal results): Cody-Waite reduction x = n log 2 + r, Taylor polynomial in r,
+// 2^n built in the exponent bits.
+PYGEO_ALWAYS_INLINE float exp_clamped(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
   const float shifted = xc * 1.44269504f + magic;
   const float n = shifted - magic;
@@ -126,24 +130,72 @@ PYGEO_ALWAYS_INLINE float exp_nonnegative(float x) {
   return p * power;
 }
 
-// value[o] = tanh(h[o] + bias[o]) and slope[o] = 1 - value^2 for a row of float, vectorised (std::tanh costs ~28 ns an
-// element here, a sixth of the euclidean metric's time): the odd Taylor polynomial to x^13 below |x| = 0.4, else
-// 1 - 2 / (exp(2 |x|) + 1); within 1.8e-7 relative of tanh everywhere (tests/test_mlp_metric.py checks it).
-PYGEO_SIMD_CLONES void tanh_row(const float* bias, float* values, float* slopes, int64_t n) {
+// log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]: no cancellation; odd series to t^13.
+PYGEO_ALWAYS_INLINE float log1p_unit(float e) {
+  const float t = e / (2.0f + e), t2 = t * t;
+  float p = 1.0f / 13.0f;
+  p = p * t2 + 1.0f / 11.0f;
+  p = p * t2 + 1.0f / 9.0f;
+  p = p * t2 + 1.0f / 7.0f;
+  p = p * t2 + 1.0f / 5.0f;
+  p = p * t2 + 1.0f / 3.0f;
+  return 2.0f * ((p * t2) * t + t);
+}
+
+// sigmoid(x) from e = exp(-|x|) in (0, 1].
+PYGEO_ALWAYS_INLINE float sigmoid_from(float x, float e) { return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e); }
+
+// tanh(x): the odd Taylor polynomial to x^13 below |x| = 0.4, else 1 - 2 / (exp(2 |x|) + 1).
+PYGEO_ALWAYS_INLINE float tanh_fast(float x) {
+  const float ax = std::fabs(x), x2 = x * x;
+  float p = 21844.0f / 6081075.0f;
+  p = p * x2 - 1382.0f / 155925.0f;
+  p = p * x2 + 62.0f / 2835.0f;
+  p = p * x2 - 17.0f / 315.0f;
+  p = p * x2 + 2.0f / 15.0f;
+  p = p * x2 - 1.0f / 3.0f;
+  p = (p * x2) * x + x;
+  const float far = 1.0f - 2.0f / (exp_clamped(ax + ax) + 1.0f);
+  return ax < 0.4f ? p : (x < 0.0f ? -far : far);
+}
+
+// values[o] = a(values[o] + bias[o]), slopes[o] = a'(...) for tanh, softplus (p0 = beta, p1 = threshold), silu and
+// sigmoid.
+PYGEO_SIMD_CLONES void smooth_row(int64_t code, float p0, float p1, const float* bias, float* values, float* slopes,
+                                  int64_t n) {
+  switch (code) {
+    case kTanh:
 #pragma omp simd
-  for (int64_t o = 0; o < n; ++o) {
-    const float x = values[o] + bias[o], ax = std::fabs(x), x2 = x * x;
-    float p = 21844.0f / 6081075.0f;
-    p = p * x2 - 1382.0f / 155925.0f;
-    p = p * x2 + 62.0f / 2835.0f;
-    p = p * x2 - 17.0f / 315.0f;
-    p = p * x2 + 2.0f / 15.0f;
-    p = p * x2 - 1.0f / 3.0f;
-    p = (p * x2) * x + x;
-    const float far = 1.0f - 2.0f / (exp_nonnegative(ax + ax) + 1.0f);
-    const float t = ax < 0.4f ? p : (x < 0.0f ? -far : far);
-    values[o] = t;
-    slopes[o] = 1.0f - t * t;
+      for (int64_t o = 0; o < n; ++o) {
+        const float t = tanh_fast(values[o] + bias[o]);
+        values[o] = t;
+        slopes[o] = 1.0f - t * t;
+      }
+      return;
+    case kSoftplus:
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) {
+        const float h = values[o] + bias[o], scaled = p0 * h, e = exp_clamped(-std::fabs(scaled));
+        const bool linear = scaled > p1;  // torch.nn.Softplus: the identity above the threshold
+        values[o] = linear ? h : (std::max(scaled, 0.0f) + log1p_unit(e)) / p0;
+        slopes[o] = linear ? 1.0f : sigmoid_from(scaled, e);
+      }
+      return;
+    case kSilu:
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) {
+        const float h = values[o] + bias[o], s = sigmoid_from(h, exp_clamped(-std::fabs(h)));
+        values[o] = h * s;
+        slopes[o] = s * (1.0f + h * (1.0f - s));
+      }
+      return;
+    default:  // kSigmoid
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) {
+        const float h = values[o] + bias[o], s = sigmoid_from(h, exp_clamped(-std::fabs(h)));
+        values[o] = s;
+        slopes[o] = s * (1.0f - s);
+      }
   }
 }
 
@@ -151,7 +203,9 @@ PYGEO_SIMD_CLONES void tanh_row(const float* bias, float* values, float* slopes,
 template <typename T>
 void activate_row(int64_t code, T p0, T p1, const T* bias, T* values, T* slopes, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (code == kTanh) return tanh_row(bias, values, slopes, n);
+    if (code == kTanh || code == kSoftplus || code == kSilu || code == kSigmoid) {
+      return smooth_row(code, p0, p1, bias, values, slopes, n);
+    }
   }
   for (int64_t o = 0; o < n; ++o) activate(code, p0, p1, values[o] + bias[o], values[o], slopes[o]);
 }

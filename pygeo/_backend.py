@@ -201,13 +201,13 @@ def call_op(op, implementation, *args):
     """op(*args), the torch.library custom op, or implementation(*args) (the function the op wraps) for a plain eager
     call that autograd will not record. The dispatcher's Python overhead (about 70 us a call on a 2-core CPU) dominates
     the small batches that samplers evaluate thousands of times; it only earns its keep under torch.compile, torch.func
-    transforms, fake tensors and autograd. args[0] is the batch tensor."""
+    transforms, fake tensors, forward-mode dual levels and autograd. args[0] is the batch tensor."""
     from . import _checks
 
     tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
         t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return op(*args)
-    if _checks._is_fake(args[0]):
+    if _checks._is_fake(args[0]) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return op(*args)
     return implementation(*args)

@@ -120,4 +120,6 @@ def test_call_op_skips_the_dispatcher_only_where_nothing_needs_it():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         _backend.call_op(op, implementation, torch.empty(3), [torch.empty(3)])
-    assert calls == ["implementation", "implementation", "op", "op", "op", "op"]
+    with torch.autograd.forward_ad.dual_level():
+        _backend.call_op(op, implementation, torch.autograd.forward_ad.make_dual(x.detach(), x.detach()), [w.detach()])
+    assert calls == ["implementation", "implementation", "op", "op", "op", "op", "op"]

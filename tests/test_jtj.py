@@ -93,3 +93,21 @@ def test_unavailable_backend_says_why():
         pytest.skip("a GPU is present, so the cuda backend is available and cannot be shown unavailable")
     with pytest.raises(pygeo.BackendUnavailableError, match="cuda"):
         pygeo.ops.jtj(torch.randn(4, 3), backend="cuda")
+
+
+@pytest.mark.skipif(not pygeo.backends()["cpp"].available, reason="needs the compiled C++ backend")
+@pytest.mark.parametrize("simd_bytes", ["16", "32", "64"])
+def test_jtj_cpp_every_vector_width(monkeypatch, simd_bytes):
+    """The C++ kernel (d >= 8) is compiled for 16-, 32- and 64-byte vectors and picks the CPU's widest at run time;
+    PYGEO_SIMD_BYTES caps the width, so each version runs here: d a multiple of the block width (rows read in place),
+    d that is not (a padded copy), one- and two-vector blocks, several chunks of rows."""
+    monkeypatch.setenv("PYGEO_SIMD_BYTES", simd_bytes)
+    for B, D, d in [(5, 9, 8), (3, 100, 16), (2, 70, 40), (2, 300, 64), (3, 41, 33)]:
+        J = torch.randn(B, D, d, dtype=torch.float64)
+        weight = torch.rand(B, D, dtype=torch.float64)
+        for w in (None, weight):
+            expected = jtj_reference(J, w)
+            for dtype in (torch.float32, torch.float64):
+                G = pygeo.ops.jtj(J.to(dtype), None if w is None else w.to(dtype), backend="cpp")
+                assert torch.equal(G, G.transpose(-1, -2))
+                assert_close(G, expected, dtype)

@@ -1,8 +1,10 @@
 // G = J^T diag(w) J for a batch of Jacobians, OpenMP-parallel over the batch.
 //
-// Per batch item, J [D, d] is copied into a thread-local [D, dpad] buffer with columns zero-padded to a multiple of 8.
-// G is then built in 8 x 8 blocks (upper block triangle only) as a sum of rank-one updates over the D rows: each block's
-// 64 accumulators stay in vector registers, each row costs 8 broadcast-FMAs. Mirrored at the end: G is exactly symmetric.
+// d >= 8: G is built in blocks of 8 rows x W columns (W = one or two SIMD vectors, common/simd.h) over its upper block
+// triangle, each block a sum of rank-one updates over the D rows of J with its accumulators in vector registers: per
+// row, one or two vector loads of w_r J[r, j0 : j0 + W], 8 broadcasts of J[r, i0 : i0 + 8] and 8 or 16 fused
+// multiply-adds. Rows are read in place when d is a multiple of the block width, else from a zero-padded copy of the
+// item. Mirrored at the end: G is exactly symmetric.
 // Below d = 8 a block would be mostly padding (21x the work at d = 2), so there the d(d+1)/2 sums run in one pass over
 // the rows, vectorised across rows.
 #include <algorithm>
@@ -10,39 +12,107 @@
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "common/simd.h"
 
 namespace pygeo {
 
 namespace {
 
-constexpr int64_t kTile = 8;
+constexpr int64_t kTile = 8;  // rows of a G block (and the smallest d of the blocked path)
 
-// One batch item: J [D, d], w [D] or nullptr, G [d, d]; padded: scratch [D, dpad].
-template <typename T>
-PYGEO_SIMD_CLONES void jtj_item(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d, int64_t dpad, T* padded) {
-  for (int64_t r = 0; r < D; ++r) {
-    for (int64_t c = 0; c < dpad; ++c) padded[r * dpad + c] = c < d ? Jb[r * d + c] : T(0);
+// Vectors per block row: two with 32 registers (AVX-512: 16 accumulators) when d fills them, else one (AVX2 and SSE
+// have 16 registers; at d = 16 a second AVX-512 vector would be padding).
+template <typename T, int Bytes>
+int block_vectors(int64_t d) {
+  return Bytes >= 64 && d >= 2 * Simd<T, Bytes>::lanes ? 2 : 1;
+}
+
+// The row length the blocked path reads: d rounded up to the block width and to kTile.
+template <typename T, int Bytes>
+int64_t padded_width(int64_t d) {
+  const int64_t unit = std::max<int64_t>(block_vectors<T, Bytes>(d) * Simd<T, Bytes>::lanes, kTile);
+  return (d + unit - 1) / unit * unit;
+}
+
+// One batch item: J [D, d], w [D] or nullptr, G [d, d]; scratch: sums [dpad, dpad] and, when d is not already a
+// multiple of the block width, padded [D, dpad] (dpad = padded_width(d)). The rows go through in chunks that stay in
+// L1 while every block passes over them, the blocks' sums kept in `sums` between chunks (the whole item, 200 KB at
+// d = 64, would be re-read from L2 once per block).
+template <typename T, int Bytes, int NV>
+PYGEO_INLINE void jtj_item(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d, T* sums, T* padded) {
+  using V = typename Simd<T, Bytes>::V;
+  constexpr int L = Simd<T, Bytes>::lanes;
+  constexpr int64_t W = NV * L;
+  const int64_t dpad = padded_width<T, Bytes>(d);
+  const int64_t chunk = std::max<int64_t>(16, 8192 / static_cast<int64_t>(sizeof(T)) / dpad);  // rows: ~8 KB
+  const T* rows = Jb;
+  if (dpad != d) {
+    for (int64_t r = 0; r < D; ++r) {
+      std::copy(Jb + r * d, Jb + (r + 1) * d, padded + r * dpad);
+      std::fill(padded + r * dpad + d, padded + (r + 1) * dpad, T(0));
+    }
+    rows = padded;
   }
-  for (int64_t i0 = 0; i0 < d; i0 += kTile) {
-    for (int64_t j0 = i0; j0 < d; j0 += kTile) {
-      T acc[kTile][kTile] = {};
-      for (int64_t r = 0; r < D; ++r) {
-        const T* row = padded + r * dpad;
-        const T wr = wb ? wb[r] : T(1);
-        for (int64_t a = 0; a < kTile; ++a) {
-          const T s = wr * row[i0 + a];
-#pragma omp simd
-          for (int64_t c = 0; c < kTile; ++c) acc[a][c] += s * row[j0 + c];
+  std::fill(sums, sums + dpad * dpad, T(0));
+  for (int64_t r0 = 0; r0 < D; r0 += chunk) {
+    const int64_t r1 = std::min(D, r0 + chunk);
+    for (int64_t i0 = 0; i0 < d; i0 += kTile) {
+      for (int64_t j0 = i0 / W * W; j0 < d; j0 += W) {
+        V acc[kTile][NV];
+        for (int a = 0; a < kTile; ++a)
+          for (int v = 0; v < NV; ++v) __builtin_memcpy(&acc[a][v], sums + (i0 + a) * dpad + j0 + v * L, sizeof(V));
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* row = rows + r * dpad;
+          V cols[NV];
+          for (int v = 0; v < NV; ++v) {
+            V x;
+            __builtin_memcpy(&x, row + j0 + v * L, sizeof(V));  // an unaligned vector load
+            cols[v] = wb ? x * wb[r] : x;
+          }
+#pragma GCC unroll 8
+          for (int a = 0; a < kTile; ++a) {
+            const T left = row[i0 + a];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) acc[a][v] += left * cols[v];
+          }
         }
+        for (int a = 0; a < kTile; ++a)
+          for (int v = 0; v < NV; ++v) __builtin_memcpy(sums + (i0 + a) * dpad + j0 + v * L, &acc[a][v], sizeof(V));
       }
-      for (int64_t a = 0; a < kTile; ++a) {
-        for (int64_t c = 0; c < kTile; ++c) {
-          const int64_t i = i0 + a, j = j0 + c;
-          if (i >= d || j >= d || j < i) continue;  // padding, and the lower half of diagonal blocks
-          Gb[i * d + j] = acc[a][c];
-          Gb[j * d + i] = acc[a][c];
-        }
-      }
+    }
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t j = i; j < d; ++j) Gb[i * d + j] = Gb[j * d + i] = sums[i * dpad + j];
+  }
+}
+
+template <typename T>
+void jtj_item_16(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d, T* sums, T* padded) {
+  jtj_item<T, 16, 1>(Jb, wb, Gb, D, d, sums, padded);
+}
+template <typename T>
+PYGEO_TARGET_32 void jtj_item_32(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d, T* sums, T* padded) {
+  jtj_item<T, 32, 1>(Jb, wb, Gb, D, d, sums, padded);
+}
+template <typename T>
+PYGEO_TARGET_64 void jtj_item_64(const T* Jb, const T* wb, T* Gb, int64_t D, int64_t d, T* sums, T* padded) {
+  if (block_vectors<T, 64>(d) == 2) return jtj_item<T, 64, 2>(Jb, wb, Gb, D, d, sums, padded);
+  jtj_item<T, 64, 1>(Jb, wb, Gb, D, d, sums, padded);
+}
+
+// All items of a batch with Bytes-wide vectors, one OpenMP thread per item.
+template <typename T, int Bytes>
+void jtj_items(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d,
+               void (*item_fn)(const T*, const T*, T*, int64_t, int64_t, T*, T*)) {
+  const int64_t dpad = padded_width<T, Bytes>(d);
+  // Starting the thread team costs more than a small batch's work.
+#pragma omp parallel if (B * D * dpad > (int64_t(1) << 16))
+  {
+    std::vector<T> sums(static_cast<size_t>(dpad * dpad));
+    std::vector<T> padded(dpad == d ? 0 : static_cast<size_t>(D * dpad));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      item_fn(J + b * D * d, w ? w + b * w_batch_stride : nullptr, G + b * d * d, D, d, sums.data(), padded.data());
     }
   }
 }
@@ -102,7 +172,6 @@ void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, in
   check_nonnegative(D, "D");
   check_positive(d, "d");
   check_nonnegative(w_batch_stride, "w_batch_stride");
-  const int64_t dpad = (d + kTile - 1) / kTile * kTile;
   if (d < kTile) {
 #pragma omp parallel for schedule(static) if (B * D * d > (int64_t(1) << 16))
     for (int64_t b = 0; b < B; ++b) {
@@ -110,15 +179,10 @@ void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, in
     }
     return;
   }
-  // Starting the thread team costs more than a small batch's work.
-#pragma omp parallel if (B * D * dpad > (int64_t(1) << 16))
-  {
-    std::vector<T> padded(static_cast<size_t>(D * dpad));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      jtj_item(J + b * D * d, w ? w + b * w_batch_stride : nullptr, G + b * d * d, D, d, dpad, padded.data());
-    }
-  }
+  const int bytes = simd_bytes();
+  if (bytes >= 64) return jtj_items<T, 64>(J, w, w_batch_stride, G, B, D, d, jtj_item_64<T>);
+  if (bytes >= 32) return jtj_items<T, 32>(J, w, w_batch_stride, G, B, D, d, jtj_item_32<T>);
+  jtj_items<T, 16>(J, w, w_batch_stride, G, B, D, d, jtj_item_16<T>);
 }
 
 template void jtj_cpu<float>(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);

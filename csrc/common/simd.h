@@ -1,8 +1,8 @@
-// SIMD tiles for CPU kernels that run one vector of points at a time ("point-innermost"): every quantity of a tile is
-// a vector whose lane l belongs to point l, written with GCC vector extensions so that the same code compiles to
-// AVX-512, AVX2 or SSE/NEON. The vector width is a template parameter (Bytes = 64, 32 or 16); a kernel compiles its
-// per-tile function three times, with PYGEO_TARGET_64 / PYGEO_TARGET_32 / no attribute, and picks one per call with
-// simd_bytes(). (GCC's target_clones cannot do this: every clone has the same types, and 64-byte vectors on a
+// SIMD vectors at the CPU's width for the C++ kernels, written with GCC vector extensions so that the same code
+// compiles to AVX-512, AVX2 or SSE/NEON. The latent-metric and Kahler kernels run tiles of points, every quantity of
+// a tile a vector whose lane l belongs to point l; jtj runs blocks of G a vector wide. The vector width is a template
+// parameter (Bytes = 64, 32 or 16); a kernel compiles its per-tile (per-item) function three times, with
+// PYGEO_TARGET_64 / PYGEO_TARGET_32 / no attribute, and picks one per call with simd_bytes(). (GCC's target_clones cannot do this: every clone has the same types, and 64-byte vectors on a
 // 32-byte target spill.) The attribute goes on the per-tile function, not on the OpenMP loop around it: an outlined
 // parallel region does not inherit it. Everything a tile calls must be PYGEO_INLINE, so that it is compiled for the
 // tile function's target, and takes vectors by reference (their calling convention differs between targets).

@@ -33,6 +33,15 @@ def verify_once(value: torch.Tensor, what: str, check: Callable[[], None]) -> No
         pass
 
 
+def positive_parameter(name: str, value: torch.Tensor) -> None:
+    """Every entry of the parameter `value` is > 0 (ValueError naming it and its minimum otherwise), scanned once per
+    version of the tensor (see verify_once)."""
+    def check():
+        if value.numel() and not bool((value > 0).all()):
+            raise ValueError(f"{name} must be positive, got a minimum of {float(value.min()):.3g}")
+    verify_once(value, "positive", check)
+
+
 def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True, parameter: bool = False) -> torch.Tensor:
     """A real floating tensor (float32 or float64) with at least `min_dim` dimensions and, by default, no NaN/Inf.
     parameter=True: the NaN/Inf scan runs once per version of the tensor (see verify_once)."""

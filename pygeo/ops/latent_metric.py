@@ -198,10 +198,6 @@ def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
                          f"got {tuple(precisions.shape)}")
     _checks.same_device(centroids=centroids, precisions=precisions)
     _checks.same_dtype(centroids=centroids, precisions=precisions)
-    def positive():
-        if not bool((precisions > 0).all()):
-            raise ValueError("precisions (diagonal) must be positive")
-
     def spd():
         if not torch.equal(precisions, precisions.transpose(-1, -2)):
             raise ValueError("precisions must be symmetric matrices [N, d, d]")
@@ -210,7 +206,7 @@ def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
             raise ValueError(f"precisions must be symmetric positive definite; {int((info > 0).sum())} of {N} are not")
 
     if precisions.dim() == 2:
-        _checks.verify_once(precisions, "positive", positive)
+        _checks.positive_parameter("precisions (diagonal)", precisions)
     elif check_spd:
         _checks.verify_once(precisions, "spd", spd)
     for name, value, lowest in (("lam", lam, 0.0), ("tau", tau, 0.0)):

@@ -86,11 +86,7 @@ def check_precisions(precisions: torch.Tensor, n: Optional[int] = None, name: st
     if precisions.dim() != 2 or (n is not None and precisions.shape[-1] != n):
         raise ValueError(f"{name} must have shape [K, n, n] (complex Hermitian) or [K, n] (real diagonal)"
                          f"{'' if n is None else f' with n={n}'}, got {tuple(precisions.shape)}")
-
-    def positive():
-        if bool((precisions <= 0).any()):
-            raise ValueError(f"{name} (diagonal, [K, n]) must be positive, got a minimum of {float(precisions.min()):.3g}")
-    _checks.verify_once(precisions, "positive", positive)
+    _checks.positive_parameter(f"{name} (diagonal, [K, n])", precisions)
     return True
 
 

@@ -209,10 +209,7 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
         _checks.real_tensor("sigma", sigma, parameter=True)
         if sigma.numel() not in (1, D):
             raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
-        def positive():
-            if not bool((sigma > 0).all()):
-                raise ValueError("sigma must be positive everywhere")
-        _checks.verify_once(sigma, "positive", positive)
+        _checks.positive_parameter("sigma", sigma)
         output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
     encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
     codes = [code for code, _, _ in encoded]

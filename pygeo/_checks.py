@@ -88,23 +88,24 @@ def finite_result(result: torch.Tensor, what: str, cause: str) -> None:
         raise ValueError(f"{cause}: {what} is not finite")
 
 
+def _shared_attribute(attribute: str, error: type, what: str, tensors: dict):
+    """The one value of `attribute` that all given tensors (None skipped) share; `error` naming each one if not."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    values = {getattr(t, attribute) for t in present.values()}
+    if len(values) > 1:
+        listing = ", ".join(f"{name} {what} {getattr(t, attribute)}" for name, t in present.items())
+        raise error(f"all tensors must have the same {attribute}, got {listing}")
+    return next(iter(values))
+
+
 def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     """All given tensors (None skipped) live on one device; returns it."""
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all tensors must be on the same device, got {listing}")
-    return next(iter(devices))
+    return _shared_attribute("device", ValueError, "on", tensors)
 
 
 def same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{name} is {t.dtype}" for name, t in present.items())
-        raise TypeError(f"all tensors must have the same dtype, got {listing}")
-    return next(iter(dtypes))
+    """All given tensors (None skipped) have one dtype; returns it."""
+    return _shared_attribute("dtype", TypeError, "is", tensors)
 
 
 def last_dims(name: str, value: torch.Tensor, expected: Sequence[Optional[int]], what: str) -> None:

@@ -140,7 +140,9 @@ def resolve(op: str, device: torch.device, backend: Optional[str], implemented: 
 
     implemented: the backends this op has; gpu_preference: its GPU backends, fastest (by measurement) first.
     """
-    requested = backend if backend not in (None, "auto") else os.environ.get("PYGEO_BACKEND", "auto")
+    explicit = backend not in (None, "auto")
+    requested = backend if explicit else os.environ.get("PYGEO_BACKEND", "auto")
+    source = f"backend={requested!r}" if explicit else f"PYGEO_BACKEND={requested!r} (environment variable)"
     if requested == "auto":
         if device.type == "cuda":
             for name in gpu_preference:
@@ -151,14 +153,14 @@ def resolve(op: str, device: torch.device, backend: Optional[str], implemented: 
             return "cpp"
         return "torch"
     if requested not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+        raise ValueError(f"{source}: a backend must be 'auto' or one of {BACKEND_NAMES}")
     if requested not in implemented:
-        raise BackendUnavailableError(f"op {op!r} has no {requested!r} backend; it has {tuple(implemented)}")
+        raise BackendUnavailableError(f"{source}: op {op!r} has no {requested!r} backend; it has {tuple(implemented)}")
     entry = status(requested)
     if not entry.available:
-        raise BackendUnavailableError(f"backend {requested!r} for op {op!r} is unavailable: {entry.reason}")
+        raise BackendUnavailableError(f"{source}: backend {requested!r} for op {op!r} is unavailable: {entry.reason}")
     if not _runs_on(requested, device):
-        raise BackendUnavailableError(f"backend {requested!r} for op {op!r} cannot run on {device.type} tensors")
+        raise BackendUnavailableError(f"{source}: backend {requested!r} for op {op!r} cannot run on {device.type} tensors")
     return requested
 
 
@@ -200,14 +202,32 @@ def run_compiled(kernel: str, backend: str, args: tuple, like: torch.Tensor) -> 
 def call_op(op, implementation, *args):
     """op(*args), the torch.library custom op, or implementation(*args) (the function the op wraps) for a plain eager
     call that autograd will not record. The dispatcher's Python overhead (about 70 us a call on a 2-core CPU) dominates
-    the small batches that samplers evaluate thousands of times; it only earns its keep under torch.compile, torch.func
-    transforms, fake tensors, forward-mode dual levels and autograd. args[0] is the batch tensor."""
+    the small batches that samplers evaluate thousands of times; it only earns its keep under torch.compile, fake
+    tensors and autograd. args[0] is the batch tensor, args[-1] the backend name.
+
+    Inside torch.func transforms (grad, jacrev, jacfwd, jvp, vmap) and under forward-mode AD the op is bypassed for
+    implementation(..., "torch"), plain differentiable PyTorch: a custom op has no forward-mode formula (its tangents
+    would silently come out as zeros) and functorch's reverse transforms refuse it."""
     from . import _checks
 
     tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
         t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+    if any(under_function_transform(t) for t in tensors):
+        return implementation(*args[:-1], "torch")
+    if _checks._is_fake(args[0]):
+        return op(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return op(*args)
-    if _checks._is_fake(args[0]) or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        return op(*args)
     return implementation(*args)
+
+
+def under_function_transform(tensor: torch.Tensor) -> bool:
+    """True when tensor is wrapped by a torch.func transform or carries a forward-mode tangent (never while
+    torch.compile traces: dynamo cannot trace the functorch query, and its graphs hold no such tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        return True
+    # unpack_dual costs a few microseconds: ask only while a forward-mode dual level is open.
+    return (getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+            and torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None)

@@ -98,28 +98,30 @@ def test_kernel_rechecks_sizes_and_raises_instead_of_crashing():
 
 
 def test_call_op_skips_the_dispatcher_only_where_nothing_needs_it():
-    """Plain eager calls without autograd run the op's implementation directly; autograd, fake tensors and torch.func
-    transforms go through the custom op (its autograd formula and fake implementation)."""
+    """Plain eager calls without autograd run the op's implementation directly; autograd and fake tensors go through the
+    custom op (its autograd formula and fake implementation); torch.func transforms and forward-mode AD run the
+    implementation's plain-PyTorch ("torch") backend, which they can differentiate."""
     calls = []
 
-    def op(x, weights):
+    def op(x, weights, backend):
         calls.append("op")
         return x * 2
 
-    def implementation(x, weights):
-        calls.append("implementation")
+    def implementation(x, weights, backend):
+        calls.append(f"implementation:{backend}")
         return x * 2
 
     x, w = torch.randn(3), torch.randn(3)
-    _backend.call_op(op, implementation, x, [w])
+    _backend.call_op(op, implementation, x, [w], "cpp")
     with torch.no_grad():
-        _backend.call_op(op, implementation, x.requires_grad_(), [w])
-    _backend.call_op(op, implementation, x, [w])  # x needs a gradient
-    _backend.call_op(op, implementation, x.detach(), [w.requires_grad_()])  # so does a parameter in a list
-    torch.func.vmap(lambda row: _backend.call_op(op, implementation, row, [w.detach()]))(torch.randn(2, 3))
+        _backend.call_op(op, implementation, x.requires_grad_(), [w], "cpp")
+    _backend.call_op(op, implementation, x, [w], "cpp")  # x needs a gradient
+    _backend.call_op(op, implementation, x.detach(), [w.requires_grad_()], "cpp")  # so does a parameter in a list
+    torch.func.vmap(lambda row: _backend.call_op(op, implementation, row, [w.detach()], "cpp"))(torch.randn(2, 3))
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        _backend.call_op(op, implementation, torch.empty(3), [torch.empty(3)])
+        _backend.call_op(op, implementation, torch.empty(3), [torch.empty(3)], "cpp")
     with torch.autograd.forward_ad.dual_level():
-        _backend.call_op(op, implementation, torch.autograd.forward_ad.make_dual(x.detach(), x.detach()), [w.detach()])
-    assert calls == ["implementation", "implementation", "op", "op", "op", "op", "op"]
+        _backend.call_op(op, implementation, torch.autograd.forward_ad.make_dual(x.detach(), x.detach()), [w.detach()], "cpp")
+    assert calls == ["implementation:cpp", "implementation:cpp", "op", "op", "implementation:torch", "op",
+                     "implementation:torch"]

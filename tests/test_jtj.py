@@ -111,3 +111,21 @@ def test_jtj_cpp_every_vector_width(monkeypatch, simd_bytes):
                 G = pygeo.ops.jtj(J.to(dtype), None if w is None else w.to(dtype), backend="cpp")
                 assert torch.equal(G, G.transpose(-1, -2))
                 assert_close(G, expected, dtype)
+
+
+def test_forward_and_reverse_transforms_differentiate_jtj():
+    """torch.func transforms run the differentiable plain-PyTorch path: a custom op would give zero forward tangents."""
+    J, w = torch.randn(3, 5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    expected = torch.autograd.functional.jacobian(lambda J: pygeo.ops.jtj(J, w), J)
+    assert expected.abs().max() > 0
+    assert_close(torch.func.jacfwd(lambda J: pygeo.ops.jtj(J, w))(J), expected, torch.float64)
+    assert_close(torch.func.jacrev(lambda J: pygeo.ops.jtj(J, w))(J), expected, torch.float64)
+    assert_close(torch.func.vmap(pygeo.ops.jtj)(J), jtj_reference(J), torch.float64)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_empty_sum_over_D_is_zero(backend_device):
+    backend, device = backend_device
+    J = torch.randn(2, 0, 3, device=device)
+    assert torch.equal(pygeo.ops.jtj(J, backend=backend), torch.zeros(2, 3, 3, device=device))
+    assert torch.equal(pygeo.ops.jtj(J, torch.rand(2, 0, device=device), backend=backend), torch.zeros(2, 3, 3, device=device))

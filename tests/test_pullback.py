@@ -263,9 +263,42 @@ def test_bad_z(fused, z, message):
         metric.metric(z)
 
 
-def test_wrong_latent_width_is_named():
+@pytest.mark.parametrize("method", ["metric", "metric_and_derivative", "log_volume"])
+def test_wrong_latent_width_is_named(method):
     with pytest.raises(ValueError, match=r"z must have shape \[\.\.\., 3\]"):
-        pygeo.PullbackMetric(mlp()).metric(torch.randn(4, 5, dtype=F64))
+        getattr(pygeo.PullbackMetric(mlp()), method)(torch.randn(4, 5, dtype=F64))
+
+
+@pytest.mark.parametrize("u, message", [
+    (torch.randn(4, 5, dtype=F64), r"u must have shape \[\.\.\., 3\]"),
+    (torch.ones(4, 3, dtype=torch.int64), "u must have z's dtype"),
+    (torch.randn(5, 3, dtype=F64), "u batch shape"),
+    (torch.full((4, 3), float("nan"), dtype=F64), "u contains NaN"),
+])
+def test_inner_names_a_bad_tangent(u, message):
+    z, v = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        pygeo.PullbackMetric(mlp()).inner(z, u, v)
+
+
+@pytest.mark.parametrize("add_hook", [
+    lambda decoder: torch.nn.utils.spectral_norm(decoder[2]),
+    lambda decoder: decoder[0].register_forward_hook(lambda module, inputs, output: 2 * output),
+    lambda decoder: decoder.register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,)),
+])
+def test_decoders_with_hooks_take_the_generic_path(add_hook):
+    """Hooks change what the layers compute (spectral_norm rescales a weight in a pre-hook); the fused path reads the
+    weights directly, so a hooked decoder, even one hooked after the metric was built, goes the generic way."""
+    torch.manual_seed(0)
+    decoder = mlp()
+    metric = pygeo.PullbackMetric(decoder)
+    add_hook(decoder)
+    decoder.eval()
+    z = torch.randn(5, 3, dtype=F64)
+    J = torch.func.vmap(torch.func.jacfwd(decoder))(z)
+    assert_close(metric.metric(z), J.mT @ J, F64)
+    G, dG = metric.metric_and_derivative(z)
+    assert_close(G, J.mT @ J, F64)
 
 
 def test_bad_decoder_outputs():
@@ -310,7 +343,7 @@ def test_mlp_derivative_through_deep_decoders_matches_the_generic_path(activatio
                                   activation(), torch.nn.Linear(5, 9)).to(F64)
     sigma = torch.linspace(0.5, 2.0, 9, dtype=F64) if likelihood == "gaussian" else None
     metric = pygeo.PullbackMetric(decoder, likelihood, sigma=sigma)
-    assert metric._mlp_with_linear_output()
+    assert metric._mlp is not None and metric._mlp.activation_modules[-1] is None  # the structured path applies
     z = torch.randn(5, 3, dtype=F64)
     G, dG = metric.metric_and_derivative(z)
     G_ref, dG_ref = generic_twin(metric).metric_and_derivative(z)

@@ -11,10 +11,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .. import _checks
+from .. import _backend, _checks
 from ..ops.jtj import jtj
 from ..ops.mlp_metric import MLPDecoder, mlp_metric
-from ..reference.jtj import jtj as jtj_reference
 from .base import Metric
 
 LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
@@ -69,16 +68,14 @@ class PullbackMetric(Metric):
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> G [..., d, d], differentiable in z."""
         flat, batch_shape = self._flatten(z)
-        if self._mlp is not None and not _inside_function_transform(flat):
-            if flat.shape[-1] != self._mlp.in_features:
-                raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
-                                 f"got {tuple(z.shape)}")
-            G = mlp_metric(flat, self._mlp.weights, self._mlp.biases, self._mlp.activations,
-                           likelihood=self.likelihood, sigma=self._sigma_for(flat, self._mlp.out_features),
+        mlp = self._fused_mlp(flat)
+        if mlp is not None:
+            G = mlp_metric(flat, mlp.weights, mlp.biases, mlp.activations,
+                           likelihood=self.likelihood, sigma=self._sigma_for(flat, mlp.out_features),
                            eps=self.eps, backend=self.backend)
         else:
             rows, J = self._rows_and_jacobian(flat)
-            G = self._gram(J, self._weight(rows))
+            G = jtj(J, self._weight(rows), backend=self.backend)
         return G.reshape(*batch_shape, *G.shape[-2:])
 
     def metric_and_derivative(self, z: torch.Tensor):
@@ -90,20 +87,27 @@ class PullbackMetric(Metric):
         """
         flat, batch_shape = self._flatten(z)
         d = flat.shape[-1]
-        if self._mlp_with_linear_output() and not _inside_function_transform(flat):
+        mlp = self._fused_mlp(flat)
+        if mlp is not None and mlp.activation_modules[-1] is None:  # the output layer is linear
             G, dG = self._mlp_metric_and_derivative(flat)
             return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
         rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
         weight = self._weight(rows)
-        G = self._gram(J, weight)
+        G = jtj(J, weight, backend=self.backend)
         WJ = J if weight is None else J * weight.unsqueeze(-1)
         half = torch.einsum("brki,brj->bkij", H, WJ)
         dG = half + half.transpose(-1, -2)
         dG = dG + self._weight_derivative_term(rows, J)
         return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
 
-    def _mlp_with_linear_output(self) -> bool:
-        return self._mlp is not None and self._mlp.activation_modules[-1] is None
+    def _fused_mlp(self, flat: torch.Tensor) -> Optional[MLPDecoder]:
+        """The decoder's MLP structure where the fused paths apply, else None (the generic path): not for a decoder
+        with hooks (the fused paths would bypass them), nor inside a torch.func transform (they are written for
+        plain tensors)."""
+        mlp = self._mlp
+        if mlp is None or mlp.hooked() or _backend.under_function_transform(flat):
+            return None
+        return mlp
 
     def _mlp_metric_and_derivative(self, flat: torch.Tensor):
         """G [B, d, d] and dG [B, d, d, d] of an MLP decoder whose last layer is linear (rows = W a + b).
@@ -144,7 +148,7 @@ class PullbackMetric(Metric):
         J_rows = (T.reshape(-1, T.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)  # [B, d, D]
         J = J_rows.transpose(1, 2)
         weight = self._weight(rows)
-        G = self._gram(J.contiguous(), weight)
+        G = jtj(J.contiguous(), weight, backend=self.backend)
         dG = flat.new_zeros(B, d, d, d)
         if S is not None:
             weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)
@@ -188,6 +192,9 @@ class PullbackMetric(Metric):
         _checks.real_tensor("z", z, min_dim=1)
         if z.shape[-1] == 0:
             raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
+        if self._mlp is not None and z.shape[-1] != self._mlp.in_features:
+            raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
+                             f"got {tuple(z.shape)}")
         return z.reshape(-1, z.shape[-1]), z.shape[:-1]
 
     def _decode(self, flat: torch.Tensor) -> torch.Tensor:
@@ -247,13 +254,6 @@ class PullbackMetric(Metric):
         H[pairs_k, pairs_i] = curvatures
         H[pairs_i, pairs_k] = curvatures
         return rows, J, H.permute(2, 3, 0, 1)
-
-    def _gram(self, J: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-        """J^T diag(weight) J by pygeo.ops.jtj, or in plain torch inside a torch.func transform: pygeo's custom ops
-        have no forward-mode formula (their tangents would silently come out as zeros under jvp / jacfwd)."""
-        if _inside_function_transform(J):
-            return jtj_reference(J, weight)
-        return jtj(J, weight, backend=self.backend)
 
     def _check_rows(self, rows: torch.Tensor) -> None:
         if not _checks._is_fake(rows) and not torch.isfinite(rows).all():
@@ -328,12 +328,6 @@ def _over_tangents(fn, *tangents: torch.Tensor):
     except Exception:  # not vmap-friendly: a plain loop over the (few) tangents; real errors re-raise inside it
         results = [fn(*(t[i] for t in tangents)) for i in range(tangents[0].shape[0])]
         return (results[0][0],) + tuple(torch.stack(parts) for parts in list(zip(*results))[1:])
-
-
-def _inside_function_transform(z: torch.Tensor) -> bool:
-    """True when z is wrapped by a torch.func transform (vmap, grad, jvp) or carries a forward-mode tangent."""
-    return (torch._C._functorch.is_functorch_wrapped_tensor(z)
-            or torch.autograd.forward_ad.unpack_dual(z).tangent is not None)
 
 
 def _check_sigma(sigma) -> torch.Tensor:

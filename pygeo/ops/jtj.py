@@ -95,9 +95,9 @@ def jtj(J: torch.Tensor, weight: Optional[torch.Tensor] = None, *, backend: str 
             if weight.shape[:-1].numel() == 1:
                 weight = weight.reshape(D)  # one weight vector for the whole batch
     chosen = _backend.resolve("jtj", J.device, backend, _IMPLEMENTED)
-    J_flat = J.reshape(-1, D, d).contiguous()
+    J_flat = J.reshape(batch_shape.numel(), D, d).contiguous()
     if weight is not None:
-        weight = weight.contiguous() if weight.dim() == 1 else weight.expand(*batch_shape, D).reshape(-1, D).contiguous()
+        weight = weight.contiguous() if weight.dim() == 1 else weight.expand(*batch_shape, D).reshape(batch_shape.numel(), D).contiguous()
     G = _backend.call_op(_jtj_op, _run, J_flat, weight, chosen)
     _checks.finite_result(G, "G = J^T diag(weight) J", "J or weight contains NaN or Inf values")
     return G.reshape(*batch_shape, d, d)

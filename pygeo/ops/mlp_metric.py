@@ -247,6 +247,7 @@ class MLPDecoder:
     linears: Tuple[torch.nn.Linear, ...]
     activations: Tuple[Activation, ...]
     activation_modules: Tuple[Optional[torch.nn.Module], ...]  # the module after each linear layer, None for none
+    sequential: torch.nn.Sequential  # the decoder itself
 
     @staticmethod
     def recognise(decoder) -> Optional["MLPDecoder"]:
@@ -272,7 +273,17 @@ class MLPDecoder:
             modules[-1] = module
         if not linears:
             return None
-        return MLPDecoder(tuple(linears), tuple(activations), tuple(modules))
+        return MLPDecoder(tuple(linears), tuple(activations), tuple(modules), decoder)
+
+    def hooked(self) -> bool:
+        """True when forward (pre-)hooks are registered on the decoder or its layers, or globally: they may change what
+        the layers compute (spectral_norm, the old weight_norm, user hooks), and the fused path, which reads the
+        weights directly, would bypass them. Checked at every call: hooks can be added after the metric is built."""
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.sequential.modules())
 
     @property
     def weights(self) -> List[torch.Tensor]:

@@ -1,6 +1,7 @@
 """Input validation shared by every public op: errors that name the argument and say what was expected."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,6 +34,15 @@ def verify_once(value: torch.Tensor, what: str, check: Callable[[], None]) -> No
         pass
 
 
+def number(name: str, value) -> float:
+    """A real scalar given as a Python or NumPy number or a 0-d real tensor, as a float (range checks are the caller's)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def positive_parameter(name: str, value: torch.Tensor) -> None:
     """Every entry of the parameter `value` is > 0 (ValueError naming it and its minimum otherwise), scanned once per
     version of the tensor (see verify_once)."""
@@ -54,13 +64,13 @@ def real_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True, p
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
     if check_finite and value.numel() and not _is_fake(value):
-        _scan(name, value, value, parameter)
+        _scan(name, value, parameter)
     return value
 
 
-def _scan(name: str, value: torch.Tensor, real_view: torch.Tensor, parameter: bool) -> None:
+def _scan(name: str, value: torch.Tensor, parameter: bool) -> None:
     def check():
-        if not bool(torch.isfinite(real_view).all()):
+        if not bool(torch.isfinite(value).all()):  # complex: both parts finite
             raise ValueError(f"{name} contains NaN or Inf values")
     if parameter:
         verify_once(value, "finite", check)
@@ -77,7 +87,7 @@ def complex_tensor(name: str, value, min_dim: int = 0, check_finite: bool = True
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
     if check_finite and value.numel() and not _is_fake(value):
-        _scan(name, value, torch.view_as_real(value), parameter)
+        _scan(name, value, parameter)
     return value
 
 

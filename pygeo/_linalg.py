@@ -14,7 +14,7 @@ def cholesky(G: torch.Tensor, name: str = "G") -> torch.Tensor:
     """
     L, info = torch.linalg.cholesky_ex(G)
     if G.device.type != "meta" and bool((info > 0).any()):
-        scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+        scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)  # 0 for G = 0: no jitter can help
         eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
         for attempt in range(_JITTER_TRIES):
             failed = (info > 0).unsqueeze(-1).unsqueeze(-1)

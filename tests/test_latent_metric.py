@@ -258,10 +258,29 @@ def test_latent_metric_class_bad_inputs():
     (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2), tau=-1.0, rho=1.0), "tau must be"),
     (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2), rho=1.0, backend="nope"), "backend must be"),
     (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2, requires_grad=True), torch.ones(4, 2), rho=1.0), "differentiable in z only"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(2, 2), torch.tensor([[[1.0, 0.5], [0.0, 1.0]]] * 2), rho=1.0), "symmetric"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(2, 2), torch.tensor([[[1.0, 2.0], [2.0, 1.0]]] * 2), rho=1.0), "positive definite"),
+    (lambda: pygeo.ops.latent_metric(torch.full((1, 2), 1e20), torch.randn(4, 2), torch.ones(4, 2), rho=1.0), "overflows"),
+    (lambda: pygeo.ops.latent_metric(torch.randn(3, 2), torch.randn(4, 2), torch.ones(4, 2), lam="0.1", rho=1.0), "lam must be a real number"),
 ])
 def test_latent_metric_op_bad_input(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         bad()
+
+
+def test_precisions_from_a_numerical_inverse_and_scalar_parameters_of_any_kind_are_accepted():
+    """M_i = Sigma_i^-1 from torch.linalg.inv is symmetric only to rounding; lam, tau, rho may be NumPy or 0-d tensors."""
+    import numpy as np
+
+    A = torch.randn(6, 3, 3, dtype=torch.float64)
+    covariances = A @ A.mT + torch.eye(3, dtype=torch.float64)
+    precisions = torch.linalg.inv(covariances)
+    centroids = torch.randn(6, 3, dtype=torch.float64)
+    metric = pygeo.LatentMetric(centroids, precisions, lam=np.float64(0.05), tau=torch.tensor(0.1), rho=np.float32(1.5))
+    assert (metric.lam, metric.tau, metric.rho) == (0.05, float(torch.tensor(0.1)), 1.5)
+    z = torch.randn(5, 3, dtype=torch.float64)
+    symmetric = pygeo.LatentMetric(centroids, 0.5 * (precisions + precisions.mT), lam=0.05, tau=metric.tau, rho=1.5)
+    assert_close(metric.metric(z), symmetric.metric(z), torch.float64)
 
 
 def test_from_encoder_uses_kmedoids_and_posterior_precisions():

@@ -96,3 +96,32 @@ def test_constant_metric_has_zero_derivative():
     metric = pygeo.FunctionMetric(lambda z: torch.eye(3, dtype=z.dtype).expand(*z.shape[:-1], 3, 3))
     G, dG = metric.metric_and_derivative(torch.randn(4, 3, dtype=torch.float64))
     assert torch.equal(dG, torch.zeros(4, 3, 3, 3, dtype=torch.float64))
+
+
+def test_a_zero_metric_is_refused_not_jittered_into_a_finite_volume():
+    """G = 0 (e.g. a decoder whose ReLUs are all dead) has no scale for a relative jitter to fix: log_volume must say
+    it is not positive definite rather than return log det of a jitter of the smallest float."""
+    metric = pygeo.FunctionMetric(lambda z: torch.zeros(*z.shape, z.shape[-1], dtype=z.dtype), dim=2)
+    with pytest.raises(ValueError, match="not positive definite"):
+        metric.log_volume(torch.randn(3, 2, dtype=torch.float64))
+
+
+def test_where_defined_turns_failing_rows_into_nan_rows():
+    from pygeo.metrics.base import where_defined
+
+    calls = []
+
+    def fn(x):  # raises for the whole batch when any row is negative, like a Cholesky of a batch
+        calls.append(bool(torch.isnan(x).any()))
+        if bool((x < 0).any()):
+            raise ValueError("not positive definite")
+        return x.sum(-1), 2 * x
+
+    x = torch.tensor([[1.0], [-1.0], [2.0], [float("nan")], [3.0], [4.0], [-5.0], [6.0]])
+    value, double = where_defined(fn, (x,), lambda n: (torch.full((n,), float("nan")), torch.full((n, 1), float("nan"))))
+    expected = torch.tensor([1.0, float("nan"), 2.0, float("nan"), 3.0, 4.0, float("nan"), 6.0])
+    torch.testing.assert_close(value, expected, equal_nan=True)
+    torch.testing.assert_close(double[:, 0], 2 * expected, equal_nan=True)
+    assert calls and not any(calls)  # the NaN row is never passed to fn
+    with pytest.raises(TypeError):  # other errors still propagate
+        where_defined(lambda x: (_ for _ in ()).throw(TypeError("bug")), (x,), lambda n: torch.zeros(n))

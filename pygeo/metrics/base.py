@@ -1,9 +1,11 @@
 """The metric contract that geometry and samplers are written against."""
 from __future__ import annotations
 
+from typing import Callable, Tuple, Union
+
 import torch
 
-from .. import _linalg
+from .. import _checks, _linalg
 
 
 class Metric:
@@ -27,11 +29,64 @@ class Metric:
         return _linalg.half_log_det(self.metric(z), name=f"{type(self).__name__}.metric(z)")
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u^T G(z) v [...]: z, u, v [..., d], batch shapes broadcast."""
         G = self.metric(z)
+        check_tangents(z, u=u, v=v)
         return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
     def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.inner(z, v, v).clamp_min(0).sqrt()
+
+
+def where_defined(fn, rows: Tuple[torch.Tensor, ...], nan_result: Callable[[int], Union[torch.Tensor, tuple]]):
+    """fn(*rows) for batches of points rows [B, ...] -> a tensor or a tuple of tensors [B, ...], with NaN rows where
+    fn raises ValueError (a metric that is not positive definite there, a non-finite point) instead of one error for
+    the whole batch; nan_result(n) gives the all-NaN output for n rows. The failing rows are found by bisection (a few
+    bad points cost O(log B) more calls); rows that hold NaN/Inf on entry come out NaN without a call. For solvers and
+    samplers whose trial points may leave the metric's domain: such a trial is then rejected, not fatal."""
+    def parts(out):
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+    def pack(like, outs):
+        return outs[0] if isinstance(like, torch.Tensor) else tuple(outs)
+
+    finite = torch.stack([torch.isfinite(r).flatten(1).all(-1) for r in rows]).all(0)
+    if bool(finite.all()):
+        try:
+            return fn(*rows)
+        except ValueError:
+            if rows[0].shape[0] == 1:
+                return nan_result(1)
+            half = rows[0].shape[0] // 2
+            first = where_defined(fn, tuple(r[:half] for r in rows), nan_result)
+            second = where_defined(fn, tuple(r[half:] for r in rows), nan_result)
+            return pack(first, [torch.cat(pair) for pair in zip(parts(first), parts(second))])
+    result = nan_result(rows[0].shape[0])
+    if bool(finite.any()):
+        inner = where_defined(fn, tuple(r[finite] for r in rows), nan_result)
+        for out, part in zip(parts(result), parts(inner)):
+            out[finite] = part.to(out.dtype)
+    return result
+
+
+def check_tangents(z: torch.Tensor, **tangents: torch.Tensor) -> None:
+    """Tangent vectors [..., d] at z [..., d]: z's dtype (real or complex alike), last size d, broadcastable batch."""
+    for name, value in tangents.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype != z.dtype:
+            raise TypeError(f"{name} must have z's dtype {z.dtype}, got {value.dtype}")
+        if value.dim() < 1 or value.shape[-1] != z.shape[-1]:
+            raise ValueError(f"{name} must have shape [..., {z.shape[-1]}] (a tangent vector at z {tuple(z.shape)}), "
+                             f"got {tuple(value.shape)}")
+        try:
+            torch.broadcast_shapes(value.shape[:-1], z.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"{name} batch shape {tuple(value.shape[:-1])} does not broadcast with z's "
+                             f"{tuple(z.shape[:-1])}") from None
+        if not _checks._is_fake(value) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    _checks.same_device(z=z, **tangents)
 
 
 def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):

@@ -34,12 +34,11 @@ class LatentMetric(Metric):
 
     def __init__(self, centroids: torch.Tensor, precisions: torch.Tensor, lam: float = 0.01, tau: float = 0.0,
                  rho: Optional[float] = None, backend: str = "auto"):
-        check_inputs(centroids, precisions, lam, tau, rho, check_spd=True)
+        lam, tau, rho = check_inputs(centroids, precisions, lam, tau, rho)
         self.centroids = centroids.detach()
         self.precisions = precisions.detach()
-        self.lam = float(lam)
-        self.tau = float(tau)
-        self.rho = float(rho) if rho is not None else default_rho(self.centroids)
+        self.lam, self.tau = lam, tau
+        self.rho = rho if rho is not None else default_rho(self.centroids)
         self.backend = backend
 
     @property

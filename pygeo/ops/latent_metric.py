@@ -10,6 +10,7 @@ centroids contracting 1/2 G_s^-1 against each M_i (the same kernel gives the bac
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -182,8 +183,10 @@ def default_rho(centroids: torch.Tensor) -> float:
     return rho
 
 
-def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
-    """Validate the metric's parameters (errors name the argument); full SPD check only when asked (it costs N Choleskys)."""
+def check_inputs(centroids, precisions, lam, tau, rho):
+    """Validate the metric's parameters (errors name the argument). Full precisions are checked symmetric (to rounding:
+    an inverse covariance from torch.linalg.inv is off by an ulp) and positive definite, once per tensor version (N
+    Choleskys). Returns (lam, tau, rho) as floats (rho may stay None)."""
     _checks.real_tensor("centroids", centroids, min_dim=2, parameter=True)
     _checks.real_tensor("precisions", precisions, min_dim=2, parameter=True)
     if centroids.dim() != 2:
@@ -199,21 +202,28 @@ def check_inputs(centroids, precisions, lam, tau, rho, check_spd: bool = False):
     _checks.same_device(centroids=centroids, precisions=precisions)
     _checks.same_dtype(centroids=centroids, precisions=precisions)
     def spd():
-        if not torch.equal(precisions, precisions.transpose(-1, -2)):
-            raise ValueError("precisions must be symmetric matrices [N, d, d]")
+        asymmetry = (precisions - precisions.transpose(-1, -2)).abs().amax()
+        tolerance = 64 * torch.finfo(precisions.dtype).eps * precisions.abs().amax()
+        if not bool(asymmetry <= tolerance):
+            raise ValueError(f"precisions must be symmetric matrices [N, d, d] (largest |M - M^T| entry: "
+                             f"{float(asymmetry):.3g}; symmetrise with (M + M.mT) / 2)")
         _, info = torch.linalg.cholesky_ex(precisions)
         if bool((info > 0).any()):
             raise ValueError(f"precisions must be symmetric positive definite; {int((info > 0).sum())} of {N} are not")
 
     if precisions.dim() == 2:
         _checks.positive_parameter("precisions (diagonal)", precisions)
-    elif check_spd:
+    else:
         _checks.verify_once(precisions, "spd", spd)
-    for name, value, lowest in (("lam", lam, 0.0), ("tau", tau, 0.0)):
-        if not isinstance(value, (int, float)) or not (value >= lowest) or value == float("inf"):
+    lam, tau = _checks.number("lam", lam), _checks.number("tau", tau)
+    for name, value in (("lam", lam), ("tau", tau)):
+        if not (0 <= value < math.inf):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if rho is not None and (not isinstance(rho, (int, float)) or not (0 < rho < float("inf"))):
-        raise ValueError(f"rho must be a finite number > 0 (or None for the paper's rule), got {rho!r}")
+    if rho is not None:
+        rho = _checks.number("rho", rho)
+        if not 0 < rho < math.inf:
+            raise ValueError(f"rho must be a finite number > 0 (or None for the paper's rule), got {rho!r}")
+    return lam, tau, rho
 
 
 def latent_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Tensor, lam: float = 0.01,
@@ -234,8 +244,12 @@ def latent_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
         LatentMetricOutput(metric, derivative, log_volume, log_volume_grad), unrequested fields None.
     Differentiable in z (not in centroids / precisions); second derivatives go through a plain-PyTorch slow path.
     """
-    _checks.real_tensor("z", z, min_dim=1)
-    check_inputs(centroids, precisions, lam, tau, rho)
+    _checks.real_tensor("z", z, min_dim=1, check_finite=False)
+    if z.numel() and not _checks._is_fake(z) and not bool(torch.isfinite((z * z).sum(-1)).all()):
+        # One scan covers NaN/Inf in z and points so far out that |z|^2 overflows (the kernels would return NaN).
+        raise ValueError("z contains NaN or Inf values, or points so large that |z|^2 overflows "
+                         f"(|z| above about {math.sqrt(torch.finfo(z.dtype).max):.3g})")
+    lam, tau, rho = check_inputs(centroids, precisions, lam, tau, rho)
     _checks.same_device(z=z, centroids=centroids, precisions=precisions)
     _checks.same_dtype(z=z, centroids=centroids, precisions=precisions)
     d = centroids.shape[1]

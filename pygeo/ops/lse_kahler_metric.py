@@ -12,6 +12,8 @@ forward pass (metric evaluation, plots, log det G for samplers without gradient)
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -146,9 +148,8 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     _checks.same_dtype(z=z, centers=centers, **({} if diagonal else {"precisions": precisions}))
     _checks.same_dtype(**{"log_weights": log_weights, "z (real part)": z.real},
                        **({"precisions": precisions} if diagonal else {}))
-    if isinstance(temperature, torch.Tensor):
-        temperature = float(temperature)
-    if not isinstance(temperature, (int, float)) or not (0 < temperature < float("inf")):
+    temperature = _checks.number("temperature", temperature)
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
     chosen = _backend.resolve("lse_kahler_metric", z.device, backend, _IMPLEMENTED)

@@ -56,6 +56,48 @@ def test_half_plane_geodesics_are_circle_arcs_on_the_x_axis(method):
     assert ((from_centre - radius[:, None]).abs() / radius[:, None]).max() < (2e-3 if method == "energy" else 1e-4)
 
 
+def test_shooting_agrees_with_the_energy_method_where_a_straight_start_overshoots():
+    """In the half-plane the straight-line velocity z1 - z0 overshoots far (hyperbolic distances grow like log); the
+    shooting method starts from a coarse minimum-energy curve instead and lands on the closed-form distance."""
+    z0 = torch.tensor([[-2.0, 0.5], [-1.0, 0.2], [0.0, 0.1]], dtype=torch.float64)
+    z1 = torch.tensor([[2.0, 0.5], [1.0, 0.2], [0.0, 10.0]], dtype=torch.float64)
+    shot = pygeo.geodesic(half_plane, z0, z1, n_points=9, method="shooting")
+    assert shot.converged.all()
+    torch.testing.assert_close(shot.length, half_plane_distance(z0, z1), rtol=1e-4, atol=0)  # RK4, 32 steps
+    assert torch.equal(shot.points[:, -1], z1) and torch.equal(shot.points[:, 0], z0)
+
+
+def test_shooting_trials_that_leave_the_metrics_domain_are_failed_trials_not_errors():
+    """G = I / y^2 in float32 overflows on paths that dip toward y = 0, and a tanh decoder's metric degenerates far
+    out: Newton trials that go there are rejected per pair; the batch still solves, or flags, every pair."""
+    result = pygeo.geodesic(half_plane, torch.tensor([[-1.0, 0.5]]), torch.tensor([[1.0, 0.7]]), method="shooting")
+    assert result.converged.all()
+    torch.testing.assert_close(result.length, half_plane_distance(torch.tensor([[-1.0, 0.5]]), torch.tensor([[1.0, 0.7]])),
+                               rtol=1e-4, atol=0)
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    z0 = torch.zeros(2, 2, dtype=torch.float64)
+    z1 = torch.tensor([[0.3, 0.2], [6.0, -5.0]], dtype=torch.float64)
+    shot = pygeo.geodesic(pygeo.PullbackMetric(decoder), z0, z1, n_points=9, method="shooting", max_iter=20)
+    assert shot.converged[0] and bool(torch.isfinite(shot.length).all())
+    energy = pygeo.geodesic(pygeo.PullbackMetric(decoder), z0[:1], z1[:1], n_points=33)
+    torch.testing.assert_close(shot.length[:1], energy.length, rtol=1e-3, atol=0)
+
+
+def test_float32_shooting_lands_on_the_end_point():
+    z0, z1 = pairs_on_sphere(4)
+    result = pygeo.geodesic(sphere_function_metric, z0.float(), z1.float(), n_points=9, method="shooting")
+    assert result.converged.all() and torch.equal(result.points[:, -1], z1.float())
+    torch.testing.assert_close(result.length, great_circle(z0, z1).float(), rtol=1e-4, atol=0)
+
+
+def test_empty_batches():
+    z = torch.ones(0, 2, dtype=torch.float64)
+    result = pygeo.geodesic(half_plane, z, z, n_points=5)
+    assert result.points.shape == (0, 5, 2) and result.converged.shape == (0,)
+    assert pygeo.geodesic_distances(half_plane, z, progress=False).shape == (0, 0)
+
+
 def test_linear_map_geodesics_are_straight_and_evenly_spaced():
     torch.manual_seed(1)
     metric = LinearEmbedding(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64))
@@ -141,6 +183,11 @@ def test_geodesic_distances_warns_about_non_converged_pairs():
     (lambda: pygeo.exp_map(half_plane, torch.ones(3, 2), torch.ones(3, 3)), "v must have the shape of z"),
     (lambda: pygeo.geodesic_distances(half_plane, torch.ones(3, 2), torch.ones(3, 3)), r"y must have shape \[M, d\]"),
     (lambda: pygeo.geodesic_distances(half_plane, torch.ones(3)), "x must have at least 2 dimensions"),
+    (lambda: pygeo.geodesic_distances(half_plane, torch.ones(3, 2), chunk_size=0), "chunk_size must be"),
+    (lambda: pygeo.exp_map(half_plane, torch.ones(3, 2), torch.ones(3, 2, dtype=torch.float64)), "same dtype"),
+    (lambda: pygeo.sectional_curvature(half_plane, torch.ones(3, 2), torch.ones(3, 2, dtype=torch.float64),
+                                       torch.ones(3, 2)), "same dtype"),
+    (lambda: pygeo.geodesic(half_plane, torch.ones(3, 2), torch.ones(3, 2), tol=-1.0), "tol must be"),
 ])
 def test_geodesic_bad_input(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -183,3 +183,34 @@ def test_sampler_backends_agree(backend):
     result = riemannian_langevin(metric, 12, None, backend=backend, **common)
     torch.testing.assert_close(result.chains, expected.chains)
     assert torch.equal(result.acceptance, expected.acceptance)
+
+
+@pytest.mark.parametrize("full_drift", [True, False])
+def test_proposals_where_the_metric_is_not_positive_definite_are_rejected_not_fatal(full_drift):
+    """G(z) = 1 - (z / 1.5)^2 is negative beyond |z| = 1.5: the Riemannian uniform target is undefined there, so such
+    proposals are rejected (counted in n_failed) and the chains stay inside, whichever drift is used."""
+    metric = pygeo.FunctionMetric(lambda z: (1.0 - (z / 1.5) ** 2).unsqueeze(-1), dim=1)
+    result = riemannian_langevin(metric, 100, n_chains=20, n_steps=20, warmup=20, seed=0, progress=False,
+                                 full_drift=full_drift, init=torch.zeros(20, 1))
+    assert result.n_failed > 0
+    assert bool((result.samples.abs() < 1.5).all())
+
+
+def test_a_target_without_a_graph_to_z_has_zero_gradient():
+    """A constant log_prob (no autograd graph to z) is a flat target: zero gradient, not an autograd error."""
+    metric = pygeo.FunctionMetric(lambda z: (1 + z ** 2).unsqueeze(-1), dim=1)
+    result = riemannian_langevin(metric, 8, log_prob=lambda z: z.new_zeros(z.shape[0]), n_chains=4, n_steps=5,
+                                 warmup=1, seed=0, progress=False)
+    assert result.samples.shape == (8, 1) and bool(torch.isfinite(result.samples).all())
+
+
+def test_base_log_prob_multiplies_the_riemannian_uniform_target():
+    """base_log_prob w with log_prob=None targets w(z) sqrt(det G): the same chains as log_prob = log_volume + log w."""
+    metric = pygeo.FunctionMetric(lambda z: (1 + z ** 2).unsqueeze(-1), dim=1)
+    base = lambda z: -0.5 * (z ** 2).sum(-1)  # noqa: E731
+    settings = dict(n_chains=8, n_steps=10, warmup=5, seed=3, progress=False, init=torch.linspace(-1, 1, 8)[:, None])
+    with_base = riemannian_langevin(metric, 16, base_log_prob=base, **settings)
+    combined = riemannian_langevin(metric, 16, log_prob=lambda z: metric.log_volume(z) + base(z), **settings)
+    torch.testing.assert_close(with_base.samples, combined.samples)
+    with pytest.raises(ValueError, match="base_log_prob"):
+        riemannian_langevin(metric, 16, log_prob=base, base_log_prob=base, **settings)

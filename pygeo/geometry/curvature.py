@@ -89,6 +89,8 @@ def sectional_curvature(metric, z: torch.Tensor, u: torch.Tensor, v: torch.Tenso
         _checks.real_tensor(name, vector, min_dim=1)
         if vector.shape != z.shape:
             raise ValueError(f"{name} must have the shape of z {tuple(z.shape)}, got {tuple(vector.shape)}")
+    _checks.same_device(z=z, u=u, v=v)
+    _checks.same_dtype(z=z, u=u, v=v)
     curv = curvature(metric, z, **kwargs)
     G = curv.metric
     numerator = torch.einsum("...lijk,...l,...i,...j,...k->...", curv.riemann_lowered, u, v, u, v)

@@ -33,10 +33,13 @@ def geodesic_distances(metric, x: torch.Tensor, y: Optional[torch.Tensor] = None
         _checks.same_dtype(x=x, y=y)
         if y.dim() != 2 or y.shape[1] != x.shape[1]:
             raise ValueError(f"y must have shape [M, d] with d={x.shape[1]} like x, got {tuple(y.shape)}")
-    if n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
-    nodes = x if symmetric else torch.cat([x, y])
+    for name, value in (("n_neighbors", n_neighbors), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     N = x.shape[0]
+    if N == 0 or (not symmetric and y.shape[0] == 0):
+        return x.new_zeros(N, N if symmetric else y.shape[0])
+    nodes = x if symmetric else torch.cat([x, y])
     targets = torch.arange(N) if symmetric else torch.arange(N, N + y.shape[0])
     with torch.no_grad():
         predecessors, reachable = _graph_paths(metric, nodes, n_neighbors, N)

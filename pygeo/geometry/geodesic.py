@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -10,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _checks, _linalg
+from ..metrics.base import where_defined
 from .curvature import christoffel, uses_flat_coordinates
 
 
@@ -67,17 +69,29 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
       init [B, n_points, d] is an optional starting curve (default: the straight line, or for n_points > 17 the
       solution on a curve of (n_points - 1) // 4 + 1 points, resampled).
     method="shooting": Newton's method on the initial velocity v with exp_map(z0, v) = z1 (finite-difference
-      Jacobians, backtracking on the residual); converged when |exp_map(z0, v) - z1| <= tol (|z1 - z0| + 1).
-      n_steps RK4 steps per unit time.
+      Jacobians, backtracking on the residual), started from the velocity of a coarse minimum-energy curve;
+      converged when |exp_map(z0, v) - z1| <= tol (|z1 - z0| + 1) (default tol 1e-6 in float64, 1e-4 in float32).
+      n_steps RK4 steps per unit time. A trial path that leaves the region where the metric is positive definite is
+      a failed trial, not an error.
     Pairs that do not converge within max_iter iterations come back with converged=False (and their best curve).
     """
     z0, z1 = _pair_inputs(metric, z0, z1)
     if method not in ("energy", "shooting"):
         raise ValueError(f"method must be 'energy' or 'shooting', got {method!r}")
-    if not isinstance(n_points, int) or n_points < 2:
+    if not isinstance(n_points, numbers.Integral) or isinstance(n_points, bool) or n_points < 2:
         raise ValueError(f"n_points must be an integer >= 2, got {n_points!r}")
+    n_points = int(n_points)
+    if not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
     if tol is None:
-        tol = 1e-6 if z0.dtype == torch.float64 else 1e-2  # float32: the gradient's rounding floor is near 1e-3
+        tol = _default_tol(z0.dtype, method)
+    if z0.shape[0] == 0:
+        empty = z0.new_zeros(0)
+        return GeodesicResult(points=z0.new_zeros(0, n_points, z0.shape[1]), length=empty, energy=empty,
+                              converged=torch.zeros(0, dtype=torch.bool, device=z0.device),
+                              iterations=torch.zeros(0, dtype=torch.long, device=z0.device))
     with torch.no_grad():
         if method == "energy":
             coarse_iterations = 0
@@ -102,6 +116,27 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
 
 
 _COARSE_FROM = 17  # curves with more points than this start from a solved coarser curve
+_SHOOTING_GUESS_POINTS = 9  # points of the energy solve that gives the shooting method its first velocity
+
+
+def _initial_velocity(metric, z0: torch.Tensor, z1: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """c'(0) [B, d] of the minimum-energy curve on a coarse grid (t = 0, h, 2h, ...), by the second-order one-sided
+    difference (-3 c_0 + 4 c_1 - c_2) / (2h). The straight-line velocity z1 - z0 can overshoot wildly where the metric
+    varies (hyperbolic space) and Newton never recovers; this guess is close enough for Newton to converge."""
+    T = _SHOOTING_GUESS_POINTS
+    weights = torch.linspace(0, 1, T, dtype=z0.dtype, device=z0.device)[:, None]
+    line = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+    curve = _minimise_energy(metric, line, max_iter, _default_tol(z0.dtype, "energy"), progress=False).points
+    velocity = (-3 * curve[:, 0] + 4 * curve[:, 1] - curve[:, 2]) * ((T - 1) / 2)
+    return torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, z1 - z0)
+
+
+def _default_tol(dtype: torch.dtype, method: str) -> float:
+    """energy: on the scaled gradient, whose float32 rounding floor is near 1e-3; shooting: on the end point's miss,
+    relative to |z1 - z0| + 1 (RK4 in float32 is good to about 1e-6)."""
+    if dtype == torch.float64:
+        return 1e-6
+    return 1e-2 if method == "energy" else 1e-4
 
 
 def _resample(points: torch.Tensor, n_points: int) -> torch.Tensor:
@@ -236,6 +271,8 @@ def exp_map(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int = 32, *, back
     n_steps classical RK4 steps of c'' = -Gamma(c)[c', c']."""
     _checks.real_tensor("z", z, min_dim=1)
     _checks.real_tensor("v", v, min_dim=1)
+    _checks.same_device(z=z, v=v)
+    _checks.same_dtype(z=z, v=v)
     if z.shape != v.shape:
         raise ValueError(f"v must have the shape of z {tuple(z.shape)}, got {tuple(v.shape)}")
     if not isinstance(n_steps, int) or n_steps < 1:
@@ -244,12 +281,19 @@ def exp_map(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int = 32, *, back
     return end
 
 
-def _integrate(metric, z, v, n_steps, record_every=None, backend="auto"):
-    """RK4 of (c, w)' = (w, -Gamma(c)[w, w]) over t in [0, 1]; optionally records c every `record_every` steps."""
-    def acceleration(c, w):
+def _integrate(metric, z, v, n_steps, record_every=None, backend="auto", nan_where_undefined=False):
+    """RK4 of (c, w)' = (w, -Gamma(c)[w, w]) over t in [0, 1]; optionally records c every `record_every` steps.
+    nan_where_undefined (z, v [B, d]): a path that leaves the region where the metric is positive definite (or finite)
+    turns into NaN instead of raising for the whole batch (the shooting solver's trial velocities may do that)."""
+    def exact_acceleration(c, w):
         if uses_flat_coordinates(metric):
             return _flat_acceleration(metric, c, w)
         return -torch.einsum("...kij,...i,...j->...k", christoffel(metric, c, backend=backend), w, w)
+
+    def acceleration(c, w):
+        if not nan_where_undefined:
+            return exact_acceleration(c, w)
+        return where_defined(exact_acceleration, (c, w), lambda n: c.new_full((n, c.shape[-1]), math.nan))
 
     h = 1.0 / n_steps
     c, w = z, v
@@ -285,11 +329,18 @@ def _flat_acceleration(metric, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 def _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress) -> GeodesicResult:
     B, d = z0.shape
-    velocity = z1 - z0
+    velocity = _initial_velocity(metric, z0, z1, max_iter)
     scale = (z1 - z0).norm(dim=-1) + 1
     fd_step = math.sqrt(torch.finfo(z0.dtype).eps)
-    residual = exp_map(metric, z0, velocity, n_steps) - z1
-    converged = residual.norm(dim=-1) <= tol * scale
+
+    def shoot(start, v):  # end points [A, d], NaN where the path leaves the metric's domain
+        return _integrate(metric, start, v, n_steps, nan_where_undefined=True)[0]
+
+    def size(r):  # residual norms, +inf for a path that failed
+        return torch.nan_to_num(r.norm(dim=-1), nan=math.inf)
+
+    residual = shoot(z0, velocity) - z1
+    converged = size(residual) <= tol * scale
     iterations = torch.zeros(B, dtype=torch.long, device=z0.device)
     eye = torch.eye(d, dtype=z0.dtype, device=z0.device)
     bar = tqdm(total=B, desc="geodesics (shooting)", disable=not progress, leave=False)
@@ -304,23 +355,25 @@ def _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress) -> Geodes
             v, r, start = velocity[active], residual[active], z0[active]
             h = fd_step * (1 + v.norm(dim=-1))  # [A]
             probes = (v[:, None, :] + h[:, None, None] * eye).reshape(A * d, d)
-            ends = exp_map(metric, start.repeat_interleave(d, 0), probes, n_steps).reshape(A, d, d)
+            ends = shoot(start.repeat_interleave(d, 0), probes).reshape(A, d, d)
             jacobian = ((ends - (r + z1[active])[:, None, :]) / h[:, None, None]).transpose(-1, -2)  # [A, out, in]
-            newton = torch.linalg.lstsq(jacobian, -r.unsqueeze(-1)).solution.squeeze(-1)
+            usable = torch.isfinite(jacobian).flatten(1).all(-1) & torch.isfinite(r).all(-1)
+            jacobian = torch.where(usable[:, None, None], jacobian, eye)
+            newton = torch.linalg.lstsq(jacobian, -torch.where(usable[:, None], r, 0).unsqueeze(-1)).solution.squeeze(-1)
             # Backtrack on the residual norm, all pairs at once.
             step = torch.ones(A, dtype=z0.dtype, device=z0.device)
             best_v, best_r = v.clone(), r.clone()
             improved = torch.zeros(A, dtype=torch.bool, device=z0.device)
             for _ in range(8):
                 trial_v = v + step[:, None] * newton
-                trial_r = exp_map(metric, start, trial_v, n_steps) - z1[active]
-                better = (~improved) & torch.isfinite(trial_r).all(-1) & (trial_r.norm(dim=-1) < r.norm(dim=-1))
+                trial_r = shoot(start, trial_v) - z1[active]
+                better = (~improved) & (size(trial_r) < size(r))
                 best_v[better], best_r[better], improved = trial_v[better], trial_r[better], improved | better
                 if bool(improved.all()):
                     break
                 step = torch.where(improved, step, 0.5 * step)
             velocity[active], residual[active] = best_v, best_r
-            newly = best_r.norm(dim=-1) <= tol * scale[active]
+            newly = size(best_r) <= tol * scale[active]
             bar.update(int(newly.sum()))
             converged[active] = newly
             if not bool(improved.any()):  # no pair can make progress any more
@@ -330,7 +383,9 @@ def _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress) -> Geodes
     finally:
         bar.close()
     substeps = max(1, math.ceil(n_steps / (n_points - 1)))
-    _, points = _integrate(metric, z0, velocity, substeps * (n_points - 1), record_every=substeps)
+    _, points = _integrate(metric, z0, velocity, substeps * (n_points - 1), record_every=substeps,
+                           nan_where_undefined=True)
+    points[converged, -1] = z1[converged]  # within tol of the integrated end; the curve ends exactly at z1
     G0 = metric.metric(z0)
     energy = torch.einsum("bi,bij,bj->b", velocity, G0, velocity)
     return GeodesicResult(points=points, length=energy.clamp_min(0).sqrt(), energy=energy, converged=converged,

@@ -18,7 +18,7 @@ import torch
 
 from .. import _checks
 from ..ops.lse_kahler_metric import check_precisions, log_det, lse_kahler_metric
-from .base import Metric
+from .base import Metric, check_tangents
 
 
 class HermitianMetric:
@@ -35,6 +35,7 @@ class HermitianMetric:
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """h(u, v) = u^H G(z) v [...] (complex; real and >= 0 when u == v)."""
         G = self.metric(z)
+        check_tangents(z, u=u, v=v)
         return (u.conj().unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
     def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,12 @@ class RealFormMetric(Metric):
 
     def __init__(self, hermitian: HermitianMetric):
         self.hermitian = hermitian
+
+    @property
+    def dim(self) -> Optional[int]:
+        """2n, when the Hermitian metric knows its n (samplers start chains from N(0, I) draws of this size)."""
+        n = getattr(self.hermitian, "dim", None)
+        return 2 * n if isinstance(n, int) else None
 
     def _complex_point(self, x: torch.Tensor) -> torch.Tensor:
         _checks.real_tensor("x", x, min_dim=1)
@@ -165,9 +172,8 @@ class LSEKahlerMetric(HermitianMetric):
             _checks.real_tensor("log_weights", log_weights, min_dim=1)
             if log_weights.shape != (K,):
                 raise ValueError(f"log_weights must have shape [K] with K={K}, got {tuple(log_weights.shape)}")
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature)
-        if not isinstance(temperature, (int, float)) or not (0 < temperature < float("inf")):
+        temperature = _checks.number("temperature", temperature)
+        if not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.centers, self.precisions, self.log_weights = centers, precisions, log_weights
         self.temperature, self.backend = float(temperature), backend

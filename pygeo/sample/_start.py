@@ -1,11 +1,12 @@
 """Where the chains of every sampler start."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import _checks
+from ..metrics.kahler import HermitianMetric, to_complex, to_real
 
 
 def initial_states(metric, init: Optional[torch.Tensor], dim: Optional[int], n_chains: int,
@@ -36,3 +37,21 @@ def initial_states(metric, init: Optional[torch.Tensor], dim: Optional[int], n_c
         return init.detach().clone()
     rows = torch.randint(init.shape[0], (n_chains,), generator=generator)
     return init.detach()[rows.to(init.device)].clone()
+
+
+def on_real_coordinates(metric, init: Optional[torch.Tensor], *log_probs: Optional[Callable]):
+    """Samplers run on R^d. A Hermitian metric on C^n (complex latents) is sampled through its real form on
+    x = [Re z, Im z] in R^{2n}, whose log_volume is log det G + const: the Kahler volume form. A complex init is mapped
+    to x and each log-density of complex z is composed with x -> z.
+
+    Returns (metric, init, to_output, *log_probs): to_output maps states [..., 2n] back to z [..., n] (the identity
+    for a real metric)."""
+    if not isinstance(metric, HermitianMetric):
+        return (metric, init, lambda x: x, *log_probs)
+    if isinstance(init, torch.Tensor) and init.is_complex():
+        init = to_real(init)
+
+    def on_x(log_prob):
+        return None if log_prob is None else (lambda x: log_prob(to_complex(x)))
+
+    return (metric.as_real(), init, to_complex, *(on_x(log_prob) for log_prob in log_probs))

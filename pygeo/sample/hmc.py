@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _checks
-from ..metrics.base import gradient_or_zero
-from ._start import initial_states
+from ..metrics.base import gradient_or_zero, where_defined
+from ._start import initial_states, on_real_coordinates
 
 
 @dataclass
@@ -47,13 +47,19 @@ def potential_and_grad(metric, log_prob: Optional[Callable[[torch.Tensor], torch
         if fused is not None and log_prob is None:
             value, grad = fused(z)
             return -value.detach(), -grad.detach()
+        # A point where the metric is not positive definite gets a NaN energy: its trajectory is rejected.
+        value, grad = where_defined(target_and_grad, (z,),
+                                    lambda n: (z.new_full((n,), math.nan), z.new_full((n, z.shape[-1]), math.nan)))
+        return -value, -grad
+
+    def target_and_grad(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             point = z.detach().requires_grad_(True)
             value = metric.log_volume(point)
             if log_prob is not None:
                 value = value + log_prob(point)
             grad = gradient_or_zero(value.sum(), point, create_graph=False)  # zero for a constant target
-        return -value.detach(), -grad.detach()
+        return value.detach(), grad.detach()
 
     return fn
 
@@ -101,13 +107,16 @@ class _DualAveraging:
 
 def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n_steps: int = 100, n_leapfrog: int = 10,
                        step_size: float = 0.01, init: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-                       log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, warmup: Optional[int] = None,
-                       adapt_step_size: bool = True, target_acceptance: float = 0.65,
-                       progress: bool = True, dim: Optional[int] = None) -> HMCResult:
+                       base_log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       warmup: Optional[int] = None, adapt_step_size: bool = True, target_acceptance: float = 0.65,
+                       progress: bool = True, dim: Optional[int] = None,
+                       log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> HMCResult:
     """Samples from the Riemannian uniform distribution, density proportional to sqrt(det G(z)), by HMC.
 
     Args:
         metric: any metric of the contract (log_volume(z) differentiable); LatentMetric uses its fused gradient.
+            A Hermitian metric on complex latents (LSEKahlerMetric, ComplexGaussianFisherMetric) is sampled through
+            its real form: the target is the Kahler volume det G, and samples come back complex [n_samples, n].
         n_samples: number of samples returned.
         n_chains: chains run in parallel (default: n_samples, one sample per chain as in the paper: 500 chains).
         n_steps: HMC steps per chain after warm-up; each chain contributes ceil(n_samples / n_chains) states, evenly
@@ -118,11 +127,13 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
             None = random centroids of the metric (the paper starts chains at training means), or N(0, I) draws in
             dimension `dim` (default metric.dim) for a metric without centroids.
         seed: seed of the momenta, the Metropolis draws and the starting rows (deterministic given the seed).
-        log_prob: optional base log-density z [n, d] -> [n], added to log_volume (None: Riemannian uniform).
+        base_log_prob: optional base log-density w, z [n, d] -> [n], added to log_volume: the target is
+            w(z) sqrt(det G(z)) (det G for a Hermitian metric). None: the Riemannian uniform distribution.
         warmup: steps before sampling (default n_steps // 2 when adapting, else 0); the step size is adapted there
             by dual averaging to `target_acceptance` (averaged over chains), then frozen.
         progress: show a tqdm bar.
         dim: the latent dimension, when neither init nor the metric's centroids give the starting points.
+        log_prob: the same as base_log_prob (its earlier name).
     Returns:
         HMCResult(samples [n_samples, d], acceptance [n_chains], step_size, chains, n_divergent, log_volume).
     On KeyboardInterrupt the progress bar is closed and the interrupt re-raised.
@@ -130,6 +141,9 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if log_prob is not None and base_log_prob is not None:
+        raise ValueError("give base_log_prob or log_prob (its earlier name), not both")
+    metric, init, to_output, log_prob = on_real_coordinates(metric, init, base_log_prob or log_prob)
     n_chains = n_samples if n_chains is None else n_chains
     if not isinstance(n_chains, int) or n_chains < 1:
         raise ValueError(f"n_chains must be a positive int, got {n_chains!r}")
@@ -154,7 +168,8 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     potential_grad = potential_and_grad(metric, log_prob)
     potential, grad = potential_grad(z)
     if not (torch.isfinite(potential).all() and torch.isfinite(grad).all()):
-        raise ValueError("the target's log-density or its gradient is not finite at some starting points (init)")
+        raise ValueError("the target's log-density or its gradient is not finite at some starting points (init): the "
+                         "metric must be positive definite and log_prob finite there")
 
     keep_every = n_steps // per_chain
     kept_at = {n_steps - 1 - i * keep_every for i in range(per_chain)}
@@ -195,5 +210,5 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     chains = torch.stack(kept)  # [per_chain, n_chains, d]
     samples = chains.reshape(-1, z.shape[-1])[:n_samples]
     log_volume = -potential_grad(samples)[0] if log_prob is None else metric.log_volume(samples).detach()
-    return HMCResult(samples=samples, acceptance=accepted / n_steps, step_size=float(current_step), chains=chains,
-                     n_divergent=divergent, log_volume=log_volume)
+    return HMCResult(samples=to_output(samples), acceptance=accepted / n_steps, step_size=float(current_step),
+                     chains=to_output(chains), n_divergent=divergent, log_volume=log_volume)

@@ -9,10 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _checks
-from ..metrics.base import Metric
+from ..metrics.base import Metric, gradient_or_zero
 from ..ops.langevin_step import langevin_step
-from ..reference.langevin_step import cholesky_with_jitter
-from ._start import initial_states
+from ._start import initial_states, on_real_coordinates
 
 
 @dataclass
@@ -47,6 +46,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
                         mala: bool = True, full_drift: bool = True, init: Optional[torch.Tensor] = None,
                         seed: Optional[int] = None, warmup: int = 200, progress: bool = True, *,
                         dim: Optional[int] = None, target_acceptance: float = 0.57,
+                        base_log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                         backend: str = "auto") -> LangevinResult:
     """Sample pi(z) with Riemannian Langevin proposals N(mean(z), h G(z)^-1), made exact by a Metropolis test (MMALA).
 
@@ -55,7 +55,10 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     log u < L(z*) - L(z) + log q(z | z*) - log q(z* | z).
 
     Args:
-        metric: any metric of the contract (metric, metric_and_derivative, log_volume).
+        metric: any metric of the contract (metric, metric_and_derivative, log_volume). A Hermitian metric on complex
+            latents (LSEKahlerMetric, ComplexGaussianFisherMetric) is sampled through its real form on
+            [Re z, Im z]: log_volume is then log det G (the Kahler volume), log_prob and base_log_prob take complex z,
+            and samples come back complex [n_samples, n].
         n_samples: number of samples returned.
         log_prob: z [C, d] -> log pi(z) [C] (differentiable, up to a constant); None targets the Riemannian uniform
             distribution pi ~ sqrt(det G) (L = metric.log_volume).
@@ -74,6 +77,8 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
         progress: tqdm progress bar. Ctrl-C stops cleanly and returns the samples kept so far (interrupted=True).
         dim: the latent dimension d when init is not given (default: metric.dim if the metric has it).
         target_acceptance: acceptance rate the warm-up adapts the step size toward.
+        base_log_prob: with log_prob=None, a base log-density w (z [C, d] -> [C]) that multiplies the Riemannian
+            uniform density: the target is w(z) sqrt(det G(z)) (w(z) det G(z) for a Hermitian metric).
         backend: backend of the fused step (see pygeo.backends()).
     Returns:
         LangevinResult: samples [n_samples, d], chains [kept, n_chains, d], acceptance [n_chains], step_size,
@@ -86,6 +91,10 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     """
     if not isinstance(metric, Metric) and not hasattr(metric, "metric"):
         raise TypeError(f"metric must follow the metric contract (pygeo.Metric), got {type(metric).__name__}")
+    if log_prob is not None and base_log_prob is not None:
+        raise ValueError("base_log_prob multiplies the Riemannian uniform target (log_prob=None); with log_prob given, "
+                         "include the base density in log_prob")
+    metric, init, to_output, log_prob, base_log_prob = on_real_coordinates(metric, init, log_prob, base_log_prob)
     for name, value, low in (("n_samples", n_samples, 1), ("n_chains", n_chains, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -107,7 +116,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     z = initial_states(metric, init, dim, n_chains, generator)
     generator = torch.Generator(device=z.device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    evaluate = _Evaluator(metric, log_prob, full_drift)
+    evaluate = _Evaluator(metric, log_prob, base_log_prob, full_drift)
     dual = _Dual(0.1 if adapt else float(step_size), target_acceptance)
     h = 0.1 if adapt else float(step_size)
     keep_at = {round((i + 1) * n_steps / kept_per_chain) - 1 for i in range(kept_per_chain)}
@@ -153,7 +162,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     finally:
         bar.close()
     chains = torch.stack(kept) if kept else z.new_empty((0, n_chains, z.shape[-1]))
-    return LangevinResult(samples=chains.reshape(-1, z.shape[-1])[:n_samples], chains=chains,
+    return LangevinResult(samples=to_output(chains.reshape(-1, z.shape[-1])[:n_samples]), chains=to_output(chains),
                           acceptance=accepted / max(1, sampling_steps), step_size=h, n_failed=n_failed, interrupted=interrupted)
 
 
@@ -174,8 +183,8 @@ class _State:
 class _Evaluator:
     """Metric, log pi and its gradient at a batch of points (detached: the sampler does not differentiate)."""
 
-    def __init__(self, metric, log_prob, full_drift):
-        self.metric, self.log_prob, self.full_drift = metric, log_prob, full_drift
+    def __init__(self, metric, log_prob, base_log_prob, full_drift):
+        self.metric, self.log_prob, self.base_log_prob, self.full_drift = metric, log_prob, base_log_prob, full_drift
 
     def __call__(self, z: torch.Tensor) -> _State:
         z = z.detach()
@@ -184,23 +193,24 @@ class _Evaluator:
             G, dG = G.detach(), dG.detach()
         else:
             G, dG = self.metric.metric(z).detach(), None
-        if self.log_prob is None and dG is not None:
-            # Riemannian uniform: L = 1/2 log det G and dL/dz_k = 1/2 tr(G^-1 dG[k]), from the G and dG at hand.
-            C, _, ok = cholesky_with_jitter(G)
-            Ginv = torch.cholesky_inverse(C)
-            log_prob = C.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            grad = 0.5 * torch.einsum("ckij,cji->ck", dG, Ginv)
+        if self.log_prob is None:
+            # Riemannian uniform, L = 1/2 log det G: defined only where G itself (no jitter) is positive definite;
+            # elsewhere the point is invalid (rejected), never an error that stops the run.
+            C, info = torch.linalg.cholesky_ex(G)
+            ok = (info == 0) & torch.isfinite(G).all((-1, -2))
+            if dG is not None:
+                # dL/dz_k = 1/2 tr(G^-1 dG[k]) from the G and dG at hand.
+                C = torch.where(ok[:, None, None], C, torch.eye(G.shape[-1], dtype=G.dtype, device=G.device))
+                log_prob = C.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+                grad = 0.5 * torch.einsum("ckij,cji->ck", dG, torch.cholesky_inverse(C))
+            else:
+                log_prob, grad = _value_and_grad(self.metric.log_volume, z, ok)
+            if self.base_log_prob is not None:
+                base, base_grad = _value_and_grad(self.base_log_prob, z, ok)
+                log_prob, grad = log_prob + base, grad + base_grad
         else:
-            target = self.log_prob if self.log_prob is not None else self.metric.log_volume
-            with torch.enable_grad():
-                point = z.clone().requires_grad_(True)
-                value = target(point)
-                if value.shape != z.shape[:-1]:
-                    raise ValueError(f"log_prob(z) must return shape {tuple(z.shape[:-1])} for z {tuple(z.shape)}, "
-                                     f"got {tuple(value.shape)}")
-                (grad,) = torch.autograd.grad(value.sum(), point)
-            log_prob, grad = value.detach(), grad.detach()
-            ok = torch.ones_like(log_prob, dtype=torch.bool)
+            ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+            log_prob, grad = _value_and_grad(self.log_prob, z, ok)
         valid = ok & torch.isfinite(log_prob) & torch.isfinite(grad).all(-1)
         # Invalid points are never accepted; zero their gradient so the fused step never sees a NaN.
         grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
@@ -209,3 +219,20 @@ class _Evaluator:
         if dG is not None:
             dG = torch.where(torch.isfinite(dG).flatten(1).all(-1)[:, None, None, None], dG, torch.zeros_like(dG))
         return _State(G, dG, log_prob, grad, valid)
+
+
+def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, rows: torch.Tensor):
+    """target(z) [C] and its gradient [C, d] at the rows where `rows` [C] is True (-inf and 0 elsewhere); a target
+    that does not depend on z has gradient zero."""
+    value = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
+    grad = torch.zeros_like(z)
+    if bool(rows.any()):
+        with torch.enable_grad():
+            point = z[rows].requires_grad_(True)
+            result = target(point)
+            if result.shape != point.shape[:-1]:
+                raise ValueError(f"log_prob(z) must return shape {tuple(point.shape[:-1])} for z {tuple(point.shape)}, "
+                                 f"got {tuple(result.shape)}")
+            value[rows] = result.detach()
+            grad[rows] = gradient_or_zero(result.sum(), point, create_graph=False).detach()
+    return value, grad

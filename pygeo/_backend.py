@@ -103,6 +103,12 @@ def status(name: str) -> BackendStatus:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or 'auto'")
 
 
+def check_name(backend: Optional[str]) -> None:
+    """Refuse an unknown backend name where it is stored for later (a metric's backend=), not at its first use."""
+    if backend not in (None, "auto") and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend={backend!r}: a backend must be 'auto' or one of {BACKEND_NAMES}")
+
+
 class BackendReport(dict):
     """Maps backend name -> BackendStatus; prints as a table."""
 

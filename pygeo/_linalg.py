@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _backend
+
 _JITTER_TRIES = 4
 
 
@@ -12,6 +14,9 @@ def cholesky(G: torch.Tensor, name: str = "G") -> torch.Tensor:
     Points whose G is not numerically positive definite are retried with a jitter of 1e-10, 1e-8, ... times their mean
     diagonal; if that is not enough, ValueError says how many points failed (never a NaN that spreads).
     """
+    if _backend.under_function_transform(G):
+        # Inside torch.func transforms (vmap, grad, jacrev) the jitter retry's data-dependent branch cannot run.
+        return torch.linalg.cholesky(G)
     L, info = torch.linalg.cholesky_ex(G)
     if G.device.type != "meta" and bool((info > 0).any()):
         scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)  # 0 for G = 0: no jitter can help

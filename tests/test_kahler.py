@@ -322,6 +322,8 @@ def test_complex_gaussian_fisher_metric_bad_input():
         pygeo.ComplexGaussianFisherMetric(lambda z: z, 0.0)
     with pytest.raises(TypeError, match="z must be a complex tensor"):
         pygeo.ComplexGaussianFisherMetric(lambda z: z, 1.0).metric(torch.randn(2, 2))
+    with pytest.raises(ValueError, match=r"sigma must be a float or a tensor \[D\] with D=2"):
+        pygeo.ComplexGaussianFisherMetric(lambda z: z, torch.ones(3)).metric(torch.randn(2, 2, dtype=C128))
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch convention

@@ -125,3 +125,25 @@ def test_where_defined_turns_failing_rows_into_nan_rows():
     assert calls and not any(calls)  # the NaN row is never passed to fn
     with pytest.raises(TypeError):  # other errors still propagate
         where_defined(lambda x: (_ for _ in ()).throw(TypeError("bug")), (x,), lambda n: torch.zeros(n))
+
+
+def test_log_volume_under_vmap_of_grad():
+    """Per-point gradients by torch.func.vmap(grad(log_volume)) equal the batched autograd gradient, for a generic
+    metric (its Cholesky) and for the latent metric (its fused op)."""
+    z = torch.rand(4, 2, dtype=torch.float64) + 0.5
+    latent = pygeo.LatentMetric(torch.randn(5, 2, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64) + 0.5)
+    for metric in (pygeo.FunctionMetric(poincare), latent):
+        per_point = torch.func.vmap(torch.func.grad(metric.log_volume))(z)
+        point = z.clone().requires_grad_(True)
+        (batched,) = torch.autograd.grad(metric.log_volume(point).sum(), point)
+        torch.testing.assert_close(per_point, batched)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: pygeo.PullbackMetric(torch.nn.Linear(2, 3), backend="bogus"),
+    lambda: pygeo.LatentMetric(torch.randn(3, 2), torch.ones(3, 2), backend="bogus"),
+    lambda: pygeo.LSEKahlerMetric(torch.randn(3, 2, dtype=torch.complex64), torch.ones(3, 2), backend="bogus"),
+])
+def test_an_unknown_backend_is_refused_when_the_metric_is_built(make):
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        make()

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .. import _checks
+from .. import _backend, _checks
 from ..ops.lse_kahler_metric import check_precisions, log_det, lse_kahler_metric
 from .base import Metric, check_tangents
 
@@ -161,6 +161,7 @@ class LSEKahlerMetric(HermitianMetric):
 
     def __init__(self, centers: torch.Tensor, precisions: torch.Tensor, log_weights: Optional[torch.Tensor] = None,
                  temperature: float = 1.0, backend: str = "auto"):
+        _backend.check_name(backend)
         _checks.complex_tensor("centers", centers, min_dim=2)
         if centers.dim() != 2 or centers.shape[0] == 0:
             raise ValueError(f"centers must have shape [K, n] with K >= 1, got {tuple(centers.shape)}")
@@ -259,6 +260,10 @@ class ComplexGaussianFisherMetric(HermitianMetric):
         d_z, d_zbar = self.wirtinger_jacobians(z)
         inv_var = 1.0 / self.sigma ** 2
         if isinstance(inv_var, torch.Tensor) and inv_var.dim():
-            inv_var = inv_var.unsqueeze(-1)  # [D, 1] over the rows of the Jacobians
+            D = d_z.shape[-2]
+            if inv_var.shape != (D,) and inv_var.numel() != 1:
+                raise ValueError(f"sigma must be a float or a tensor [D] with D={D} (the decoder's output size), got "
+                                 f"shape {tuple(self.sigma.shape)}")
+            inv_var = inv_var.reshape(-1, 1)  # [D, 1] over the rows of the Jacobians
         G = d_z.mH @ (inv_var * d_z) + d_zbar.transpose(-1, -2) @ (inv_var * d_zbar.conj())
         return 0.5 * (G + G.mH)

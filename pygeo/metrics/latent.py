@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .. import _checks
+from .. import _backend, _checks
 from ..ops.latent_metric import check_inputs, default_rho, latent_metric
 from .base import Metric
 
@@ -35,6 +35,7 @@ class LatentMetric(Metric):
     def __init__(self, centroids: torch.Tensor, precisions: torch.Tensor, lam: float = 0.01, tau: float = 0.0,
                  rho: Optional[float] = None, backend: str = "auto"):
         lam, tau, rho = check_inputs(centroids, precisions, lam, tau, rho)
+        _backend.check_name(backend)
         self.centroids = centroids.detach()
         self.precisions = precisions.detach()
         self.lam, self.tau = lam, tau

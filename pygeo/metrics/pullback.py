@@ -51,6 +51,7 @@ class PullbackMetric(Metric):
             raise ValueError(f"sigma is only used by likelihood='gaussian', got sigma with likelihood={likelihood!r}")
         if not (isinstance(eps, (int, float)) and 0.0 < eps < 0.5):
             raise ValueError(f"eps must be a float in (0, 0.5), got {eps!r}")
+        _backend.check_name(backend)
         self.decoder = decoder
         self.likelihood = likelihood
         self.eps = float(eps)

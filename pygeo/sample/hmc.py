@@ -14,7 +14,6 @@ from typing import Callable, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .. import _checks
 from ..metrics.base import gradient_or_zero, where_defined
 from ._start import initial_states, on_real_coordinates
 

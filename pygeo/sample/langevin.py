@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .. import _checks
+from .. import _backend
 from ..metrics.base import Metric, gradient_or_zero
 from ..ops.langevin_step import langevin_step
 from ._start import initial_states, on_real_coordinates
@@ -91,6 +91,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     """
     if not isinstance(metric, Metric) and not hasattr(metric, "metric"):
         raise TypeError(f"metric must follow the metric contract (pygeo.Metric), got {type(metric).__name__}")
+    _backend.check_name(backend)
     if log_prob is not None and base_log_prob is not None:
         raise ValueError("base_log_prob multiplies the Riemannian uniform target (log_prob=None); with log_prob given, "
                          "include the base density in log_prob")

@@ -67,7 +67,7 @@ def run(ctx) -> str:
         "",
         f"![geodesics against straight lines]({paths_figure})",
         "",
-        f"| digits | straight-line length | geodesic length | ratio | converged | iterations |",
+        "| digits | straight-line length | geodesic length | ratio | converged | iterations |",
         "|---|---:|---:|---:|:---:|---:|",
     ]
     for (a, b), s, g, ok, it in zip(pairs, straight_length.tolist(), result.length.tolist(),

@@ -1,6 +1,7 @@
 """k-medoids clustering (alternating / "PAM-lite"), batched and chunked so it runs on large sets and on GPU tensors."""
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -59,7 +60,8 @@ def _update_medoids(points: torch.Tensor, labels: torch.Tensor, k: int, medoids:
     """Each cluster's member with the smallest sum of distances to the other members ([k] indices).
 
     Clusters are padded to the largest size S and processed a group at a time ([group, S, S] distances, about
-    chunk_size^2 elements), so the work is batched on the device rather than a Python loop over clusters.
+    chunk_size * S elements), so the work is batched on the device rather than a Python loop over clusters. A cluster
+    larger than chunk_size is done on its own, chunk_size candidate rows at a time ([chunk_size, S] distances).
     """
     counts = torch.bincount(labels, minlength=k)
     S = int(counts.max())
@@ -69,7 +71,14 @@ def _update_medoids(points: torch.Tensor, labels: torch.Tensor, k: int, medoids:
     valid = slot[None, :] < counts[:, None]  # [k, S]
     members = order[(starts[:, None] + slot[None, :]).clamp_max(points.shape[0] - 1)]  # [k, S], padded slots repeat
     updated = medoids.clone()
-    group = max(1, (chunk_size * chunk_size) // (S * S))
+    if S > chunk_size:
+        for c in counts.nonzero().squeeze(-1).tolist():
+            member_points = points[members[c, :int(counts[c])]]  # [s, d]
+            cost = torch.cat([torch.cdist(member_points[r:r + chunk_size], member_points).sum(-1)
+                              for r in range(0, member_points.shape[0], chunk_size)])
+            updated[c] = members[c, cost.argmin()]
+        return updated
+    group = max(1, chunk_size // S)
     for c0 in range(0, k, group):
         idx, mask = members[c0:c0 + group], valid[c0:c0 + group]
         member_points = points[idx]  # [g, S, d]
@@ -92,11 +101,14 @@ def kmedoids(points: torch.Tensor, k: int, seed: Optional[int] = None, max_iter:
     Returns KMedoidsResult(indices [k], labels [n], cost, n_iter).
     """
     _checks.real_tensor("points", points, min_dim=2)
-    if points.dim() != 2 or points.shape[0] == 0:
-        raise ValueError(f"points must have shape [n, d] with n >= 1, got {tuple(points.shape)}")
+    if points.dim() != 2 or points.shape[0] == 0 or points.shape[1] == 0:
+        raise ValueError(f"points must have shape [n, d] with n >= 1 and d >= 1, got {tuple(points.shape)}")
     n = points.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    k = int(k)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     if max_iter < 0 or chunk_size < 1:
         raise ValueError(f"max_iter must be >= 0 and chunk_size >= 1, got {max_iter} and {chunk_size}")
     generator = torch.Generator()

@@ -66,3 +66,26 @@ def test_kmedoids_edge_cases():
 def test_kmedoids_bad_input(args, message):
     with pytest.raises((ValueError, TypeError), match=message):
         kmedoids(*args)
+
+
+def test_clusters_larger_than_a_chunk_are_done_in_rows_with_the_same_result():
+    """A cluster of S > chunk_size members is costed chunk_size candidate rows at a time (memory chunk_size * S, not
+    S^2), with the same medoids as the batched path."""
+    points = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    small_chunks = kmedoids(points, 3, seed=0, chunk_size=256)
+    one_chunk = kmedoids(points, 3, seed=0, chunk_size=100000)
+    assert torch.equal(small_chunks.indices, one_chunk.indices) and torch.equal(small_chunks.labels, one_chunk.labels)
+
+
+def test_kmedoids_takes_numpy_integers_and_refuses_bad_k_and_seed():
+    import numpy as np
+
+    points = torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kmedoids(points, np.int64(3), seed=2).indices, kmedoids(points, 3, seed=2).indices)
+    for bad in (True, 0, 51, 2.0):
+        with pytest.raises(ValueError, match="k must be"):
+            kmedoids(points, bad)
+    with pytest.raises(ValueError, match="seed must be"):
+        kmedoids(points, 3, seed=2**70)
+    with pytest.raises(ValueError, match="d >= 1"):
+        kmedoids(torch.randn(5, 0), 1)

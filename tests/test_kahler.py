@@ -468,6 +468,37 @@ def test_complex_vae_trains_and_samples_its_posterior():
         ComplexVAE(20, likelihood="poisson")
 
 
+def test_complex_vae_training_is_reproducible_and_checks_its_inputs():
+    """The same seed gives the same losses whatever the global random state, which it leaves as it was."""
+    from pygeo.models import ComplexVAE, train_complex_vae
+
+    data = (torch.rand(64, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+
+    def run(global_seed):
+        torch.manual_seed(0)
+        model = ComplexVAE(12, 1, hidden=16)
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        losses = train_complex_vae(model, data, epochs=3, batch_size=16, seed=1, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        return losses
+
+    assert run(5) == run(999)
+    model = ComplexVAE(12, 1, hidden=16)
+    for bad, message in [
+        (dict(data=torch.rand(0, 12)), "at least one example"),
+        (dict(data=torch.rand(8, 13)), r"data must have shape \[N, data_dim\]"),
+        (dict(data=torch.rand(8, 12) * 3), r"in \[0, 1\]"),
+        (dict(data=data, batch_size=0), "batch_size must be a positive int"),
+        (dict(data=data, epochs=-1), "epochs must be a positive int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_complex_vae(model, **{"progress": False, **bad})
+    for bad in (dict(sigma=0.0, likelihood="gaussian"), dict(hidden=0), dict(data_dim=0)):
+        with pytest.raises(ValueError):
+            ComplexVAE(**{"data_dim": 12, **bad})
+
+
 # ------------------------------------------------------------------------------------------------------ demo section
 def test_demo_section_runs_on_a_tiny_context(tmp_path):
     import contextlib

@@ -103,3 +103,7 @@ def test_bad_inputs():
         train_vae(vae, torch.rand(3, 10), epochs=1, lr=-1.0)
     with pytest.raises(TypeError, match="model must be a pygeo.models.VAE"):
         train_vae(nn.Linear(2, 2), torch.rand(3, 10))
+    with pytest.raises(ValueError, match="at least one example"):
+        train_vae(vae, torch.rand(0, 10))
+    with pytest.raises(TypeError, match="model parameters are torch.float32 but the data are torch.float64"):
+        train_vae(vae, torch.rand(3, 10, dtype=torch.float64))

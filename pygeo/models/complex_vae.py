@@ -2,8 +2,7 @@
 prior CN(0, I), any decoder taking complex z. Inside, complex numbers travel as (real, imaginary) pairs of real layers."""
 from __future__ import annotations
 
-import time
-import warnings
+import math
 from typing import List, Optional
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import _checks
+from ._training import fit
 
 
 class ComplexGaussianEncoder(nn.Module):
@@ -58,9 +58,13 @@ class ComplexVAE(nn.Module):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
-        if not (isinstance(latent_dim, int) and latent_dim >= 1):
-            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
-        self.latent_dim, self.likelihood, self.sigma = latent_dim, likelihood, float(sigma)
+        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        sigma = _checks.number("sigma", sigma)
+        if not 0 < sigma < math.inf:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        self.data_dim, self.latent_dim, self.likelihood, self.sigma = data_dim, latent_dim, likelihood, sigma
         self.encoder = ComplexGaussianEncoder(data_dim, latent_dim, hidden)
         self.decoder = decoder if decoder is not None else RealPairDecoder(latent_dim, data_dim, hidden)
 
@@ -88,41 +92,15 @@ class ComplexVAE(nn.Module):
 
 def train_complex_vae(model: ComplexVAE, data: torch.Tensor, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
                       max_seconds: Optional[float] = None, seed: int = 0, progress: bool = True) -> List[float]:
-    """Adam on the negative ELBO; returns the mean loss of each epoch (the last one possibly partial).
-
-    Shows a tqdm bar (progress=False to hide). Stops after max_seconds (checked after every step), and on
-    KeyboardInterrupt returns the losses so far, leaving the model as trained up to that step.
-    """
-    from tqdm.auto import tqdm
-
+    """Adam on the negative ELBO over data [N, D]; returns the mean loss of each epoch run (the last one possibly
+    partial). Deterministic for a given seed (the global random state is left as it was); stops after max_seconds
+    (checked after every step); Ctrl-C returns the losses so far, the model as trained up to that step. Shows a tqdm
+    bar (progress=False to hide)."""
+    if not isinstance(model, ComplexVAE):
+        raise TypeError(f"model must be a pygeo.models.ComplexVAE, got {type(model).__name__}")
     _checks.real_tensor("data", data, min_dim=2)
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    losses: List[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="complex VAE", disable=not progress)
-    model.train()
-    try:
-        for _ in bar:
-            order = torch.randperm(data.shape[0], generator=generator)
-            total, count = 0.0, 0
-            for begin in range(0, data.shape[0], batch_size):
-                batch = data[order[begin:begin + batch_size]]
-                loss = model.loss(batch)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total, count = total + float(loss.detach()) * batch.shape[0], count + batch.shape[0]
-                out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
-                if out_of_time:
-                    break
-            losses.append(total / count)
-            bar.set_postfix(loss=f"{losses[-1]:.2f}")
-            if out_of_time:
-                break
-    except KeyboardInterrupt:
-        warnings.warn(f"train_complex_vae interrupted after {len(losses)} epoch(s); returning the model as trained so far")
-    finally:
-        bar.close()
-        model.eval()
-    return losses
+    _checks.last_dims("data", data, (model.data_dim,), "[N, data_dim]")
+    if model.likelihood == "bernoulli" and data.numel() and (data.min() < 0 or data.max() > 1):
+        raise ValueError(f"data must hold Bernoulli targets in [0, 1] (likelihood='bernoulli'), got values in "
+                         f"[{float(data.min())}, {float(data.max())}]")
+    return fit(model, data, epochs, batch_size, lr, seed, progress, "complex VAE", max_seconds=max_seconds)

@@ -2,15 +2,14 @@
 elementwise activations), so that its pullback metric has meaningful curvature and qualifies for the fused MLP path."""
 from __future__ import annotations
 
-import sys
 from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import _checks
+from ._training import fit
 
 # Smooth activations only: ReLU decoders have zero second derivative almost everywhere (no curvature, MATH.md §1).
 ACTIVATIONS = {"softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -121,45 +120,4 @@ def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: in
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a pygeo.models.VAE, got {type(model).__name__}")
     model._check_images(images)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    parameter_device = next(model.parameters()).device
-    if parameter_device != images.device:
-        raise ValueError(f"model is on {parameter_device} but images are on {images.device}; move one of them")
-
-    n_images = len(images)
-    order_generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses: List[float] = []
-    model.train()
-    rng_devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)  # the reparameterisation noise
-        bar = tqdm(range(epochs), desc="training VAE", unit="epoch", disable=not progress)
-        try:
-            for _ in bar:
-                order = torch.randperm(n_images, generator=order_generator).to(images.device)
-                total, seen = torch.zeros((), device=images.device), 0
-                try:
-                    for start in range(0, n_images, batch_size):
-                        batch = images[order[start:start + batch_size]]
-                        loss = model.loss(batch)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        total += loss.detach() * len(batch)
-                        seen += len(batch)
-                finally:
-                    if seen:
-                        losses.append(float(total) / seen)
-                bar.set_postfix(loss=f"{losses[-1]:.1f}")
-        except KeyboardInterrupt:
-            tqdm.write(f"training interrupted after {len(losses)} epoch(s); keeping the model as trained so far",
-                       file=sys.stderr)
-        finally:
-            bar.close()
-            model.eval()
-    return losses
+    return fit(model, images, epochs, batch_size, lr, seed, progress, "training VAE")

@@ -147,7 +147,7 @@ def resolve(op: str, device: torch.device, backend: Optional[str], implemented: 
     implemented: the backends this op has; gpu_preference: its GPU backends, fastest (by measurement) first.
     """
     explicit = backend not in (None, "auto")
-    requested = backend if explicit else os.environ.get("PYGEO_BACKEND", "auto")
+    requested = backend if explicit else (os.environ.get("PYGEO_BACKEND") or "auto")  # empty = unset
     source = f"backend={requested!r}" if explicit else f"PYGEO_BACKEND={requested!r} (environment variable)"
     if requested == "auto":
         if device.type == "cuda":

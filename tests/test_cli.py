@@ -35,13 +35,13 @@ def test_demo_from_idx_files_with_limit(tmp_path, monkeypatch):
     from test_data import write_split
 
     rng = np.random.default_rng(0)
-    write_split(tmp_path, "train", rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 10, 50))
+    write_split(tmp_path, "train", rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 10, 60))
     monkeypatch.setattr(demo_module, "SECTIONS", [])
     out = tmp_path / "out"
-    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(tmp_path), "--limit", "40", "--epochs", "1",
+    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(tmp_path), "--limit", "50", "--epochs", "1",
                  "--no-progress"]) == 0
     report = (out / "report.md").read_text()
-    assert f"40 digits from MNIST IDX files in {tmp_path}" in report and "trained for 1 of 1 epochs" in report
+    assert f"50 digits from MNIST IDX files in {tmp_path}" in report and "trained for 1 of 1 epochs" in report
 
 
 def test_demo_reports_a_failing_section_and_goes_on(tmp_path, monkeypatch):
@@ -70,6 +70,10 @@ def test_demo_bad_options(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path), "--device", "tpu"]) == 2
     assert main(["demo", "--quick", "--out", str(tmp_path), "--epochs", "0"]) == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--limit", "5"]) == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["demo", "--quick", "--out", str(a_file)]) == 2
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "many"])
     with pytest.raises(SystemExit):

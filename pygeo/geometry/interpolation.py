@@ -8,6 +8,8 @@ never overflowing.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -70,21 +72,35 @@ def conformal_interpolation(metric, z0: torch.Tensor, z1: torch.Tensor, n_points
     offset = torch.zeros_like(straight[:, 1:-1]).requires_grad_(True)
     optimizer = torch.optim.Adam([offset], lr=lr)
 
-    def curve():
-        return torch.cat([z0[:, None], straight[:, 1:-1] + unit * offset, z1[:, None]], 1)
+    def curve(interior_offset):
+        return torch.cat([z0[:, None], straight[:, 1:-1] + unit * interior_offset, z1[:, None]], 1)
+
+    def log_energy(interior_offset):  # [B]: log E per pair minus log(T - 1), a constant that does not matter
+        return torch.logsumexp(2 * _log_segment_terms(metric, curve(interior_offset)), -1)
+
+    # Adam does not descend monotonically: keep each pair's best curve so far (the straight line first).
+    best_offset = offset.detach().clone()
+    best_value = torch.full((z0.shape[0],), math.inf, dtype=z0.dtype, device=z0.device)
+
+    def remember(value):
+        nonlocal best_value
+        better = value < best_value
+        best_value = torch.where(better, value, best_value)
+        best_offset[better] = offset.detach()[better]
 
     bar = tqdm(range(n_iter), desc="conformal interpolation", disable=not progress)
     try:
         for _ in bar:
             optimizer.zero_grad()
-            # log E per pair = log(T - 1) + logsumexp_t 2 log(|step_t| V(m_t)); the constant does not matter.
-            objective = torch.logsumexp(2 * _log_segment_terms(metric, curve()), -1).sum()
-            objective.backward()
+            value = log_energy(offset)
+            remember(value.detach())
+            value.sum().backward()
             optimizer.step()
     finally:
         bar.close()
     with torch.no_grad():
-        points = curve()
+        remember(log_energy(offset))
+        points = curve(best_offset)
         length = conformal_length(metric, points)
         straight_length = conformal_length(metric, straight)
     if squeeze:

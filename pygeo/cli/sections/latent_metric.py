@@ -17,7 +17,7 @@ LAM, TAU = 0.01, 0.05  # the paper's lam for MNIST; tau > 0 keeps the uniform de
 
 def run(ctx) -> str:
     quick = ctx.quick
-    n_centroids = 20 if quick else 100
+    n_centroids = min(20 if quick else 100, len(ctx.images))
     n_samples = 16 if quick else 64
     with ctx.timed("latent metric: encode + k-medoids"):
         metric = pygeo.LatentMetric.from_encoder(ctx.vae.encoder, ctx.images, n_centroids=n_centroids, lam=LAM, tau=TAU,

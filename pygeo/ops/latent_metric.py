@@ -245,7 +245,7 @@ def latent_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
     Differentiable in z (not in centroids / precisions); second derivatives go through a plain-PyTorch slow path.
     """
     _checks.real_tensor("z", z, min_dim=1, check_finite=False)
-    if z.numel() and not _checks._is_fake(z) and not bool(torch.isfinite((z * z).sum(-1)).all()):
+    if z.numel() and not _checks._is_fake(z) and not _checks.all_finite((z * z).sum(-1)):
         # One scan covers NaN/Inf in z and points so far out that |z|^2 overflows (the kernels would return NaN).
         raise ValueError("z contains NaN or Inf values, or points so large that |z|^2 overflows "
                          f"(|z| above about {math.sqrt(torch.finfo(z.dtype).max):.3g})")

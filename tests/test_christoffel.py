@@ -34,6 +34,21 @@ def test_christoffel_matches_float64_reference(backend_device, dtype, B, d):
     assert_close(Gamma.cpu(), expected, dtype)
 
 
+@pytest.mark.skipif(not pygeo.backends()["cpp"].available, reason="needs the compiled C++ backend")
+@pytest.mark.parametrize("simd_bytes", ["16", "32", "64"])
+def test_christoffel_cpp_every_vector_width(monkeypatch, simd_bytes):
+    """The C++ kernel is compiled for 16-, 32- and 64-byte vectors and picks the CPU's widest at run time;
+    PYGEO_SIMD_BYTES caps the width, so each version runs here, with d not a multiple of any vector width too."""
+    monkeypatch.setenv("PYGEO_SIMD_BYTES", simd_bytes)
+    for B, d in [(3, 5), (4, 16), (2, 37)]:
+        G, dG = random_metric((B,), d)
+        expected = christoffel_reference(G, dG)
+        for dtype in (torch.float32, torch.float64):
+            Gamma = pygeo.ops.christoffel(G.to(dtype), dG.to(dtype), backend="cpp")
+            assert torch.equal(Gamma, Gamma.transpose(-1, -2))
+            assert_close(Gamma, expected, dtype)
+
+
 def test_reference_is_the_formula():
     # Straight from MATH.md with an explicit inverse and loops, on a small case.
     G, dG = random_metric((2,), 3)

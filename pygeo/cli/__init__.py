@@ -1,4 +1,5 @@
-"""The command line: `pygeo demo` (the demo report) and `pygeo info` (backends and build)."""
+"""The command line: `pygeo demo` (the demo report), `pygeo bench` (pygeo against plain PyTorch, op by op) and
+`pygeo info` (backends and build)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import torch
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pygeo", description="Fast, exact differential geometry for VAE latent spaces.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
 
     demo = commands.add_parser("demo", help="train a small VAE on digits and write a report of its latent geometry",
                                description="Train a VAE with a 2-D latent space on MNIST digits (offline by default), "
@@ -28,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    bench = commands.add_parser("bench", help="time each op against the plain-PyTorch way, side by side",
+                                description="Time each pygeo op against the plain-PyTorch way of computing the same "
+                                            "thing, in one run on this machine; prints a markdown table.")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per provider, best kept (default: %(default)s)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     commands.add_parser("info", help="print the available backends and how pygeo was built")
     return parser
 
@@ -37,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "bench":
+        return _bench(args)
     return _info()
 
 
@@ -56,6 +67,21 @@ def _demo(args: argparse.Namespace) -> int:
     if result.failed_sections:
         print(f"pygeo demo: sections failed: {', '.join(result.failed_sections)} (see the report)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .demo import _pick_device
+
+    try:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        print(run_bench(_pick_device(args.device), quick=args.quick, repeats=args.repeats,
+                        progress=not args.no_progress))
+    except ValueError as error:
+        print(f"pygeo bench: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

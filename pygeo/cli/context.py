@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -63,3 +64,32 @@ def synchronize(device: torch.device) -> None:
     """Waits for queued CUDA work on `device` (no-op on the CPU), so wall-clock timings mean something."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def compare_providers(providers: List[Tuple[str, Callable[[], torch.Tensor]]], repeats: int, device: torch.device,
+                      progress: Callable[[Iterable[Item]], Iterable[Item]] = lambda iterable: iterable
+                      ) -> List[Tuple[str, float, float]]:
+    """(name, best seconds, max deviation from the first provider (the baseline) relative to its largest entry) for
+    each provider that can run here: each is called once to warm up (and give the values compared), then timed round
+    robin, best of `repeats`, so that a slow spell of a shared machine hits every provider alike. A provider that
+    raises pygeo.BackendUnavailableError is left out."""
+    from .. import BackendUnavailableError
+
+    results = {}
+    with torch.no_grad():
+        for name, compute in list(providers):
+            try:
+                results[name] = compute()
+            except BackendUnavailableError:
+                providers = [entry for entry in providers if entry[0] != name]
+        seconds = {name: math.inf for name, _ in providers}
+        for _ in progress(range(repeats)):
+            for name, compute in providers:
+                synchronize(device)
+                start = time.perf_counter()
+                compute()
+                synchronize(device)
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+    reference = results[providers[0][0]]
+    scale = reference.abs().max()
+    return [(name, seconds[name], float((results[name] - reference).abs().max() / scale)) for name, _ in providers]

@@ -1,7 +1,6 @@
 """Demo section: the decoder's pullback (Fisher) metric over the latent plane, and what it costs on each backend."""
 from __future__ import annotations
 
-import time
 from typing import Callable, List, Tuple
 
 import matplotlib
@@ -153,27 +152,9 @@ def _time_providers(ctx, points: torch.Tensor, repeats: int) -> List[Tuple[str, 
         providers.append((f"pygeo fused MLP, {backend}",
                           pygeo.PullbackMetric(decoder, likelihood="bernoulli", backend=backend).metric))
 
-    # Warm up each provider (and keep its values to compare), dropping those without a kernel for that backend here.
-    results = {}
-    with torch.no_grad():
-        for name, compute in list(providers):
-            try:
-                results[name] = compute(points)
-            except pygeo.BackendUnavailableError:
-                providers.remove((name, compute))
-        # Round robin, best of `repeats`: on a shared machine a slow spell then hits every provider alike.
-        seconds = {name: float("inf") for name, _ in providers}
-        for _ in ctx.progress(range(repeats), desc="metric timings"):
-            for name, compute in providers:
-                context.synchronize(ctx.device)
-                start = time.perf_counter()
-                compute(points)
-                context.synchronize(ctx.device)
-                seconds[name] = min(seconds[name], time.perf_counter() - start)
-    reference = results[providers[0][0]]
-    scale = reference.abs().max()
-    return [(name, len(points), seconds[name], float((results[name] - reference).abs().max() / scale))
-            for name, _ in providers]
+    rows = context.compare_providers([(name, lambda compute=compute: compute(points)) for name, compute in providers],
+                                     repeats, ctx.device, lambda it: ctx.progress(it, desc="metric timings"))
+    return [(name, len(points), seconds, deviation) for name, seconds, deviation in rows]
 
 
 def _backends_here(device: torch.device) -> List[str]:

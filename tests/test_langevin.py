@@ -214,3 +214,20 @@ def test_base_log_prob_multiplies_the_riemannian_uniform_target():
     torch.testing.assert_close(with_base.samples, combined.samples)
     with pytest.raises(ValueError, match="base_log_prob"):
         riemannian_langevin(metric, 16, log_prob=base, base_log_prob=base, **settings)
+
+
+def test_a_metric_that_raises_outside_its_chart_rejects_those_proposals():
+    """Both samplers treat a point where the metric raises ValueError (outside its chart) as a rejected proposal."""
+    def chart_metric(z):
+        if bool((z.abs() > 1.5).any()):
+            raise ValueError("outside the chart")
+        return (1 + z ** 2).unsqueeze(-1)
+
+    metric = pygeo.FunctionMetric(chart_metric, dim=1)
+    for full_drift in (True, False):
+        result = riemannian_langevin(metric, 100, n_chains=20, n_steps=20, warmup=20, seed=0, progress=False,
+                                     full_drift=full_drift, init=torch.zeros(20, 1))
+        assert result.n_failed > 0 and bool((result.samples.abs() <= 1.5).all())
+    hmc = pygeo.sample.riemannian_uniform(metric, 40, n_chains=20, n_steps=10, step_size=0.5, seed=0, progress=False,
+                                          init=torch.zeros(20, 1))
+    assert bool((hmc.samples.abs() <= 1.5).all())

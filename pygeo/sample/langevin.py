@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _backend
-from ..metrics.base import Metric, gradient_or_zero
+from ..metrics.base import Metric, gradient_or_zero, where_defined
 from ..ops.langevin_step import langevin_step
 from ._start import initial_states, on_real_coordinates
 
@@ -189,11 +189,15 @@ class _Evaluator:
 
     def __call__(self, z: torch.Tensor) -> _State:
         z = z.detach()
+        d = z.shape[-1]
+        # A point where the metric cannot be evaluated (it raises ValueError there) gets a NaN metric: invalid below.
         if self.full_drift:
-            G, dG = self.metric.metric_and_derivative(z)
+            G, dG = where_defined(self.metric.metric_and_derivative, (z,),
+                                  lambda n: (z.new_full((n, d, d), math.nan), z.new_full((n, d, d, d), math.nan)))
             G, dG = G.detach(), dG.detach()
         else:
-            G, dG = self.metric.metric(z).detach(), None
+            G = where_defined(self.metric.metric, (z,), lambda n: z.new_full((n, d, d), math.nan)).detach()
+            dG = None
         if self.log_prob is None:
             # Riemannian uniform, L = 1/2 log det G: defined only where G itself (no jitter) is positive definite;
             # elsewhere the point is invalid (rejected), never an error that stops the run.

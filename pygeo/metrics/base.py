@@ -154,6 +154,16 @@ def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
     return (G if keep_graph else G.detach()), dG
 
 
+def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
+    """(fn(z) [C], d fn / dz [C, d]) for a scalar function of each row of z [C, d], both detached; the gradient is
+    zero where fn does not depend on z (a constant target has no graph at all)."""
+    with torch.enable_grad():
+        point = z.detach().requires_grad_(True)
+        value = fn(point)
+        grad = gradient_or_zero(value.sum(), point, create_graph=False)
+    return value.detach(), grad.detach()
+
+
 def gradient_or_zero(value: torch.Tensor, point: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """d value / d point, zero where value does not depend on point (a constant metric has no graph at all)."""
     if not value.requires_grad:

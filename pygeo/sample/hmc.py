@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics.base import gradient_or_zero, where_defined
+from ..metrics.base import value_and_gradient, where_defined
 from ._start import initial_states, on_real_coordinates
 
 
@@ -52,13 +52,9 @@ def potential_and_grad(metric, log_prob: Optional[Callable[[torch.Tensor], torch
         return -value, -grad
 
     def target_and_grad(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            point = z.detach().requires_grad_(True)
-            value = metric.log_volume(point)
-            if log_prob is not None:
-                value = value + log_prob(point)
-            grad = gradient_or_zero(value.sum(), point, create_graph=False)  # zero for a constant target
-        return value.detach(), grad.detach()
+        if log_prob is None:
+            return value_and_gradient(metric.log_volume, z)
+        return value_and_gradient(lambda point: metric.log_volume(point) + log_prob(point), z)
 
     return fn
 

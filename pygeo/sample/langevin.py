@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _backend
-from ..metrics.base import Metric, gradient_or_zero, where_defined
+from ..metrics.base import Metric, value_and_gradient, where_defined
 from ..ops.langevin_step import langevin_step
 from ._start import initial_states, on_real_coordinates
 
@@ -232,12 +232,12 @@ def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Ten
     value = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
     grad = torch.zeros_like(z)
     if bool(rows.any()):
-        with torch.enable_grad():
-            point = z[rows].requires_grad_(True)
+        def checked(point):
             result = target(point)
             if result.shape != point.shape[:-1]:
                 raise ValueError(f"log_prob(z) must return shape {tuple(point.shape[:-1])} for z {tuple(point.shape)}, "
                                  f"got {tuple(result.shape)}")
-            value[rows] = result.detach()
-            grad[rows] = gradient_or_zero(result.sum(), point, create_graph=False).detach()
+            return result
+
+        value[rows], grad[rows] = value_and_gradient(checked, z[rows])
     return value, grad

@@ -49,3 +49,18 @@ def test_a_deep_copy_is_checked_on_its_own():
     clone = copy.deepcopy(value)  # ... and a copy starts a new version count with the original's attributes
     _checks.verify_once(clone, "finite", lambda: calls.append(1))
     assert len(calls) == 2
+
+
+def test_finite_rows_flags_exactly_the_rows_with_nan_or_inf():
+    value = torch.randn(6, 3, 3, dtype=torch.float64)
+    value[1, 0, 0] = float("nan")
+    value[2, 1, 1] = float("inf")
+    value[3] = 1.5e308  # finite entries whose row sum overflows: still a finite row
+    value[4, 2, 0] = float("-inf")
+    expected = torch.tensor([True, False, False, True, False, True])
+    assert torch.equal(_checks.finite_rows(value), expected)
+    assert torch.equal(_checks.finite_rows(value.float().nan_to_num(posinf=3e38, neginf=-3e38)),
+                       torch.tensor([True, True, True, True, True, True]))
+    assert torch.equal(_checks.finite_rows(torch.complex(value, torch.zeros_like(value))), expected)
+    assert _checks.finite_rows(torch.empty(0, 3)).shape == (0,)
+    assert bool(_checks.finite_rows(torch.empty(4, 0)).all())

@@ -168,6 +168,30 @@ def test_latent_metric_gradcheck(backend_device, kind):
         assert torch.autograd.gradgradcheck(log_volume, (z,))
 
 
+@pytest.mark.parametrize("kind", ["diagonal", "full"])
+def test_first_order_backward_never_takes_the_second_order_path(monkeypatch, kind):
+    """Outputs the loss ignores (dG, the log-volume gradient) must not push a plain backward through the slow
+    plain-torch path: their gradients arrive as None, not as materialised zeros."""
+    import importlib
+
+    op_module = importlib.import_module("pygeo.ops.latent_metric")
+
+    z, centroids, precisions = make_problem(5, 7, 3, kind, seed=3)
+    expected = torch.autograd.functional.jacobian(
+        lambda x: reference.log_volume(x, centroids, precisions, 0.05, 0.3, 1.0).sum(), z)
+
+    def refuse(*args):
+        raise AssertionError("first-order backward went through the plain-torch second-order path")
+
+    monkeypatch.setattr(op_module, "_differentiable_reference", refuse)
+    point = z.clone().requires_grad_(True)
+    out = pygeo.ops.latent_metric(point, centroids, precisions, 0.05, 0.3, 1.0, derivative=True, log_volume=True)
+    (out.log_volume.sum() + out.metric.sum()).backward()
+    G_grad = torch.autograd.functional.jacobian(
+        lambda x: reference.broadcast_metric(x, centroids, precisions, 0.05, 0.3, 1.0).sum(), z)
+    assert_close(point.grad, expected + G_grad, torch.float64)
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_latent_metric_opcheck(backend_device):
     backend, device = backend_device

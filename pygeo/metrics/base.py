@@ -50,7 +50,7 @@ def where_defined(fn, rows: Tuple[torch.Tensor, ...], nan_result: Callable[[int]
     def pack(like, outs):
         return outs[0] if isinstance(like, torch.Tensor) else tuple(outs)
 
-    finite = torch.stack([torch.isfinite(r).flatten(1).all(-1) for r in rows]).all(0)
+    finite = torch.stack([_checks.finite_rows(r) for r in rows]).all(0)
     if bool(finite.all()):
         try:
             return fn(*rows)

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .. import _backend
+from .. import _backend, _checks
 from ..metrics.base import Metric, value_and_gradient, where_defined
 from ..ops.langevin_step import langevin_step
 from ._start import initial_states, on_real_coordinates
@@ -202,7 +202,7 @@ class _Evaluator:
             # Riemannian uniform, L = 1/2 log det G: defined only where G itself (no jitter) is positive definite;
             # elsewhere the point is invalid (rejected), never an error that stops the run.
             C, info = torch.linalg.cholesky_ex(G)
-            ok = (info == 0) & torch.isfinite(G).all((-1, -2))
+            ok = (info == 0) & _checks.finite_rows(G)
             if dG is not None:
                 # dL/dz_k = 1/2 tr(G^-1 dG[k]) from the G and dG at hand.
                 C = torch.where(ok[:, None, None], C, torch.eye(G.shape[-1], dtype=G.dtype, device=G.device))
@@ -216,14 +216,24 @@ class _Evaluator:
         else:
             ok = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
             log_prob, grad = _value_and_grad(self.log_prob, z, ok)
-        valid = ok & torch.isfinite(log_prob) & torch.isfinite(grad).all(-1)
-        # Invalid points are never accepted; zero their gradient so the fused step never sees a NaN.
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-        log_prob = torch.where(valid, log_prob, torch.full_like(log_prob, -math.inf))
-        G = torch.where(torch.isfinite(G).all((-1, -2))[:, None, None], G, torch.zeros_like(G))
-        if dG is not None:
-            dG = torch.where(torch.isfinite(dG).flatten(1).all(-1)[:, None, None, None], dG, torch.zeros_like(dG))
+        valid = ok & torch.isfinite(log_prob) & _checks.finite_rows(grad)
+        # Invalid points are never accepted; zero their non-finite inputs so the fused step never sees a NaN. The
+        # scans are per-row min/max reductions and the rewrites happen only when needed: on dG [C, d, d, d] a
+        # where over every chain would cost as much as the step itself.
+        if not bool(valid.all()):
+            grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
+            log_prob = torch.where(valid, log_prob, torch.full_like(log_prob, -math.inf))
+        G = _zero_non_finite_rows(G)
+        dG = None if dG is None else _zero_non_finite_rows(dG)
         return _State(G, dG, log_prob, grad, valid)
+
+
+def _zero_non_finite_rows(value: torch.Tensor) -> torch.Tensor:
+    """value [C, ...] with every row that holds a NaN or Inf set to zero (the same tensor when there is none)."""
+    finite = _checks.finite_rows(value)
+    if bool(finite.all()):
+        return value
+    return torch.where(finite.reshape(-1, *([1] * (value.dim() - 1))), value, torch.zeros_like(value))
 
 
 def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, rows: torch.Tensor):

@@ -4,6 +4,7 @@ import torch
 import pygeo
 from pygeo.ops.mlp_metric import _IMPLEMENTED as MLP_METRIC_BACKENDS
 from pygeo.ops.mlp_metric import MLPDecoder
+from pygeo.reference import mlp_metric as reference
 from pygeo.reference.mlp_metric import forward_with_tangents
 from pygeo.reference.jtj import jtj as jtj_reference
 
@@ -123,15 +124,16 @@ def test_batch_dims_and_none_bias():
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("likelihood", ["euclidean", "gaussian", "bernoulli"])
-def test_gradcheck(backend_device, likelihood):
+@pytest.mark.parametrize("D", [4, 7])  # 7 > hidden width 5: the backward goes through the last layer's Gram matrix
+def test_gradcheck(backend_device, likelihood, D):
     backend, device = backend_device
     to = dict(dtype=F64, device=device)
     z = torch.randn(3, 2, **to, requires_grad=True)
     W1 = torch.randn(5, 2, **to, requires_grad=True)
     b1 = torch.randn(5, **to, requires_grad=True)
-    W2 = torch.randn(4, 5, **to, requires_grad=True)
-    b2 = torch.randn(4, **to, requires_grad=True)
-    sigma = (torch.rand(4, **to) + 0.5).requires_grad_(likelihood == "gaussian")
+    W2 = torch.randn(D, 5, **to, requires_grad=True)
+    b2 = torch.randn(D, **to, requires_grad=True)
+    sigma = (torch.rand(D, **to) + 0.5).requires_grad_(likelihood == "gaussian")
 
     def fn(z, W1, b1, W2, b2, sigma):
         return pygeo.ops.mlp_metric(z, [W1, W2], [b1, b2], ["silu", "identity"], likelihood=likelihood,
@@ -141,6 +143,32 @@ def test_gradcheck(backend_device, likelihood):
     assert torch.autograd.gradcheck(fn, inputs)
     if backend == "torch":  # the backward is the same plain-torch code whichever backend ran the forward
         assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("frozen", ["decoder", "first layer", "nothing"])
+def test_backward_differentiates_only_what_needs_it(frozen):
+    """Gradients of the inputs that require one match the plain-torch reference whichever others are frozen."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 3, generator=g, dtype=F64)
+    params = [torch.randn(8, 3, generator=g, dtype=F64), torch.randn(8, generator=g, dtype=F64),
+              torch.randn(11, 8, generator=g, dtype=F64), torch.randn(11, generator=g, dtype=F64)]
+    trainable = {"decoder": [], "first layer": [2, 3], "nothing": [0, 1, 2, 3]}[frozen]
+    upstream = torch.randn(6, 3, 3, generator=g, dtype=F64)
+
+    def gradients(metric_fn):
+        point = z.clone().requires_grad_(True)
+        tensors = [p.clone().requires_grad_(i in trainable) for i, p in enumerate(params)]
+        G = metric_fn(point, [tensors[0], tensors[2]], [tensors[1], tensors[3]])
+        wanted = [point] + [tensors[i] for i in trainable]
+        return torch.autograd.grad(G, wanted, upstream, allow_unused=True, materialize_grads=True)
+
+    fused = gradients(lambda x, W, b: pygeo.ops.mlp_metric(x, W, b, ["tanh", "identity"], likelihood="gaussian",
+                                                           sigma=0.7))
+    plain = gradients(lambda x, W, b: reference.mlp_metric(x, W, b, [reference.TANH, reference.IDENTITY],
+                                                           [0.0] * 4, torch.full((11,), 0.7 ** -2, dtype=F64),
+                                                           False, 1e-6))
+    for actual, expected in zip(fused, plain):
+        assert_close(actual, expected, F64)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -133,20 +133,33 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_G):
-    # Recompute through the differentiable torch reference and take its vector-Jacobian product: plain torch, so it
-    # runs on every device and can be differentiated again.
+    # Recompute through a differentiable plain-torch form of G and take its vector-Jacobian product with respect to
+    # the inputs that need a gradient (only z for a frozen decoder or a sampler): it runs on every device and can be
+    # differentiated again. With an identity last layer and a constant Fisher weight, the form that goes through the
+    # last layer's Gram matrix W_L^T diag(w) W_L [n, n] never builds J [B, D, d]: for a 784-output decoder the
+    # backward of log_volume is then several times cheaper (bench/RESULTS.md, session 6).
     saved = ctx.saved_tensors
     L = ctx.layers
     codes, params, bernoulli, eps = ctx.settings
-    z, weights, biases = saved[0], list(saved[1:1 + L]), list(saved[1 + L:1 + 2 * L])
-    output_weight = saved[1 + 2 * L] if ctx.has_output_weight else None
+    inputs = {"z": saved[0], "weights": list(saved[1:1 + L]), "biases": list(saved[1 + L:1 + 2 * L]),
+              "output_weight": saved[1 + 2 * L] if ctx.has_output_weight else None}
+    needs = ctx.needs_input_grad
+    wanted = [name for name, needed in (("z", needs[0]), ("weights", any(needs[1])), ("biases", any(needs[2])),
+                                        ("output_weight", needs[5])) if needed and inputs[name] is not None]
+    D, n = inputs["weights"][-1].shape
+    by_last_gram = not bernoulli and codes[-1] == reference.IDENTITY and D > n
 
-    def metric(z, weights, biases, *output_weight):
-        return reference.mlp_metric(z, weights, biases, codes, params, *(output_weight or (None,)), bernoulli, eps)
+    def metric(*differentiated):
+        values = dict(inputs, **dict(zip(wanted, differentiated)))
+        args = (values["z"], values["weights"], values["biases"], codes, params, values["output_weight"])
+        if by_last_gram:
+            return reference.mlp_metric_by_last_gram(*args)
+        return reference.mlp_metric(*args, bernoulli, eps)
 
-    _, vjp = torch.func.vjp(metric, z, weights, biases, *([output_weight] if output_weight is not None else []))
-    grad_z, grad_weights, grad_biases, *grad_output_weight = vjp(grad_G)
-    return (grad_z, list(grad_weights), list(grad_biases), None, None, (grad_output_weight or [None])[0], None, None,
+    _, vjp = torch.func.vjp(metric, *(inputs[name] for name in wanted))
+    grads = dict(zip(wanted, vjp(grad_G)))
+    listed = lambda name: list(grads[name]) if name in grads else [None] * L
+    return (grads.get("z"), listed("weights"), listed("biases"), None, None, grads.get("output_weight"), None, None,
             None)
 
 

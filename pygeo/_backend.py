@@ -237,3 +237,24 @@ def under_function_transform(tensor: torch.Tensor) -> bool:
     # unpack_dual costs a few microseconds: ask only while a forward-mode dual level is open.
     return (getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
             and torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None)
+
+
+def vjp_where_needed(fn, primals: Sequence, needed: Sequence[bool], cotangent: torch.Tensor) -> list:
+    """The vector-Jacobian product of fn(*primals) with cotangent, for the primals whose `needed` flag is set (None
+    for the others): the backward of an op recomputed through its differentiable plain-PyTorch form. Only what needs
+    a gradient is differentiated (a frozen decoder's weights cost nothing); a primal may be a list of tensors. It
+    runs on every device and can be differentiated again (create_graph)."""
+    wanted = [i for i, need in enumerate(needed) if need and primals[i] is not None]
+
+    def with_differentiated(*differentiated):
+        args = list(primals)
+        for i, value in zip(wanted, differentiated):
+            args[i] = value
+        return fn(*args)
+
+    grads = [None] * len(primals)
+    if wanted:
+        _, vjp = torch.func.vjp(with_differentiated, *(primals[i] for i in wanted))
+        for i, grad in zip(wanted, vjp(cotangent)):
+            grads[i] = grad
+    return grads

@@ -141,26 +141,21 @@ def _backward(ctx, grad_G):
     saved = ctx.saved_tensors
     L = ctx.layers
     codes, params, bernoulli, eps = ctx.settings
-    inputs = {"z": saved[0], "weights": list(saved[1:1 + L]), "biases": list(saved[1 + L:1 + 2 * L]),
-              "output_weight": saved[1 + 2 * L] if ctx.has_output_weight else None}
-    needs = ctx.needs_input_grad
-    wanted = [name for name, needed in (("z", needs[0]), ("weights", any(needs[1])), ("biases", any(needs[2])),
-                                        ("output_weight", needs[5])) if needed and inputs[name] is not None]
-    D, n = inputs["weights"][-1].shape
+    z, weights, biases = saved[0], list(saved[1:1 + L]), list(saved[1 + L:1 + 2 * L])
+    output_weight = saved[1 + 2 * L] if ctx.has_output_weight else None
+    D, n = weights[-1].shape
     by_last_gram = not bernoulli and codes[-1] == reference.IDENTITY and D > n
 
-    def metric(*differentiated):
-        values = dict(inputs, **dict(zip(wanted, differentiated)))
-        args = (values["z"], values["weights"], values["biases"], codes, params, values["output_weight"])
+    def metric(z, weights, biases, output_weight):
         if by_last_gram:
-            return reference.mlp_metric_by_last_gram(*args)
-        return reference.mlp_metric(*args, bernoulli, eps)
+            return reference.mlp_metric_by_last_gram(z, weights, biases, codes, params, output_weight)
+        return reference.mlp_metric(z, weights, biases, codes, params, output_weight, bernoulli, eps)
 
-    _, vjp = torch.func.vjp(metric, *(inputs[name] for name in wanted))
-    grads = dict(zip(wanted, vjp(grad_G)))
-    listed = lambda name: list(grads[name]) if name in grads else [None] * L
-    return (grads.get("z"), listed("weights"), listed("biases"), None, None, grads.get("output_weight"), None, None,
-            None)
+    needs = ctx.needs_input_grad
+    grad_z, grad_weights, grad_biases, grad_output_weight = _backend.vjp_where_needed(
+        metric, (z, weights, biases, output_weight), (needs[0], any(needs[1]), any(needs[2]), needs[5]), grad_G)
+    as_list = lambda grads: [None] * L if grads is None else list(grads)
+    return grad_z, as_list(grad_weights), as_list(grad_biases), None, None, grad_output_weight, None, None, None
 
 
 _mlp_metric_op.register_autograd(_backward, setup_context=_setup_context)

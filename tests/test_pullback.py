@@ -169,6 +169,42 @@ def test_log_volume_gradient_matches_finite_differences(case):
     torch.testing.assert_close(grad, finite, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fused", [True, False])
+def test_log_volume_and_grad_differentiates_z_alone(case, fused):
+    """The samplers' entry point: log_volume and its z-gradient as autograd gives them, detached."""
+    metric = CASES[case]()
+    if not fused and case != "gaussian-learned":
+        metric = generic_twin(metric)
+    z = torch.randn(2, 4, 3, dtype=F64)
+    point = z.clone().requires_grad_(True)
+    expected_value = metric.log_volume(point)
+    (expected_grad,) = torch.autograd.grad(expected_value.sum(), point)
+    value, grad = metric.log_volume_and_grad(z)
+    assert value.shape == (2, 4) and grad.shape == (2, 4, 3)
+    assert not value.requires_grad and not grad.requires_grad
+    assert_close(value, expected_value, F64)
+    assert_close(grad, expected_grad, F64)
+
+
+def test_log_volume_and_grad_of_a_trainable_mlp_never_differentiates_its_weights(monkeypatch):
+    """The fused op's backward is asked for z's gradient only, although every decoder parameter requires grad."""
+    from pygeo import _backend
+
+    asked = []
+    original = _backend.vjp_where_needed
+
+    def spy(fn, primals, needed, cotangent):
+        asked.append(tuple(needed))
+        return original(fn, primals, needed, cotangent)
+
+    monkeypatch.setattr(_backend, "vjp_where_needed", spy)
+    metric = CASES["gaussian-vector"]()
+    assert all(parameter.requires_grad for parameter in metric.decoder.parameters())
+    metric.log_volume_and_grad(torch.randn(5, 3, dtype=F64))
+    assert asked == [(True, False, False, False)]
+
+
 @pytest.mark.parametrize("case", ["euclidean", "gaussian-scalar", "gaussian-vector", "bernoulli"])
 def test_flat_coordinates_pull_back_the_metric_exactly(case):
     metric = CASES[case]()

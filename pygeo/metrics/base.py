@@ -16,6 +16,8 @@ class Metric:
       metric(z)                 z [..., d] -> G [..., d, d], symmetric positive definite
       metric_and_derivative(z)  -> (G [..., d, d], dG [..., d, d, d]) with dG[..., k, i, j] = d G[i, j] / d z_k
       log_volume(z)             -> 1/2 log det G [...], differentiable in z
+      log_volume_and_grad(z)    -> (1/2 log det G [...], its gradient in z [..., d]), detached: what samplers need,
+                                   without the gradients of a decoder's or a metric's own parameters
       inner(z, u, v)            -> u^T G(z) v [...]
     """
 
@@ -27,6 +29,9 @@ class Metric:
 
     def log_volume(self, z: torch.Tensor) -> torch.Tensor:
         return _linalg.half_log_det(self.metric(z), name=f"{type(self).__name__}.metric(z)")
+
+    def log_volume_and_grad(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return value_and_gradient(self.log_volume, z)
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u^T G(z) v [...]: z, u, v [..., d], batch shapes broadcast."""
@@ -152,6 +157,16 @@ def _derivative_by_reverse_mode(metric_fn, flat: torch.Tensor):
             index += 1
     dG = torch.stack([torch.stack([pairs[i, j] for j in range(d)], -1) for i in range(d)], -2)  # [B, k, i, j]
     return (G if keep_graph else G.detach()), dG
+
+
+def log_volume_and_grad(metric, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(metric.log_volume(z) [C], its gradient in z [C, d]), detached, for any metric of the contract: the metric's own
+    log_volume_and_grad where it has one (fused kernels, no parameter gradients), else autograd through log_volume."""
+    own = getattr(metric, "log_volume_and_grad", None)
+    if own is None:
+        return value_and_gradient(metric.log_volume, z)
+    value, grad = own(z)
+    return value.detach(), grad.detach()
 
 
 def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):

@@ -11,10 +11,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _linalg
 from ..ops.jtj import jtj
 from ..ops.mlp_metric import MLPDecoder, mlp_metric
-from .base import Metric
+from .base import Metric, value_and_gradient
 
 LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
 
@@ -68,12 +68,28 @@ class PullbackMetric(Metric):
     # ----------------------------------------------------------------------------------------------- the contract
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> G [..., d, d], differentiable in z."""
+        return self._metric(z, detach_parameters=False)
+
+    def log_volume_and_grad(self, z: torch.Tensor):
+        """z [..., d] -> (1/2 log det G [...], its gradient in z [..., d]), detached (for samplers). For an MLP decoder
+        the fused op sees detached weights, so its backward differentiates z alone: a backward of log_volume through
+        a trainable decoder would also build the weights' gradients, which cost as much as z's and are thrown away."""
+        def log_volume(point):
+            G = self._metric(point, detach_parameters=True)
+            return _linalg.half_log_det(G, name="PullbackMetric.metric(z)")
+
+        return value_and_gradient(log_volume, z)
+
+    def _metric(self, z: torch.Tensor, detach_parameters: bool) -> torch.Tensor:
         flat, batch_shape = self._flatten(z)
         mlp = self._fused_mlp(flat)
         if mlp is not None:
-            G = mlp_metric(flat, mlp.weights, mlp.biases, mlp.activations,
-                           likelihood=self.likelihood, sigma=self._sigma_for(flat, mlp.out_features),
-                           eps=self.eps, backend=self.backend)
+            def parameter(tensor):
+                return tensor.detach() if detach_parameters and tensor is not None else tensor
+
+            G = mlp_metric(flat, [parameter(W) for W in mlp.weights], [parameter(b) for b in mlp.biases],
+                           mlp.activations, likelihood=self.likelihood,
+                           sigma=parameter(self._sigma_for(flat, mlp.out_features)), eps=self.eps, backend=self.backend)
         else:
             rows, J = self._rows_and_jacobian(flat)
             G = jtj(J, self._weight(rows), backend=self.backend)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..metrics.base import value_and_gradient, where_defined
+from ..metrics.base import log_volume_and_grad, value_and_gradient, where_defined
 from ._start import initial_states, on_real_coordinates
 
 
@@ -33,28 +33,25 @@ class HMCResult:
 def potential_and_grad(metric, log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]]):
     """U(z) = -(log_volume(z) + log_prob(z)) and its gradient, as a function z [n, d] -> (U [n], dU/dz [n, d]).
 
-    Uses the metric's fused `log_volume_and_grad` when it has one (LatentMetric), otherwise autograd through
-    `log_volume` (any metric of the contract)."""
-    fused = getattr(metric, "log_volume_and_grad", None)
-
+    The log-volume part comes from the metric's `log_volume_and_grad` (fused kernels for LatentMetric, the decoder's
+    parameters left alone for PullbackMetric), or autograd through `log_volume` (any metric of the contract)."""
     def fn(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # A trajectory that blew up to Inf/NaN gets U = +inf (so it is rejected), evaluated nowhere near the metric.
         bad = ~torch.isfinite(z).all(-1)
         if bool(bad.any()):
             potential, grad = fn(torch.where(bad[:, None], torch.zeros_like(z), z))
             return potential.masked_fill(bad, math.inf), grad.masked_fill(bad[:, None], 0.0)
-        if fused is not None and log_prob is None:
-            value, grad = fused(z)
-            return -value.detach(), -grad.detach()
         # A point where the metric is not positive definite gets a NaN energy: its trajectory is rejected.
         value, grad = where_defined(target_and_grad, (z,),
                                     lambda n: (z.new_full((n,), math.nan), z.new_full((n, z.shape[-1]), math.nan)))
         return -value, -grad
 
     def target_and_grad(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if log_prob is None:
-            return value_and_gradient(metric.log_volume, z)
-        return value_and_gradient(lambda point: metric.log_volume(point) + log_prob(point), z)
+        value, grad = log_volume_and_grad(metric, z)
+        if log_prob is not None:
+            base, base_grad = value_and_gradient(log_prob, z)
+            value, grad = value + base, grad + base_grad
+        return value, grad
 
     return fn
 

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _backend, _checks
-from ..metrics.base import Metric, value_and_gradient, where_defined
+from ..metrics.base import Metric, log_volume_and_grad, value_and_gradient, where_defined
 from ..ops.langevin_step import langevin_step
 from ._start import initial_states, on_real_coordinates
 
@@ -209,7 +209,8 @@ class _Evaluator:
                 log_prob = C.diagonal(dim1=-2, dim2=-1).log().sum(-1)
                 grad = 0.5 * torch.einsum("ckij,cji->ck", dG, torch.cholesky_inverse(C))
             else:
-                log_prob, grad = _value_and_grad(self.metric.log_volume, z, ok)
+                log_prob, grad = _value_and_grad(self.metric.log_volume, z, ok,
+                                                 value_and_grad=lambda point: log_volume_and_grad(self.metric, point))
             if self.base_log_prob is not None:
                 base, base_grad = _value_and_grad(self.base_log_prob, z, ok)
                 log_prob, grad = log_prob + base, grad + base_grad
@@ -236,9 +237,10 @@ def _zero_non_finite_rows(value: torch.Tensor) -> torch.Tensor:
     return torch.where(finite.reshape(-1, *([1] * (value.dim() - 1))), value, torch.zeros_like(value))
 
 
-def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, rows: torch.Tensor):
+def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, rows: torch.Tensor,
+                    value_and_grad: Optional[Callable] = None):
     """target(z) [C] and its gradient [C, d] at the rows where `rows` [C] is True (-inf and 0 elsewhere); a target
-    that does not depend on z has gradient zero."""
+    that does not depend on z has gradient zero. value_and_grad: a faster way to both, when the target has one."""
     value = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
     grad = torch.zeros_like(z)
     if bool(rows.any()):
@@ -249,5 +251,5 @@ def _value_and_grad(target: Callable[[torch.Tensor], torch.Tensor], z: torch.Ten
                                  f"got {tuple(result.shape)}")
             return result
 
-        value[rows], grad[rows] = value_and_gradient(checked, z[rows])
+        value[rows], grad[rows] = (value_and_grad or (lambda point: value_and_gradient(checked, point)))(z[rows])
     return value, grad

@@ -133,3 +133,46 @@ def test_peak_extra_memory():
     print("\npeak extra host memory of one call, d=16, B=1024 (MB; J [B, 784, 16] float32 is 49 MB)")
     for likelihood, provider, megabytes in rows:
         print(f"  {likelihood:<10} {provider:<20} {megabytes:8.1f}")
+
+
+GRADIENT_SIZES = [("cpu", 1024, 16)] + ([("cuda", 8192, 16)] if CUDA else [])
+GRADIENT_PROVIDERS = ("jacfwd+slogdet+autograd", "pygeo-log_volume+autograd", "pygeo-log_volume_and_grad")
+
+
+def gradient_provider(name, decoder):
+    """z -> (1/2 log det G, its gradient in z) for a trainable decoder (every parameter requires grad), as samplers
+    need it: the user's way, autograd through pygeo's log_volume, and the metric's own log_volume_and_grad."""
+    if name == "pygeo-log_volume_and_grad":
+        return pygeo.PullbackMetric(decoder).log_volume_and_grad
+    log_volume = (pygeo.PullbackMetric(decoder).log_volume if name == "pygeo-log_volume+autograd" else
+                  lambda z: 0.5 * torch.linalg.slogdet(baseline(decoder, "euclidean")(z))[1])
+
+    def value_and_grad(z):
+        point = z.detach().requires_grad_(True)
+        value = log_volume(point)
+        (grad,) = torch.autograd.grad(value.sum(), point)
+        return value.detach(), grad
+    return value_and_grad
+
+
+@pytest.mark.parametrize("device, B, d, provider", [
+    pytest.param(device, B, d, provider, id=f"{device}-B{B}-d{d}-{provider}")
+    for device, B, d in GRADIENT_SIZES for provider in GRADIENT_PROVIDERS])
+def test_log_volume_gradient(benchmark, device, B, d, provider):
+    """The gradient of 1/2 log det G in z (what HMC and Langevin evaluate at every step), euclidean pullback."""
+    benchmark.group = f"log-volume gradient {device} B={B} d={d}"
+    decoder = make_decoder(d, device)
+    z = torch.randn(B, d, device=device)
+    fn = gradient_provider(provider, decoder)
+
+    def run():
+        out = fn(z)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    value, grad = run()
+    expected_value, expected_grad = gradient_provider("jacfwd+slogdet+autograd", decoder)(z)
+    torch.testing.assert_close(value, expected_value, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-2, atol=1e-2 * float(expected_grad.abs().max()))
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)

@@ -38,6 +38,7 @@ template <typename T> void langevin_step_cpu(const T* z, const T* G, const T* gr
 template <typename T> void langevin_step_cuda(const T* z, const T* G, const T* grad, const T* h, const T* noise, const T* dG, const T* div_Ginv, const T* target, T* proposal, T* mean, T* half_log_det, T* log_q_proposal, T* log_q_target, uint8_t* ok, int64_t B, int64_t d, uintptr_t stream);
 #endif
 template <typename T> void lse_kahler_metric_cpu(const T* z, const T* centers, const T* precisions, const T* log_weights, double temperature, bool diagonal, T* G, int64_t B, int64_t K, int64_t n);
+template <typename T> void lse_kahler_metric_vjp_cpu(const T* z, const T* centers, const T* precisions, const T* log_weights, double temperature, bool diagonal, const T* grad_G, T* out, int64_t B, int64_t K, int64_t n);
 #ifdef PYGEO_WITH_CUDA
 template <typename T> void lse_kahler_metric_cuda(const T* z, const T* centers, const T* precisions, const T* log_weights, double temperature, bool diagonal, T* G, int64_t B, int64_t K, int64_t n, uintptr_t stream);
 #endif
@@ -142,6 +143,10 @@ PYBIND11_MODULE(_C, m) {
   // lse_kahler_metric: z [B, n, 2], centers [K, n, 2], precisions [K, n, n, 2] | [K, n] (diagonal), log_weights [K], G [B, n, n, 2]
   m.def("lse_kahler_metric_cpu", [](uintptr_t z, uintptr_t c, uintptr_t prec, uintptr_t lw, double T, bool diagonal, uintptr_t G, int64_t B, int64_t K, int64_t n, std::string dtype) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::lse_kahler_metric_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), CP(scalar_t, lw), T, diagonal, P(scalar_t, G), B, K, n));
+  }, nogil);
+  // lse_kahler_metric_vjp: the same inputs and grad_G [B, n, n, 2] -> out [B, n, 2], the first-order gradient in z
+  m.def("lse_kahler_metric_vjp_cpu", [](uintptr_t z, uintptr_t c, uintptr_t prec, uintptr_t lw, double T, bool diagonal, uintptr_t grad_G, uintptr_t out, int64_t B, int64_t K, int64_t n, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::lse_kahler_metric_vjp_cpu<scalar_t>(CP(scalar_t, z), CP(scalar_t, c), CP(scalar_t, prec), CP(scalar_t, lw), T, diagonal, CP(scalar_t, grad_G), P(scalar_t, out), B, K, n));
   }, nogil);
 #ifdef PYGEO_WITH_CUDA
   m.def("lse_kahler_metric_cuda", [](uintptr_t z, uintptr_t c, uintptr_t prec, uintptr_t lw, double T, bool diagonal, uintptr_t G, int64_t B, int64_t K, int64_t n, std::string dtype, uintptr_t stream) {

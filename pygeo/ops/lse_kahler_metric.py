@@ -6,8 +6,8 @@ h(u, u) = u^H G u, i.e. G is the conjugate of [d_a d_bbar Psi]; for the potentia
 The custom op works on real views (torch.view_as_real: a trailing axis of 2 holding real and imaginary parts), so every
 kernel sees plain float arrays and autograd stays real. Forward: one pass over the K components per point with an online
 softmax (running max, accumulators rescaled when it grows), O(B n^2) memory. Backward, O(B K n) memory like the
-reference's forward: the gradient with respect to z in closed form (reference.lse_kahler_metric_vjp_z, batched
-products, several times faster than autograd through the reference); the other inputs, and z under double backward
+reference's forward: the gradient with respect to z in closed form (a C++ kernel on the CPU, csrc/cpu/
+lse_kahler_metric_vjp.cpp; elsewhere reference.lse_kahler_metric_vjp_z, batched products); the other inputs, and z under double backward
 (create_graph: curvature of the real form, gradient-penalty regularisers), by recomputation through the closed-form
 reference with torch.func.vjp, which is exact and differentiable again.
 """
@@ -59,9 +59,45 @@ def _(z, centers, precisions, log_weights, temperature, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    z, centers, precisions, log_weights, temperature, _ = inputs
+    z, centers, precisions, log_weights, temperature, backend = inputs
     ctx.save_for_backward(z, centers, precisions, log_weights)
     ctx.temperature = temperature
+    ctx.backend = backend
+
+
+def _vjp_z(z, centers, precisions, log_weights, temperature, grad_G, backend):
+    """The first-order gradient in z, real views: z [B, n, 2], ..., grad_G [B, n, n, 2] -> [B, n, 2]. The C++ kernel
+    for CPU tensors the cpp backend ran; the closed form in plain PyTorch (batched products) everywhere else."""
+    if backend == "cpp":
+        B, n, _ = z.shape
+        out = _backend.empty((B, n, 2), z)
+        grad_G = grad_G.contiguous()
+        args = (_backend.ptr(z), _backend.ptr(centers), _backend.ptr(precisions), _backend.ptr(log_weights),
+                float(temperature), precisions.dim() == 2, _backend.ptr(grad_G), _backend.ptr(out), B,
+                centers.shape[0], n, _backend.dtype_name(z))
+        _backend.run_compiled("lse_kahler_metric_vjp", backend, args, z)
+        return out
+
+    def as_complex(pairs):
+        return torch.complex(pairs[..., 0], pairs[..., 1])
+
+    full = precisions.dim() == 4
+    grad_z = reference.lse_kahler_metric_vjp_z(as_complex(z), as_complex(centers),
+                                               as_complex(precisions) if full else precisions, log_weights,
+                                               temperature, as_complex(grad_G))
+    return torch.stack([grad_z.real, grad_z.imag], dim=-1)
+
+
+@torch.library.custom_op("pygeo::lse_kahler_metric_vjp", mutates_args=())
+def _vjp_z_op(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
+              temperature: float, grad_G: torch.Tensor, backend: str) -> torch.Tensor:
+    """The backward in z as its own op, so autograd tracing (torch.compile) sees no raw kernel."""
+    return _vjp_z(z, centers, precisions, log_weights, temperature, grad_G, backend)
+
+
+@_vjp_z_op.register_fake
+def _(z, centers, precisions, log_weights, temperature, grad_G, backend):
+    return torch.empty_like(z)
 
 
 def _backward(ctx, grad_G):
@@ -74,14 +110,7 @@ def _backward(ctx, grad_G):
     grads = _backend.vjp_where_needed(lambda *args: reference.lse_kahler_metric_real(*args, temperature),
                                       (z, centers, precisions, log_weights), needed, grad_G)
     if closed_form_z:
-        def as_complex(pairs):
-            return torch.complex(pairs[..., 0], pairs[..., 1])
-
-        full = precisions.dim() == 4
-        grad_z = reference.lse_kahler_metric_vjp_z(as_complex(z), as_complex(centers),
-                                                   as_complex(precisions) if full else precisions, log_weights,
-                                                   temperature, as_complex(grad_G))
-        grads[0] = torch.stack([grad_z.real, grad_z.imag], dim=-1)
+        grads[0] = _vjp_z_op(z, centers, precisions, log_weights, temperature, grad_G.contiguous(), ctx.backend)
     return (*grads, None, None)
 
 

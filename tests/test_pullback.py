@@ -187,22 +187,31 @@ def test_log_volume_and_grad_differentiates_z_alone(case, fused):
     assert_close(grad, expected_grad, F64)
 
 
-def test_log_volume_and_grad_of_a_trainable_mlp_never_differentiates_its_weights(monkeypatch):
-    """The fused op's backward is asked for z's gradient only, although every decoder parameter requires grad."""
+@pytest.mark.parametrize("hidden, D", [(5, 8), (9, 6)])  # D > hidden: the last-layer Gram path; else the vjp path
+def test_log_volume_and_grad_of_a_trainable_mlp_never_differentiates_its_weights(monkeypatch, hidden, D):
+    """The fused op's backward differentiates z alone, although every decoder parameter requires grad; autograd
+    through log_volume differentiates the weights too."""
     from pygeo import _backend
+    from pygeo.reference import mlp_metric as reference
 
-    asked = []
-    original = _backend.vjp_where_needed
+    calls = []
+    for module, name in ((_backend, "vjp_where_needed"), (reference, "mlp_metric_grad_z_by_last_gram")):
+        original = getattr(module, name)
 
-    def spy(fn, primals, needed, cotangent):
-        asked.append(tuple(needed))
-        return original(fn, primals, needed, cotangent)
-
-    monkeypatch.setattr(_backend, "vjp_where_needed", spy)
-    metric = CASES["gaussian-vector"]()
+        def spy(*args, original=original, name=name):
+            calls.append(name if name != "vjp_where_needed" else (name, tuple(args[2])))
+            return original(*args)
+        monkeypatch.setattr(module, name, spy)
+    metric = pygeo.PullbackMetric(mlp(3, hidden, D), "gaussian", sigma=torch.linspace(0.5, 2.0, D, dtype=F64))
     assert all(parameter.requires_grad for parameter in metric.decoder.parameters())
-    metric.log_volume_and_grad(torch.randn(5, 3, dtype=F64))
-    assert asked == [(True, False, False, False)]
+    z = torch.randn(5, 3, dtype=F64)
+    metric.log_volume_and_grad(z)
+    z_only = "mlp_metric_grad_z_by_last_gram" if D > hidden else ("vjp_where_needed", (True, False, False, False))
+    assert calls == [z_only]
+    calls.clear()
+    point = z.clone().requires_grad_(True)
+    torch.autograd.grad(metric.log_volume(point).sum(), point)
+    assert calls == [("vjp_where_needed", (True, True, True, False))]
 
 
 @pytest.mark.parametrize("case", ["euclidean", "gaussian-scalar", "gaussian-vector", "bernoulli"])

@@ -152,6 +152,10 @@ def _backward(ctx, grad_G):
         return reference.mlp_metric(z, weights, biases, codes, params, output_weight, bernoulli, eps)
 
     needs = ctx.needs_input_grad
+    if by_last_gram and needs[0] and not (any(needs[1]) or any(needs[2]) or needs[5]) and not torch.is_grad_enabled():
+        # z alone, first order (samplers, frozen decoders): back-propagate through the hidden layers only.
+        grad_z = reference.mlp_metric_grad_z_by_last_gram(z, weights, biases, codes, params, output_weight, grad_G)
+        return grad_z, [None] * L, [None] * L, None, None, None, None, None, None
     grad_z, grad_weights, grad_biases, grad_output_weight = _backend.vjp_where_needed(
         metric, (z, weights, biases, output_weight), (needs[0], any(needs[1]), any(needs[2]), needs[5]), grad_G)
     as_list = lambda grads: [None] * L if grads is None else list(grads)

@@ -91,3 +91,31 @@ def mlp_metric_by_last_gram(z: torch.Tensor, weights: List[torch.Tensor], biases
     # One [B d, n] x [n, n] GEMM (a broadcast batched matmul against gram is a third slower on the CPU).
     TM = (T.transpose(-1, -2).reshape(B * d, n) @ gram).reshape(B, d, n)
     return TM @ T
+
+
+def mlp_metric_grad_z_by_last_gram(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                                   activation_codes: List[int], activation_params: List[float],
+                                   output_weight: Optional[torch.Tensor], grad_G: torch.Tensor) -> torch.Tensor:
+    """d <grad_G, G> / dz [B, d] for an identity last layer and a constant Fisher weight (first order, z only).
+
+    With T [B, n, d] the tangents entering the last layer and M = W_L^T diag(w) W_L, dG = dT^T M T + T^T M dT, so the
+    gradient with respect to T is M T (grad_G + grad_G^T): one [B d, n] x [n, n] product, then back-propagation
+    through the hidden layers only. Half the work of differentiating mlp_metric_by_last_gram, which also
+    back-propagates through the product with M."""
+    L = len(weights)
+    W = weights[-1].detach()
+    with torch.no_grad():
+        gram = W.transpose(0, 1) @ (W if output_weight is None else output_weight.detach().unsqueeze(-1) * W)
+    with torch.enable_grad():
+        point = z.detach().requires_grad_(True)
+        _, T = forward_with_tangents(point, weights[:-1], biases[:-1], activation_codes[:-1],
+                                     activation_params[:2 * (L - 1)])
+        if not T.requires_grad:  # a single linear layer: G does not depend on z
+            return torch.zeros_like(z)
+        B, n, d = T.shape
+        with torch.no_grad():
+            rows = T.transpose(1, 2)  # [B, d, n]
+            M_T_rows = (rows.reshape(B * d, n) @ gram).reshape(B, d, n)  # (M T)^T
+            grad_rows = (grad_G + grad_G.transpose(-1, -2)) @ M_T_rows  # (d loss / dT)^T
+        (grad,) = torch.autograd.grad(T, point, grad_rows.transpose(1, 2))
+    return grad

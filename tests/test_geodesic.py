@@ -122,6 +122,27 @@ def test_exp_map_of_a_solved_geodesics_initial_velocity_lands_on_its_end_point()
     assert (landed - z1).norm(dim=-1).max() < 1e-2 * (z1 - z0).norm(dim=-1).min()
 
 
+@pytest.mark.parametrize("likelihood, sigma, activation", [
+    ("euclidean", None, torch.nn.Softplus), ("gaussian", 0.3, torch.nn.Tanh), ("gaussian", "vector", torch.nn.SiLU),
+    ("bernoulli", None, torch.nn.ELU)])  # bernoulli: no fused path, the jvp-of-jvp route
+def test_mlp_geodesic_acceleration_equals_the_christoffel_route(likelihood, sigma, activation):
+    """exp_map's right-hand side for MLP decoders (tangents through the layers as GEMMs) against -Gamma[v, v] from the
+    Christoffel symbols, float64."""
+    from pygeo.geometry.geodesic import _flat_acceleration
+
+    torch.manual_seed(2)
+    decoder = torch.nn.Sequential(torch.nn.Linear(3, 7), activation(), torch.nn.Linear(7, 9), activation(),
+                                  torch.nn.Linear(9, 20)).double()
+    if sigma == "vector":
+        sigma = torch.rand(20, dtype=torch.float64) + 0.5
+    metric = pygeo.PullbackMetric(decoder, likelihood, sigma=sigma)
+    z, v = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    expected = -torch.einsum("...kij,...i,...j->...k", pygeo.christoffel(metric, z), v, v)
+    torch.testing.assert_close(_flat_acceleration(metric, z, v), expected, rtol=1e-9, atol=1e-11)
+    fused = metric._fused_geodesic_acceleration(z.reshape(-1, 3), v.reshape(-1, 3))
+    assert (fused is None) == (likelihood == "bernoulli")
+
+
 def test_exp_map_on_sphere_matches_closed_form():
     # From a point on the equator heading along it, time-1 flow covers an angle |v| (in phi, for r-independent coords).
     z = torch.tensor([[math.pi / 2, 0.3]], dtype=torch.float64)

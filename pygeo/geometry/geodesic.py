@@ -316,8 +316,12 @@ def _integrate(metric, z, v, n_steps, record_every=None, backend="auto", nan_whe
 def _flat_acceleration(metric, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """c'' = -G^{-1} J^T phi''[w, w] for G = J^T J (MATH.md section 3): d jvps for J and one jvp of a jvp, instead of
     the d(d+1)/2 second derivatives that the full Christoffel symbols need."""
-    phi = metric.flat_coordinates
     flat_c, flat_w = c.reshape(-1, c.shape[-1]), w.reshape(-1, w.shape[-1])
+    fused = getattr(metric, "_fused_geodesic_acceleration", None)  # PullbackMetric of an MLP: tangents as GEMMs
+    acceleration = fused(flat_c, flat_w) if fused is not None else None
+    if acceleration is not None:
+        return acceleration.reshape(c.shape)
+    phi = metric.flat_coordinates
     eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
     J = torch.func.vmap(lambda u: torch.func.jvp(phi, (flat_c,), (u.expand_as(flat_c),))[1], out_dims=-1)(eye)
     along = lambda x: torch.func.jvp(phi, (x,), (flat_w,))[1]  # noqa: E731

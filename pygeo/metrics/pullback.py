@@ -174,6 +174,40 @@ class PullbackMetric(Metric):
             dG = half + half.transpose(-1, -2)
         return G, dG + self._weight_derivative_term(rows, J)
 
+    def _fused_geodesic_acceleration(self, z: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        """-Gamma(z)[v, v] = -G^-1 J^T W f''[v, v] [B, d] for z, v [B, d] (MATH.md section 3), or None where this path
+        does not apply: it needs an MLP decoder with a linear output layer and a constant Fisher weight W (euclidean,
+        gaussian with a fixed sigma). The d basis tangents, the tangent v and the second tangent along (v, v) go
+        through the hidden layers together, one GEMM per layer, instead of forward-mode AD over forward-mode AD of
+        the decoder (whose per-operation overhead dominates at sampler and solver batch sizes)."""
+        mlp = self._fused_mlp(z)
+        if mlp is None or mlp.activation_modules[-1] is not None or self.likelihood == "bernoulli":
+            return None
+        B, d = z.shape
+        a = z
+        rows = torch.cat([torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d), v.unsqueeze(1)], 1)  # [B, d + 1, n]
+        second = torch.zeros_like(v)  # d^2 a / dt^2 along z + t v; zero entering the first layer
+        for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
+            h = linear(a)
+            rows = (rows.reshape(-1, rows.shape[-1]) @ linear.weight.t()).reshape(B, d + 1, -1)
+            second = second @ linear.weight.t()
+            if activation is None:
+                a = h
+                continue
+            a, slope, curvature = _elementwise_jet(activation, h)
+            second = curvature * rows[:, d] * rows[:, d] + slope * second
+            rows = slope.unsqueeze(1) * rows
+        last = mlp.linears[-1]
+        output = last(a)
+        self._check_rows(output)
+        J_rows = (rows[:, :d].reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, -1)  # [B, d, D]
+        f_second = second @ last.weight.t()  # [B, D]
+        weight = self._weight(output)
+        weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)
+        G = weighted @ J_rows.transpose(1, 2)
+        rhs = weighted @ f_second.unsqueeze(-1)
+        return -torch.cholesky_solve(rhs, _linalg.cholesky(G, "metric(z)")).squeeze(-1)
+
     def _weight_derivative_term(self, rows: torch.Tensor, J: torch.Tensor):
         """J^T diag(d weight / d z_k) J [B, d, d, d] for the point-dependent weights, else 0."""
         weight_derivative = self._weight_derivative(rows, J)  # [B, R, d] or None

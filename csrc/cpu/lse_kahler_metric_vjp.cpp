@@ -95,6 +95,19 @@ inline void apply_precisions(const Components<T>& comp, const T* x_re, const T* 
   }
 }
 
+// (re, im) = sum_i w_i x_i over the K components of one row of an [n][K] complex array.
+template <typename T>
+inline void weighted_sum(const T* w, const T* x_re, const T* x_im, int64_t K, T& re, T& im) {
+  T sum_re = 0, sum_im = 0;
+#pragma omp simd reduction(+ : sum_re, sum_im)
+  for (int64_t i = 0; i < K; ++i) {
+    sum_re += w[i] * x_re[i];
+    sum_im += w[i] * x_im[i];
+  }
+  re = sum_re;
+  im = sum_im;
+}
+
 template <typename T>
 inline void vjp_point(const Components<T>& comp, const T* z, const T* grad_G, T inv_T, T* out, Scratch<T>& s) {
   const int64_t K = comp.K, n = comp.n;
@@ -144,18 +157,7 @@ inline void vjp_point(const Components<T>& comp, const T* z, const T* grad_G, T 
   // ybar = sum_i p_i y_i and H ybar.
   T* ybar = s.ybar.data();
   T* Hybar = s.Hybar.data();
-  for (int64_t a = 0; a < n; ++a) {
-    const T* yr = s.y_re.data() + a * K;
-    const T* yi = s.y_im.data() + a * K;
-    T re = 0, im = 0;
-#pragma omp simd reduction(+ : re, im)
-    for (int64_t i = 0; i < K; ++i) {
-      re += p[i] * yr[i];
-      im += p[i] * yi[i];
-    }
-    ybar[a] = re;
-    ybar[n + a] = im;
-  }
+  for (int64_t a = 0; a < n; ++a) weighted_sum(p, s.y_re.data() + a * K, s.y_im.data() + a * K, K, ybar[a], ybar[n + a]);
   for (int64_t a = 0; a < n; ++a) {
     T re = 0, im = 0;
     for (int64_t c = 0; c < n; ++c) {
@@ -210,28 +212,12 @@ inline void vjp_point(const Components<T>& comp, const T* z, const T* grad_G, T 
   // v = (2/T) [ sum_i p_i (e_i - ebar) y_i + sum_i p_i P_i H (y_i - ybar) ]; the second sum reuses y's buffers.
   for (int64_t i = 0; i < K; ++i) s.t_re[i] = p[i] * (e[i] - e_mean);
   for (int64_t a = 0; a < n; ++a) {
-    const T* yr = s.y_re.data() + a * K;
-    const T* yi = s.y_im.data() + a * K;
-    const T* w = s.t_re.data();
-    T re = 0, im = 0;
-#pragma omp simd reduction(+ : re, im)
-    for (int64_t i = 0; i < K; ++i) {
-      re += w[i] * yr[i];
-      im += w[i] * yi[i];
-    }
-    out[2 * a] = re;
-    out[2 * a + 1] = im;
+    weighted_sum(s.t_re.data(), s.y_re.data() + a * K, s.y_im.data() + a * K, K, out[2 * a], out[2 * a + 1]);
   }
   apply_precisions(comp, s.Hy_re.data(), s.Hy_im.data(), s.y_re.data(), s.y_im.data());
   for (int64_t a = 0; a < n; ++a) {
-    const T* qr = s.y_re.data() + a * K;
-    const T* qi = s.y_im.data() + a * K;
-    T re = 0, im = 0;
-#pragma omp simd reduction(+ : re, im)
-    for (int64_t i = 0; i < K; ++i) {
-      re += p[i] * qr[i];
-      im += p[i] * qi[i];
-    }
+    T re, im;
+    weighted_sum(p, s.y_re.data() + a * K, s.y_im.data() + a * K, K, re, im);
     out[2 * a] = 2 * inv_T * (out[2 * a] + re);
     out[2 * a + 1] = 2 * inv_T * (out[2 * a + 1] + im);
   }

@@ -359,6 +359,23 @@ def test_torch_grad_of_a_real_loss_at_a_complex_tensor_is_twice_d_dzbar():
     torch.testing.assert_close(z.grad, 2 * d_dzbar)
 
 
+def test_hermitian_log_volume_and_grad_is_d_dre_plus_i_d_dim():
+    """log_volume_and_grad of a Kahler metric: log det G and d/dRe z + i d/dIm z, against central differences."""
+    z, centers, precisions, log_weights = random_problem(4, 6, 3, diagonal=False)
+    metric = pygeo.LSEKahlerMetric(centers, precisions, log_weights, temperature=0.8)
+    value, grad = metric.log_volume_and_grad(z)
+    torch.testing.assert_close(value, metric.log_volume(z))
+    h = 1e-6
+    expected = torch.zeros_like(z)
+    for k in range(3):
+        for direction in (1.0, 1.0j):
+            step = torch.zeros(3, dtype=z.dtype)
+            step[k] = h * direction
+            slope = (metric.log_volume(z + step) - metric.log_volume(z - step)) / (2 * h)
+            expected[:, k] += slope * direction
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------------- det-weighted sampling (real form)
 def test_det_weighted_sampling_through_the_real_form():
     """Target w(z) det G(z) with the prior w = CN(0, 1) (density exp(-|z|^2)), n = 1: HMC on the real form's

@@ -18,7 +18,7 @@ import torch
 
 from .. import _backend, _checks
 from ..ops.lse_kahler_metric import check_precisions, log_det, lse_kahler_metric
-from .base import Metric, check_tangents
+from .base import Metric, check_tangents, value_and_gradient
 
 
 class HermitianMetric:
@@ -31,6 +31,11 @@ class HermitianMetric:
         """log det G(z) [...]: the log density of the Kahler volume form (omega^n / n!) against Lebesgue measure on
         C^n = R^{2n}, up to a constant. Note: log det G, not 1/2 log det G as for real metrics (see module doc)."""
         return log_det(self.metric(z), name=f"{type(self).__name__}.metric(z)")
+
+    def log_volume_and_grad(self, z: torch.Tensor):
+        """(log det G(z) [...], its gradient [..., n]), detached; the gradient of a real function at complex z in
+        PyTorch's convention, d/dRe z + i d/dIm z (= 2 d/dzbar)."""
+        return value_and_gradient(self.log_volume, z)
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """h(u, v) = u^H G(z) v [...] (complex; real and >= 0 when u == v)."""

@@ -157,7 +157,9 @@ inline void vjp_point(const Components<T>& comp, const T* z, const T* grad_G, T 
   // ybar = sum_i p_i y_i and H ybar.
   T* ybar = s.ybar.data();
   T* Hybar = s.Hybar.data();
-  for (int64_t a = 0; a < n; ++a) weighted_sum(p, s.y_re.data() + a * K, s.y_im.data() + a * K, K, ybar[a], ybar[n + a]);
+  for (int64_t a = 0; a < n; ++a) {
+    weighted_sum(p, s.y_re.data() + a * K, s.y_im.data() + a * K, K, ybar[a], ybar[n + a]);
+  }
   for (int64_t a = 0; a < n; ++a) {
     T re = 0, im = 0;
     for (int64_t c = 0; c < n; ++c) {

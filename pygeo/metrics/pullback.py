@@ -185,7 +185,8 @@ class PullbackMetric(Metric):
             return None
         B, d = z.shape
         a = z
-        rows = torch.cat([torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d), v.unsqueeze(1)], 1)  # [B, d + 1, n]
+        basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
+        rows = torch.cat([basis, v.unsqueeze(1)], 1)  # [B, d + 1, n]: the tangents e_1 .. e_d and v, as rows
         second = torch.zeros_like(v)  # d^2 a / dt^2 along z + t v; zero entering the first layer
         for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
             h = linear(a)

@@ -6,10 +6,10 @@ h(u, u) = u^H G u, i.e. G is the conjugate of [d_a d_bbar Psi]; for the potentia
 The custom op works on real views (torch.view_as_real: a trailing axis of 2 holding real and imaginary parts), so every
 kernel sees plain float arrays and autograd stays real. Forward: one pass over the K components per point with an online
 softmax (running max, accumulators rescaled when it grows), O(B n^2) memory. Backward, O(B K n) memory like the
-reference's forward: the gradient with respect to z in closed form (a C++ kernel on the CPU, csrc/cpu/
-lse_kahler_metric_vjp.cpp; elsewhere reference.lse_kahler_metric_vjp_z, batched products); the other inputs, and z under double backward
-(create_graph: curvature of the real form, gradient-penalty regularisers), by recomputation through the closed-form
-reference with torch.func.vjp, which is exact and differentiable again.
+reference's forward: the gradient with respect to z in closed form (a C++ kernel on the CPU,
+csrc/cpu/lse_kahler_metric_vjp.cpp; elsewhere reference.lse_kahler_metric_vjp_z, batched products); the other inputs,
+and z under double backward (create_graph: curvature of the real form, gradient-penalty regularisers), by
+recomputation through the closed-form reference with torch.func.vjp, which is exact and differentiable again.
 """
 from __future__ import annotations
 
@@ -66,12 +66,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _vjp_z(z, centers, precisions, log_weights, temperature, grad_G, backend):
-    """The first-order gradient in z, real views: z [B, n, 2], ..., grad_G [B, n, n, 2] -> [B, n, 2]. The C++ kernel
-    for CPU tensors the cpp backend ran; the closed form in plain PyTorch (batched products) everywhere else."""
+    """The first-order gradient in z, real views, contiguous: z [B, n, 2], ..., grad_G [B, n, n, 2] -> [B, n, 2].
+    The C++ kernel for CPU tensors the cpp backend ran; the closed form in plain PyTorch (batched products) elsewhere."""
     if backend == "cpp":
         B, n, _ = z.shape
         out = _backend.empty((B, n, 2), z)
-        grad_G = grad_G.contiguous()
         args = (_backend.ptr(z), _backend.ptr(centers), _backend.ptr(precisions), _backend.ptr(log_weights),
                 float(temperature), precisions.dim() == 2, _backend.ptr(grad_G), _backend.ptr(out), B,
                 centers.shape[0], n, _backend.dtype_name(z))

@@ -83,7 +83,7 @@ def test_demo_bad_options(tmp_path, capsys):
 def test_bench_prints_a_row_per_op_with_matching_results(capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--no-progress"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms)" not in line]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[2]) > 0 and float(cells[3].split()[0]) > 0

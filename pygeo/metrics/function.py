@@ -6,12 +6,16 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
+from ..reference import symmetric_part
 from .base import Metric
 
 
 class FunctionMetric(Metric):
     """Wraps fn: z [..., d] -> G [..., d, d] (symmetric positive definite). Derivatives come from autograd, so fn must
-    be written in differentiable torch operations; forward mode (torch.func) is used when fn supports it."""
+    be written in differentiable torch operations; forward mode (torch.func) is used when fn supports it.
+
+    G is returned as (fn(z) + fn(z)^T) / 2, so it is symmetric to the bit whatever rounding fn's products make (and so
+    are its derivatives)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], dim: Optional[int] = None):
         """dim: the latent dimension d, optional (samplers use it to start chains when no init is given)."""
@@ -30,4 +34,4 @@ class FunctionMetric(Metric):
             shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
             raise ValueError(f"FunctionMetric: fn(z) must return G of shape {tuple(z.shape[:-1]) + (d, d)} for z of shape "
                              f"{tuple(z.shape)}, got {shape}")
-        return G
+        return symmetric_part(G)

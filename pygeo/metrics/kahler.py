@@ -18,6 +18,7 @@ import torch
 
 from .. import _backend, _checks
 from ..ops.lse_kahler_metric import check_precisions, log_det, lse_kahler_metric
+from ..reference import hermitian_part
 from .base import Metric, check_tangents, value_and_gradient
 
 
@@ -271,4 +272,4 @@ class ComplexGaussianFisherMetric(HermitianMetric):
                                  f"shape {tuple(self.sigma.shape)}")
             inv_var = inv_var.reshape(-1, 1)  # [D, 1] over the rows of the Jacobians
         G = d_z.mH @ (inv_var * d_z) + d_zbar.transpose(-1, -2) @ (inv_var * d_zbar.conj())
-        return 0.5 * (G + G.mH)
+        return hermitian_part(G)

@@ -84,6 +84,12 @@ def _(z, centroids, precisions, lam, tau, rho, A, scale, backend):
 def _compute(z, centroids, precisions, lam, tau, rho, with_derivative, with_log_volume, backend):
     G_s, scale, dG_s = _forward(z, centroids, precisions, lam, tau, rho, with_derivative, backend)
     diagonal = precisions.dim() == 2
+    if not diagonal and backend in ("cuda", "triton"):
+        # The GPU kernels compute G_ij and G_ji (and dG's) as separate dot products over the centroids, which need not
+        # round alike (tensor-core dots, precisions symmetric only to rounding): mirror them exactly. The torch
+        # reference mirrors its own outputs; the C++ kernel accumulates one triangle and copies it.
+        G_s = reference.symmetric_part(G_s)
+        dG_s = None if dG_s is None else reference.symmetric_part(dG_s)
     factor = scale.exp()  # 1 whenever tau = 0 < lam; underflows to 0 only where G itself does
     G = torch.diag_embed(G_s * factor[:, None]) if diagonal else G_s * factor[:, None, None]
     dG = z.new_empty(0)

@@ -3,12 +3,13 @@ from __future__ import annotations
 import torch
 
 from .. import _linalg
+from . import symmetric_part
 
 
 def symmetrize(G: torch.Tensor, dG: torch.Tensor):
     """(G + G^T)/2 and dG symmetrised in its last two indices: every backend reads its inputs this way, so the op is a
     well-defined function of all input entries (and its gradient is the symmetric one)."""
-    return 0.5 * (G + G.transpose(-1, -2)), 0.5 * (dG + dG.transpose(-1, -2))
+    return symmetric_part(G), symmetric_part(dG)
 
 
 def first_kind(dG: torch.Tensor) -> torch.Tensor:

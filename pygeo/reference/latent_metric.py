@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import symmetric_part
+
 
 def full_precisions(precisions: torch.Tensor) -> torch.Tensor:
     """[N, d] (diagonal) or [N, d, d] -> [N, d, d]."""
@@ -33,7 +35,7 @@ def broadcast_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch
     w = torch.exp(-q / rho**2)
     eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
     prior = lam * torch.exp(-tau * (z * z).sum(-1))
-    return torch.einsum("bn,nij->bij", w, M) + prior[:, None, None] * eye
+    return symmetric_part(torch.einsum("bn,nij->bij", w, M)) + prior[:, None, None] * eye
 
 
 def gemm_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Tensor, lam: float, tau: float,
@@ -50,7 +52,7 @@ def gemm_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Tens
         Mc = (precisions @ centroids.unsqueeze(-1)).squeeze(-1)  # [N, d]
         outer = (z[:, :, None] * z[:, None, :]).reshape(B, d * d)
         q = outer @ M_flat.T - 2 * z @ Mc.T + (centroids * Mc).sum(-1)
-        G = (torch.exp(-q / rho**2) @ M_flat).reshape(B, d, d)
+        G = symmetric_part((torch.exp(-q / rho**2) @ M_flat).reshape(B, d, d))
     prior = lam * torch.exp(-tau * (z * z).sum(-1))
     return G + prior[:, None, None] * torch.eye(d, dtype=z.dtype, device=z.device)
 
@@ -83,7 +85,10 @@ def metric_scaled(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
     diagonal = precisions.dim() == 2
     M_flat = precisions if diagonal else precisions.reshape(-1, d * d)
     G_s = W @ M_flat
-    G_s = G_s + prior[:, None] if diagonal else G_s.reshape(B, d, d) + prior[:, None, None] * torch.eye(d, dtype=z.dtype, device=z.device)
+    if diagonal:
+        G_s = G_s + prior[:, None]
+    else:  # each (i, j) and (j, i) is its own dot product over N: mirror them exactly
+        G_s = symmetric_part(G_s.reshape(B, d, d)) + prior[:, None, None] * torch.eye(d, dtype=z.dtype, device=z.device)
     if not with_derivative:
         return G_s, s, None
     # dw_i/dz = -(2/rho^2) w_i M_i (z - c_i);  d(lam e^{-tau|z|^2})/dz = -2 tau z lam e^{-tau|z|^2}
@@ -93,7 +98,7 @@ def metric_scaled(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
         dG_s = dG_s + prior_grad[:, :, None]
     else:
         eye = torch.eye(d, dtype=z.dtype, device=z.device)
-        dG_s = dG_s.reshape(B, d, d, d) + prior_grad[:, :, None, None] * eye
+        dG_s = symmetric_part(dG_s.reshape(B, d, d, d)) + prior_grad[:, :, None, None] * eye
     return G_s, s, dG_s
 
 

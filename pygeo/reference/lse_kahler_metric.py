@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import hermitian_part
+
 
 def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
                       temperature: float) -> torch.Tensor:
@@ -31,7 +33,7 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     second_moment = weighted_y.transpose(-1, -2) @ y.conj_physical()  # [B, n, n]: sum_i p_i y_i y_i^H
     y_mean = weighted_y.sum(1)  # [B, n]
     G = mean_precision + (second_moment - y_mean.unsqueeze(-1) * y_mean.conj_physical().unsqueeze(-2)) / temperature
-    return 0.5 * (G + G.transpose(-1, -2).conj_physical())
+    return hermitian_part(G)
 
 
 def lse_kahler_metric_real(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
@@ -62,7 +64,7 @@ def lse_kahler_metric_vjp_z(z: torch.Tensor, centers: torch.Tensor, precisions: 
     from dp_i = p_i (du_i - sum_j p_j du_j) / T, du_i = 2 Re y_i^H dz and dy_i = P_i dz.
     """
     diagonal = not precisions.is_complex() and precisions.dim() == 2
-    H = 0.5 * (grad_G + grad_G.transpose(-1, -2).conj_physical())  # [B, n, n] Hermitian
+    H = hermitian_part(grad_G)  # [B, n, n]
     diff = z.unsqueeze(1) - centers.unsqueeze(0)  # [B, K, n]
     y = precisions.unsqueeze(0) * diff if diagonal else torch.einsum("kij,bkj->bki", precisions, diff)
     u = (diff.conj_physical() * y).real.sum(-1)  # [B, K]

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import symmetric_part
 from .jtj import jtj
 
 # Activation codes shared by every backend (C++, CUDA, Triton mirror these numbers and formulas).
@@ -90,7 +91,7 @@ def mlp_metric_by_last_gram(z: torch.Tensor, weights: List[torch.Tensor], biases
     B, n, d = T.shape
     # One [B d, n] x [n, n] GEMM (a broadcast batched matmul against gram is a third slower on the CPU).
     TM = (T.transpose(-1, -2).reshape(B * d, n) @ gram).reshape(B, d, n)
-    return TM @ T
+    return symmetric_part(TM @ T)
 
 
 def mlp_metric_grad_z_by_last_gram(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],

@@ -2,12 +2,18 @@
 
 Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 """
-from . import ops, sample
+import warnings as _warnings
+
+from . import _backend, ops, sample
 from ._backend import BackendUnavailableError, backends
 from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
 from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, LSEKahlerMetric, Metric, PullbackMetric
 
 __version__ = "0.1.0"
+
+# `pip install .` then `python -m pygeo` from the clone's root imports this source folder, not the build: say so.
+if _backend.shadowing_warning():
+    _warnings.warn(_backend.shadowing_warning(), RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "ops", "sample", "backends", "BackendUnavailableError",

@@ -52,6 +52,44 @@ def compiled_module():
 
 
 @functools.lru_cache(maxsize=None)
+def shadowed_build() -> Optional[str]:
+    """Where an installed build of pygeo with its compiled extension lies, when this process imported pygeo from a
+    source checkout that has none (python -m pygeo, or a script, run from the clone's root after `pip install .`: the
+    current folder comes first on sys.path). None when there is no such shadowing. Looks at files only."""
+    import importlib.machinery
+    import importlib.metadata
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    if not ((package.parent / "pyproject.toml").is_file() and (package.parent / "csrc").is_dir()):
+        return None  # not a source checkout
+    if any((package / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        return None  # built in place (the development setup)
+    try:
+        files = importlib.metadata.distribution("pygeo-latent").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:  # an editable install lists no pygeo/_C file: its finder maps the build folder instead
+        if file.parts[:1] == ("pygeo",) and file.name.startswith("_C."):
+            installed = Path(file.locate()).resolve().parent
+            if installed != package and installed.joinpath(file.name).exists():
+                return str(installed)
+    return None
+
+
+def shadowing_warning() -> Optional[str]:
+    """The warning `import pygeo` gives when shadowed_build() finds the source checkout hiding an installed build."""
+    installed = shadowed_build()
+    if installed is None:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    return (f"pygeo was imported from the source checkout {here}, which has no compiled extension, while the installed "
+            f"build in {installed} has one: this process runs on the plain-PyTorch fallback. Run from outside the "
+            f"checkout or use the `pygeo` command (`pygeo demo`), or build in place for development (README, "
+            f"Development).")
+
+
+@functools.lru_cache(maxsize=None)
 def _compiled_import_error() -> str:
     try:
         importlib.import_module("pygeo._C")
@@ -79,6 +117,10 @@ def status(name: str) -> BackendStatus:
     if name == "cpp":
         module = compiled_module()
         if module is None:
+            shadowed = shadowed_build()
+            if shadowed is not None:
+                return BackendStatus(name, False, f"extension pygeo._C missing in this source checkout, which hides the "
+                                                  f"installed build in {shadowed} (run from outside the checkout)")
             return BackendStatus(name, False, f"extension pygeo._C not built or not importable ({_compiled_import_error()})")
         info = module.build_info()
         return BackendStatus(name, True, f"C++ kernels, OpenMP {'on' if info['openmp'] else 'off'}, {info['max_threads']} threads")

@@ -69,8 +69,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _info()
 
 
+# What each command needs beyond the core dependencies, and the extra of pygeo-latent that installs it.
+_EXTRAS = {"demo": ("demo", ("matplotlib", "mlxtend")),
+           "experiment": ("experiments", ("matplotlib", "mlxtend", "sklearn"))}
+
+
+def missing_extra(command: str) -> Optional[str]:
+    """None when `command` can run, else the sentence that says which extra to install."""
+    import importlib.util
+
+    extra, modules = _EXTRAS[command]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"`pygeo {command}` needs the [{extra}] extra (missing: {', '.join(missing)}): "
+            f"pip install \"pygeo-latent[{extra}]\" (or \".[{extra}]\" from a checkout)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    problem = missing_extra("demo")
+    if problem:
+        print(f"pygeo demo: error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
@@ -90,6 +112,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments.common import run_experiment
+
+    problem = missing_extra("experiment")
+    if problem:
+        print(f"pygeo experiment: error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         report = run_experiment(args.name, out_dir=args.out or f"pygeo-experiment-{args.name}", data_dir=args.data_dir,

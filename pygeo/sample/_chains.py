@@ -111,8 +111,8 @@ class ChainShard:
 class ChainStreams:
     """The random streams of chains [start, stop): one generator per block of CHAIN_BLOCK chains, on `device`.
 
-    Every draw takes the same number of values from each block's generator whatever the other blocks do, so the
-    draws of a chain depend only on (seed, chain index) and on the sequence of calls."""
+    Every draw takes a full block of values from each block's generator whatever the other blocks do, so the draws
+    of a chain depend only on (seed, chain index) and on the sequence of calls."""
 
     def __init__(self, seed: int, start: int, stop: int, device: torch.device):
         if start % CHAIN_BLOCK:
@@ -128,10 +128,12 @@ class ChainStreams:
 
     def normal(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """[n_local, dim] standard normal draws."""
-        return torch.cat([torch.randn(size, dim, generator=generator, device=self.device, dtype=dtype)
+        # Every block draws a full block of rows, even the last, partial one: torch's samplers order their output by
+        # the request size, so a partial draw would give chain c different numbers for another n_chains.
+        return torch.cat([torch.randn(CHAIN_BLOCK, dim, generator=generator, device=self.device, dtype=dtype)[:size]
                           for size, generator in zip(self.sizes, self.generators)])
 
     def uniform(self, dtype: torch.dtype) -> torch.Tensor:
         """[n_local] uniform draws on [0, 1)."""
-        return torch.cat([torch.rand(size, generator=generator, device=self.device, dtype=dtype)
+        return torch.cat([torch.rand(CHAIN_BLOCK, generator=generator, device=self.device, dtype=dtype)[:size]
                           for size, generator in zip(self.sizes, self.generators)])

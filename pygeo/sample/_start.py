@@ -10,7 +10,7 @@ from .. import _checks
 from ..metrics.kahler import HermitianMetric, to_complex, to_real
 from ..metrics.latent import LatentMetric
 
-ESCAPE_FACTOR = 10.0  # a chain "escaped" when it ends this many start-radii away from the centre of the starts
+ESCAPE_FACTOR = 10.0  # a chain "escaped" when it ends this many times the radius of the starts (and centroids) away
 
 
 def initial_states(metric, init: Optional[torch.Tensor], dim: Optional[int], n_chains: int,
@@ -75,12 +75,18 @@ def warn_if_improper(metric, caller: str, has_base_density: bool) -> None:
         f"LatentMetric(..., tau=0.05)) or a base_log_prob such as the N(0, I) prior.", RuntimeWarning, stacklevel=3)
 
 
-def escape_radius(starts: torch.Tensor) -> tuple:
-    """(centre [d], radius): chains ending farther than `radius` from `centre` count as escaped. The radius is
-    ESCAPE_FACTOR times the radius of the starting points around their mean (at least 1, so that chains started at
-    one point get a unit scale). starts: [n_chains, d], all chains (so the same on every rank)."""
-    centre = starts.mean(0)
-    spread = float((starts - centre).norm(dim=-1).max()) if starts.shape[0] else 0.0
+def escape_radius(starts: torch.Tensor, metric) -> tuple:
+    """(centre [d], radius): chains ending farther than `radius` from `centre` count as escaped. The reference points
+    are the starting points of all chains (so the same on every rank) and the metric's centroids when it has them
+    (the data: chains started far away may rightly travel there); the radius is ESCAPE_FACTOR times the largest
+    distance of a reference point from their mean, and at least ESCAPE_FACTOR (a unit scale for chains started at
+    one point). starts: [n_chains, d]."""
+    reference = starts
+    centroids = getattr(metric, "centroids", None)
+    if isinstance(centroids, torch.Tensor) and centroids.dim() == 2 and centroids.shape[-1] == starts.shape[-1]:
+        reference = torch.cat([starts, centroids.to(starts)])
+    centre = reference.mean(0)
+    spread = float((reference - centre).norm(dim=-1).max())
     return centre, ESCAPE_FACTOR * max(1.0, spread)
 
 
@@ -92,6 +98,6 @@ def report_escapes(caller: str, escaped: torch.Tensor, final: torch.Tensor, radi
     largest = float(final.norm(dim=-1).max())
     warnings.warn(
         f"{caller}: {n_escaped} of {escaped.numel()} chains ended more than {radius:.3g} from the centre of their "
-        f"starting points (largest |z| = {largest:.3g}): the target is probably improper (e.g. a LatentMetric with "
-        f"tau = 0) or the step size too large; those samples do not represent a proper distribution "
-        f"(result.escaped marks the chains)", RuntimeWarning, stacklevel=3)
+        f"starting points and the metric's centroids (largest |z| = {largest:.3g}): the target is probably improper "
+        f"(e.g. a LatentMetric with tau = 0) or the step size too large; those samples do not represent a proper "
+        f"distribution (result.escaped marks the chains)", RuntimeWarning, stacklevel=3)

@@ -31,7 +31,7 @@ class HMCResult:
     log_volume: torch.Tensor  # [n_samples], log_volume at the samples (for diagnostics: the target's log-density)
     interrupted: bool = False  # stopped by Ctrl-C: samples and chains hold the states kept by the completed steps
     escaped: Optional[torch.Tensor] = None  # [n_chains] bool, chains whose last state is farther than escape_radius
-    # from the centre of the starting points (an improper target or a runaway step size)
+    # from the centre of the starting points and centroids (an improper target or a runaway step size)
     escape_radius: float = math.inf
 
 
@@ -150,9 +150,10 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     min(n_samples, k * n_chains) rows; a step cut short is discarded. In a distributed run the interrupt is re-raised
     instead (the ranks cannot be joined safely in the middle of a collective).
     Warnings: a LatentMetric with tau = 0 and no base_log_prob is an improper target (sqrt(det G) -> lam^(d/2) far
-    away): a RuntimeWarning says so. Chains that end more than 10 start-radii from the centre of their starting points
-    are marked in `escaped`, and a RuntimeWarning says how many (a sign of an improper target or a step size that
-    grew without bound).
+    away): a RuntimeWarning says so. A chain whose last state lies farther than escape_radius (10 times the radius
+    of the ball around the mean of the starting points and the metric's centroids that holds them all, at least 10)
+    from that mean is marked in `escaped`, and a RuntimeWarning says how many: the sign of an improper target or of
+    a step size that grew without bound (adaptation on the tau = 0 target sends chains to |z| ~ 1e12 and beyond).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
@@ -180,7 +181,7 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     seed = shard.common_seed(seed)
     # Every rank draws the starting points of all chains (cheap) and keeps its own: the same starts at any world size.
     starts = initial_states(metric, init, dim, n_chains, torch.Generator().manual_seed(seed))
-    centre, radius = escape_radius(starts)
+    centre, radius = escape_radius(starts, metric)
     z = starts[shard.start:shard.stop]
     device, dtype = z.device, z.dtype
     streams = shard.streams(seed, device)

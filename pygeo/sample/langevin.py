@@ -24,7 +24,7 @@ class LangevinResult:
     n_failed: int  # proposals rejected because G was not positive definite (even with jitter) or log pi not finite
     interrupted: bool = False  # stopped by Ctrl-C: samples and chains hold the states kept by the completed steps
     escaped: Optional[torch.Tensor] = None  # [n_chains] bool, chains whose last state is farther than escape_radius
-    # from the centre of the starting points (an improper target or a runaway step size)
+    # from the centre of the starting points and centroids (an improper target or a runaway step size)
     escape_radius: float = math.inf
 
 
@@ -101,8 +101,9 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
         LangevinResult: samples [n_samples, d], chains [kept, n_chains, d], acceptance [n_chains], step_size,
         n_failed, interrupted, escaped [n_chains], escape_radius.
     Warnings: with log_prob = base_log_prob = None, a LatentMetric with tau = 0 is an improper target (a
-    RuntimeWarning says so); chains ending more than 10 start-radii from the centre of their starting points are
-    marked in `escaped` and counted in a RuntimeWarning.
+    RuntimeWarning says so); chains ending farther than escape_radius (10 times the radius of the starting points
+    and the metric's centroids around their mean, at least 10) from that mean are marked in `escaped` and counted in
+    a RuntimeWarning.
 
     Caution (tails of the metric): where G -> 0, e.g. the tails of the latent metric with tau > 0, the proposal
     covariance h G^-1 explodes and the div(G^-1) drift points outward, so an exact MALA chain then almost never enters
@@ -137,7 +138,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     seed = shard.common_seed(seed)
     # Every rank draws the starting points of all chains (cheap) and keeps its own: the same starts at any world size.
     starts = initial_states(metric, init, dim, n_chains, torch.Generator().manual_seed(seed))
-    centre, radius = escape_radius(starts)
+    centre, radius = escape_radius(starts, metric)
     z = starts[shard.start:shard.stop]
     streams = shard.streams(seed, z.device)
     warn_if_improper(metric, "riemannian_langevin", has_base_density=log_prob is not None or base_log_prob is not None)

@@ -14,7 +14,6 @@ distributed run the integer sums are gathered over ranks.
 from __future__ import annotations
 
 import operator
-import secrets
 from dataclasses import dataclass
 from typing import List
 
@@ -77,7 +76,7 @@ class ChainShard:
             if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
                 raise TypeError(f"seed must be an int or None, got {seed!r}")
             return operator.index(seed)
-        drawn = secrets.randbits(62)
+        drawn = int(torch.randint(2**62, ()).item())  # from torch's global generator: torch.manual_seed still rules
         if self.distributed:
             drawn = int(_distributed.all_gather_rows(torch.tensor([drawn], dtype=torch.long))[0])
         return drawn

@@ -48,6 +48,7 @@ class ChainShard:
     start: int
     stop: int
     distributed: bool
+    rank: int = 0
 
     @classmethod
     def create(cls, n_chains: int, distributed: bool, caller: str) -> "ChainShard":
@@ -64,7 +65,12 @@ class ChainShard:
                              f"{CHAIN_BLOCK} chains (the unit of work of a rank), fewer than the {world} ranks: use "
                              f"n_chains > {CHAIN_BLOCK * (world - 1)} or fewer ranks")
         blocks = _distributed.rank_share(n_blocks, rank, world)
-        return cls(n_chains, blocks.start * CHAIN_BLOCK, min(blocks.stop * CHAIN_BLOCK, n_chains), True)
+        return cls(n_chains, blocks.start * CHAIN_BLOCK, min(blocks.stop * CHAIN_BLOCK, n_chains), True, rank)
+
+    @property
+    def shows_progress(self) -> bool:
+        """Only rank 0 draws a progress bar (one bar per job, not one per process)."""
+        return self.rank == 0
 
     @property
     def n_local(self) -> int:

@@ -200,7 +200,7 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
     adaptation = _DualAveraging(step_size, target_acceptance) if adapt_step_size and warmup > 0 else None
     current_step = step_size
     sampling_steps, interrupted = 0, False
-    bar = tqdm(total=warmup + n_steps, desc="HMC", disable=not progress)
+    bar = tqdm(total=warmup + n_steps, desc="HMC", disable=not (progress and shard.shows_progress))
     try:
         for iteration in range(warmup + n_steps):
             sampling = iteration >= warmup
@@ -227,7 +227,7 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
             elif adaptation is not None:
                 current_step = adaptation.update(shard.exact_mean(log_ratio.clamp_max(0).exp()))
             bar.update(1)
-            if progress:
+            if not bar.disable:
                 bar.set_postfix(step=f"{current_step:.3g}", accept=f"{float(accept.to(dtype).mean()):.2f}")
     except KeyboardInterrupt:
         if shard.distributed:

@@ -150,7 +150,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     sampling_steps = 0
 
     current = evaluate(z)
-    bar = tqdm(range(warmup + n_steps), desc="riemannian_langevin", disable=not progress)
+    bar = tqdm(range(warmup + n_steps), desc="riemannian_langevin", disable=not (progress and shard.shows_progress))
     try:
         for iteration in bar:
             noise = streams.normal(z.shape[-1], z.dtype)
@@ -182,7 +182,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
                 sampling_steps += 1
                 if iteration - warmup in keep_at:
                     kept.append(z.clone())
-                if progress:
+                if not bar.disable:
                     bar.set_postfix(acceptance=f"{float(accepted.mean()) / sampling_steps:.2f}", h=f"{h:.3g}")
     except KeyboardInterrupt:
         if shard.distributed:

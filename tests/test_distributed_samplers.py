@@ -9,6 +9,7 @@ import pygeo
 from pygeo.sample import riemannian_langevin, riemannian_uniform
 from pygeo.sample._chains import CHAIN_BLOCK
 from test_distributed_distances import run_on_ranks
+from test_sampler_interrupt import InterruptAfter
 
 N_CHAINS = 2 * CHAIN_BLOCK + 22  # three blocks: rank 0 runs two (128 chains), rank 1 one (22 chains)
 
@@ -39,13 +40,20 @@ def _sampling_job(rank, world):
         too_few = None
     except ValueError as error:
         too_few = str(error)
-    return hmc, langevin, unseeded.chains, too_few
+    # Ctrl-C in a distributed run is re-raised on the rank (no partial gather across ranks that may be mid-collective).
+    try:
+        riemannian_uniform(_metric(), N_CHAINS, n_chains=N_CHAINS, n_steps=4, n_leapfrog=2, warmup=2, seed=0,
+                           base_log_prob=InterruptAfter(1 + 2 * 3), progress=False, distributed=True)
+        reraised = False
+    except KeyboardInterrupt:
+        reraised = True
+    return hmc, langevin, unseeded.chains, too_few, reraised
 
 
 def test_two_processes_return_the_single_process_result():
     results = run_on_ranks(_sampling_job)
     hmc, langevin = _hmc(False), _langevin(False)
-    for rank_hmc, rank_langevin, unseeded, too_few in results:
+    for rank_hmc, rank_langevin, unseeded, too_few, reraised in results:
         assert rank_hmc.chains.shape == (2, N_CHAINS, 2)
         assert torch.equal(rank_hmc.chains, hmc.chains) and torch.equal(rank_hmc.samples, hmc.samples)
         assert rank_hmc.step_size == hmc.step_size  # the adaptation statistic is world-size independent
@@ -57,6 +65,7 @@ def test_two_processes_return_the_single_process_result():
         # seed=None: rank 0's random seed is shared, so the ranks still agree with each other.
         assert torch.equal(unseeded, results[0][2])
         assert too_few is not None and "fewer than the 2 ranks" in too_few
+        assert reraised
     assert not torch.equal(results[0][2], hmc.chains)
 
 

@@ -93,7 +93,9 @@ class ChainShard:
     def exact_mean(self, values: torch.Tensor) -> float:
         """Mean over all n_chains chains of values [n_local] in [0, 1] (e.g. acceptance probabilities), summed exactly
         in fixed point: bit-identical whatever the world size and the order of the terms."""
-        total = (values.detach().double() * _FIXED_POINT).round().to(torch.long).sum().reshape(1)
+        # Clamped into [0, 1] (a NaN counts as 0) so the int64 sum can neither overflow nor turn into garbage.
+        fixed = (values.detach().double().nan_to_num(0.0).clamp(0.0, 1.0) * _FIXED_POINT).round().to(torch.long)
+        total = fixed.sum().reshape(1)
         if self.distributed:
             total = _distributed.all_gather_rows(total).sum()
         return int(total) / _FIXED_POINT / self.n_chains

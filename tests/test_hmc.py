@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,48 @@ def test_samplers_start_from_dim_when_the_metric_has_no_centroids():
     with_dim = pygeo.FunctionMetric(metric.fn, dim=2)
     mala = pygeo.sample.riemannian_langevin(with_dim, 40, n_chains=8, n_steps=10, warmup=5, seed=0, progress=False)
     assert mala.samples.shape == (40, 2) and torch.isfinite(mala.samples).all()
+
+
+def _runtime_warnings(record, text):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and text in str(w.message)]
+
+
+def test_improper_latent_metric_warns_once_per_call():
+    # tau = 0 and lam > 0: sqrt(det G) -> lam^(d/2) far from the centroids, the target does not integrate.
+    improper = pygeo.LatentMetric(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64),
+                                  lam=0.01, tau=0.0, rho=1.0)
+    settings = dict(n_chains=4, n_steps=3, n_leapfrog=2, seed=0, progress=False)
+    for _ in range(2):  # every call says it, not only the first of the session
+        with pytest.warns(RuntimeWarning) as record:
+            riemannian_uniform(improper, 4, **settings)
+        assert len(_runtime_warnings(record, "the target is improper")) == 1
+    proper = pygeo.LatentMetric(improper.centroids, improper.precisions, lam=0.01, tau=0.1, rho=1.0)
+    no_floor = pygeo.LatentMetric(improper.centroids, improper.precisions, lam=0.0, tau=0.0, rho=1.0)
+    for metric, base in ((proper, None), (no_floor, None), (improper, lambda z: -0.5 * (z * z).sum(-1))):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            riemannian_uniform(metric, 4, base_log_prob=base, **settings)
+        assert not _runtime_warnings(record, "improper"), (metric, base)
+
+
+def test_adaptation_on_the_improper_target_reports_the_escaped_chains():
+    # Chains started in the flat tail of a tau = 0 latent metric accept every move, so dual averaging grows the step
+    # without bound and the chains fly off (|z| ~ 1e18 and more): the result must say so, not only return them.
+    metric = pygeo.LatentMetric(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64),
+                                lam=0.01, tau=0.0, rho=1.0)
+    init = 30.0 + torch.randn(20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning) as record:
+        result = riemannian_uniform(metric, 20, n_steps=60, n_leapfrog=5, step_size=0.1, seed=0, init=init,
+                                    progress=False)
+    assert len(_runtime_warnings(record, "the target is improper")) == 1
+    escapes = _runtime_warnings(record, "chains ended more than")
+    assert len(escapes) == 1 and f"{int(result.escaped.sum())} of 20 chains" in str(escapes[0].message)
+    assert result.escaped.shape == (20,) and bool(result.escaped.all())
+    assert float(result.samples.norm(dim=-1).min()) > result.escape_radius and result.step_size > 1e3
+    # The same chains with tau > 0 (a proper target): nothing escapes and nothing is said about it.
+    proper = pygeo.LatentMetric(metric.centroids, metric.precisions, lam=0.01, tau=0.05, rho=1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = riemannian_uniform(proper, 20, n_steps=60, n_leapfrog=5, step_size=0.1, seed=0, init=init,
+                                    progress=False)
+    assert not _runtime_warnings(record, "chains ended") and not bool(result.escaped.any())

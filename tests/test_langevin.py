@@ -231,3 +231,27 @@ def test_a_metric_that_raises_outside_its_chart_rejects_those_proposals():
     hmc = pygeo.sample.riemannian_uniform(metric, 40, n_chains=20, n_steps=10, step_size=0.5, seed=0, progress=False,
                                           init=torch.zeros(20, 1))
     assert bool((hmc.samples.abs() <= 1.5).all())
+
+
+def test_improper_latent_metric_warns_and_escaped_chains_are_reported():
+    """The Riemannian uniform law of a LatentMetric with tau = 0 does not integrate (sqrt(det G) -> lam^(d/2)):
+    one warning per call says so; chains started in its flat tail accept everything, the adapted step grows without
+    bound, and the result marks them as escaped (with a second warning) instead of returning |z| ~ 1e10 silently."""
+    import warnings
+
+    metric = pygeo.LatentMetric(torch.zeros(1, 2), torch.ones(1, 2), lam=0.01, tau=0.0, rho=1.0)
+    init = 30.0 + torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning) as record:
+        result = riemannian_langevin(metric, 16, n_chains=16, init=init, n_steps=20, warmup=60, seed=0,
+                                     full_drift=False, progress=False)
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert sum("the target is improper" in m for m in messages) == 1
+    assert sum(f"{int(result.escaped.sum())} of 16 chains ended more than" in m for m in messages) == 1
+    assert bool(result.escaped.all()) and float(result.samples.norm(dim=-1).min()) > result.escape_radius
+    # A proper target (log_prob given): no improper-target warning, and the chains stay.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = riemannian_langevin(metric, 16, lambda z: metric.log_volume(z) - 0.5 * (z ** 2).sum(-1), n_chains=16,
+                                     init=init, n_steps=20, warmup=60, seed=0, full_drift=False, progress=False)
+    assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
+    assert not bool(result.escaped.any())

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from .. import _backend, _checks
 from ..metrics.base import Metric, log_volume_and_grad, value_and_gradient, where_defined
 from ..ops.langevin_step import langevin_step
-from ._start import initial_states, on_real_coordinates
+from ._chains import ChainShard
+from ._start import escape_radius, initial_states, on_real_coordinates, report_escapes, warn_if_improper
 
 
 @dataclass
@@ -21,7 +22,10 @@ class LangevinResult:
     acceptance: torch.Tensor  # [n_chains] fraction of accepted proposals after warm-up
     step_size: float  # the step size used after warm-up
     n_failed: int  # proposals rejected because G was not positive definite (even with jitter) or log pi not finite
-    interrupted: bool = False  # stopped by KeyboardInterrupt: what was done is returned
+    interrupted: bool = False  # stopped by Ctrl-C: samples and chains hold the states kept by the completed steps
+    escaped: Optional[torch.Tensor] = None  # [n_chains] bool, chains whose last state is farther than escape_radius
+    # from the centre of the starting points and centroids (an improper target or a runaway step size)
+    escape_radius: float = math.inf
 
 
 class _Dual:
@@ -47,7 +51,7 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
                         seed: Optional[int] = None, warmup: int = 200, progress: bool = True, *,
                         dim: Optional[int] = None, target_acceptance: float = 0.57,
                         base_log_prob: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                        backend: str = "auto") -> LangevinResult:
+                        backend: str = "auto", distributed: bool = False) -> LangevinResult:
     """Sample pi(z) with Riemannian Langevin proposals N(mean(z), h G(z)^-1), made exact by a Metropolis test (MMALA).
 
     Each iteration runs one fused step (pygeo.ops.langevin_step) for all chains at z, evaluates the metric at the
@@ -72,17 +76,34 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
         init: [m, d] starting points; chains start at m rows drawn at random (in order when m == n_chains).
             None: random centroids of a metric that has them (the latent metric), else N(0, I) draws.
             Without init, chains start at N(0, I) draws (d from `dim`).
-        seed: seeds the noise, the Metropolis uniforms and the choice of starting rows.
-        warmup: steps before sampling (step-size adaptation when step_size="auto"); not kept.
-        progress: tqdm progress bar. Ctrl-C stops cleanly and returns the samples kept so far (interrupted=True).
+        seed: seeds the noise, the Metropolis uniforms and the choice of starting rows. Chain c draws from the
+            stream of its block of 64 chains, seeded from (seed, c // 64): its path depends only on the seed, its
+            index and its start, never on n_chains nor on how chains are split between processes.
+        warmup: steps before sampling (step-size adaptation when step_size="auto"); not kept. One step size is
+            shared by all chains, driven by the mean acceptance probability over all n_chains chains, summed exactly
+            (fixed point) and, when distributed, over every rank: it does not depend on the world size.
+        progress: tqdm progress bar. Ctrl-C stops cleanly and returns what the completed steps kept
+            (interrupted=True): chains [k, n_chains, d] holds the k states kept so far of every chain (k = 0 during
+            warm-up) and samples its first min(n_samples, k * n_chains) rows; a step cut short is discarded. In a
+            distributed run the interrupt is re-raised instead (the ranks cannot be joined safely mid-collective).
         dim: the latent dimension d when init is not given (default: metric.dim if the metric has it).
         target_acceptance: acceptance rate the warm-up adapts the step size toward.
         base_log_prob: with log_prob=None, a base log-density w (z [C, d] -> [C]) that multiplies the Riemannian
             uniform density: the target is w(z) sqrt(det G(z)) (w(z) det G(z) for a Hermitian metric).
         backend: backend of the fused step (see pygeo.backends()).
+        distributed: shard the chains over the initialised default torch.distributed process group (launch with
+            torchrun; gloo for CPU tensors, NCCL for CUDA tensors on each rank's local device). Each rank runs whole
+            blocks of 64 chains and every rank returns the whole result, the same as one process with the same seed
+            and n_chains (up to the batch-size invariance of the metric's own kernels); n_failed is the total over
+            ranks. Every rank must pass the same arguments (init included). Needs n_chains > 64 * (world size - 1).
+            Without an initialised group: a RuntimeError.
     Returns:
         LangevinResult: samples [n_samples, d], chains [kept, n_chains, d], acceptance [n_chains], step_size,
-        n_failed, interrupted.
+        n_failed, interrupted, escaped [n_chains], escape_radius.
+    Warnings: with log_prob = base_log_prob = None, a LatentMetric with tau = 0 is an improper target (a
+    RuntimeWarning says so); chains ending farther than escape_radius (10 times the radius of the starting points
+    and the metric's centroids around their mean, at least 10) from that mean are marked in `escaped` and counted in
+    a RuntimeWarning.
 
     Caution (tails of the metric): where G -> 0, e.g. the tails of the latent metric with tau > 0, the proposal
     covariance h G^-1 explodes and the div(G^-1) drift points outward, so an exact MALA chain then almost never enters
@@ -112,23 +133,29 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
     if not 0 < target_acceptance < 1:
         raise ValueError(f"target_acceptance must be in (0, 1), got {target_acceptance}")
 
-    generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    z = initial_states(metric, init, dim, n_chains, generator)
-    generator = torch.Generator(device=z.device)
-    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    shard = ChainShard.create(n_chains, distributed, "riemannian_langevin")
+
+    seed = shard.common_seed(seed)
+    # Every rank draws the starting points of all chains (cheap) and keeps its own: the same starts at any world size.
+    starts = initial_states(metric, init, dim, n_chains, torch.Generator().manual_seed(seed))
+    centre, radius = escape_radius(starts, metric)
+    z = starts[shard.start:shard.stop]
+    streams = shard.streams(seed, z.device)
+    warn_if_improper(metric, "riemannian_langevin", has_base_density=log_prob is not None or base_log_prob is not None)
     evaluate = _Evaluator(metric, log_prob, base_log_prob, full_drift)
     dual = _Dual(0.1 if adapt else float(step_size), target_acceptance)
     h = 0.1 if adapt else float(step_size)
     keep_at = {round((i + 1) * n_steps / kept_per_chain) - 1 for i in range(kept_per_chain)}
-    kept, accepted, n_failed, interrupted = [], torch.zeros(n_chains, device=z.device), 0, False
+    kept, accepted, n_failed, interrupted = [], torch.zeros(shard.n_local, device=z.device), 0, False
     sampling_steps = 0
 
     current = evaluate(z)
-    bar = tqdm(range(warmup + n_steps), desc="riemannian_langevin", disable=not progress)
+    bar = tqdm(range(warmup + n_steps), desc="riemannian_langevin", disable=not (progress and shard.shows_progress))
     try:
         for iteration in bar:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            noise = streams.normal(z.shape[-1], z.dtype)
+            # Drawn every step, used only with the Metropolis test: the streams stay aligned whatever `mala` is.
+            uniform = streams.uniform(z.dtype)
             forward = langevin_step(z, current.G, current.grad, h, noise, dG=current.dG, backend=backend)
             finite = torch.isfinite(forward.proposal).all(-1)  # a huge drift can overflow: such a move is rejected
             proposal = torch.where(finite[:, None], forward.proposal, z)
@@ -140,7 +167,6 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
             log_ratio = torch.where(valid, log_ratio, torch.full_like(log_ratio, -math.inf))
             acceptance_probability = log_ratio.clamp(max=0).exp()
             if mala:
-                uniform = torch.rand(n_chains, generator=generator, device=z.device, dtype=z.dtype)
                 accept = valid & (uniform.log() < log_ratio)
             else:
                 accept = valid
@@ -149,22 +175,30 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
             current = current.where(accept, proposed)
             if iteration < warmup:
                 if adapt:
-                    dual.update(float(acceptance_probability.mean()))
+                    dual.update(shard.exact_mean(acceptance_probability))
                     h = math.exp(dual.log_h if iteration + 1 < warmup else dual.log_h_bar)
             else:
                 accepted += accept.to(accepted.dtype)
                 sampling_steps += 1
                 if iteration - warmup in keep_at:
                     kept.append(z.clone())
-                if progress:
+                if not bar.disable:
                     bar.set_postfix(acceptance=f"{float(accepted.mean()) / sampling_steps:.2f}", h=f"{h:.3g}")
     except KeyboardInterrupt:
+        if shard.distributed:
+            raise
         interrupted = True
     finally:
         bar.close()
-    chains = torch.stack(kept) if kept else z.new_empty((0, n_chains, z.shape[-1]))
+    local_chains = torch.stack(kept) if kept else z.new_empty((0, shard.n_local, z.shape[-1]))
+    chains = shard.gather(local_chains, chain_dim=1)  # [k, n_chains, d]
+    final = shard.gather(z)
+    escaped = (final - centre).norm(dim=-1) > radius
+    report_escapes("riemannian_langevin", escaped, final, radius)
     return LangevinResult(samples=to_output(chains.reshape(-1, z.shape[-1])[:n_samples]), chains=to_output(chains),
-                          acceptance=accepted / max(1, sampling_steps), step_size=h, n_failed=n_failed, interrupted=interrupted)
+                          acceptance=shard.gather(accepted) / max(1, sampling_steps), step_size=h,
+                          n_failed=shard.total(n_failed), interrupted=interrupted, escaped=escaped,
+                          escape_radius=radius)
 
 
 @dataclass

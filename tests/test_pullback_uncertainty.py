@@ -130,7 +130,7 @@ def test_fit_gives_small_std_at_the_data_and_zeta_floor_far_away():
     with torch.no_grad():
         data = mean(latents) + noise * torch.randn(300, 6, dtype=F64)
     before = [p.detach().clone() for p in mean.parameters()]
-    decoder, losses = fit_uncertainty_decoder(mean, latents, data, n_centers=8, zeta=1e-2, epochs=300, progress=False)
+    decoder, losses = fit_uncertainty_decoder(mean, latents, data, n_centers=8, zeta=1e-2, steps=300, progress=False)
     assert losses[-1] < losses[0]
     assert all(torch.equal(a, b) for a, b in zip(before, mean.parameters())), "the mean must stay frozen"
     with torch.no_grad():

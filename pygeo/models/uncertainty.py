@@ -140,7 +140,7 @@ class UncertaintyDecoder(nn.Module):
 
 
 def fit_uncertainty_decoder(mean: nn.Module, latents: torch.Tensor, data: torch.Tensor, n_centers: int = 64,
-                            zeta: float = 1e-2, bandwidth_scale: float = 1.0, epochs: int = 200, lr: float = 0.05,
+                            zeta: float = 1e-2, bandwidth_scale: float = 1.0, steps: int = 200, lr: float = 0.05,
                             seed: int = 0, progress: bool = True) -> Tuple[UncertaintyDecoder, List[float]]:
     """Wrap a trained mean decoder into a (mean, std) decoder and fit its RBF precision with the mean frozen.
 
@@ -151,7 +151,7 @@ def fit_uncertainty_decoder(mean: nn.Module, latents: torch.Tensor, data: torch.
         n_centers: K, k-means centres of the latents.
         zeta: precision floor (sigma far from the data -> zeta^(-1/2)).
         bandwidth_scale: a in lambda_k = 1/2 (a * cluster spread)^-2.
-        epochs: full-batch Adam steps on the Gaussian negative log-likelihood (a fixed number: no time cap). The RBF
+        steps: full-batch Adam steps on the Gaussian negative log-likelihood (a fixed number: no time cap). The RBF
             features of the latents are fixed, so every step is one [N, K] x [K, D] product.
         lr: Adam learning rate of the log-weights.
     The weights start where beta(z) is, at the data, about the inverse of each output's mean squared residual (floored
@@ -171,8 +171,8 @@ def fit_uncertainty_decoder(mean: nn.Module, latents: torch.Tensor, data: torch.
         raise ValueError(f"data must have one row per latent: latents has {latents.shape[0]} rows, data "
                          f"{data.shape[0]}")
     _checks.same_device(latents=latents, data=data)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     latents = latents.detach()
@@ -188,7 +188,7 @@ def fit_uncertainty_decoder(mean: nn.Module, latents: torch.Tensor, data: torch.
         variance.log_weight.copy_((start / features.sum(-1).mean()).log().expand_as(variance.log_weight))
     optimizer = torch.optim.Adam([variance.log_weight], lr=lr)
     losses: List[float] = []
-    bar = tqdm(range(epochs), desc="fitting RBF variance", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="fitting RBF variance", unit="step", disable=not progress, leave=False)
     try:
         for _ in bar:
             beta = features @ variance.weight + variance.zeta

@@ -6,7 +6,7 @@ import math
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch

@@ -155,6 +155,8 @@ def test_bad_arguments():
         pygeo.PullbackMetric(mlp(), "bernoulli", form="expected")
     with pytest.raises(ValueError, match="fixed sigma"):
         pygeo.PullbackMetric(mlp(), "gaussian", sigma=0.5, form="expected")
+    with pytest.raises(ValueError, match=r"z must have shape \[\.\.\., 2\]"):
+        pygeo.PullbackMetric(decoder, "gaussian", form="expected").metric(torch.randn(3, 4, dtype=F64))
     with pytest.raises(ValueError, match="bandwidths must have shape"):
         RBFVariance(torch.zeros(3, 2), torch.ones(2), 4)
     with pytest.raises(ValueError, match="zeta"):

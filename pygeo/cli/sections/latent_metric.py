@@ -10,6 +10,8 @@ import pygeo
 from pygeo.geometry import conformal_interpolation
 from pygeo.sample import riemannian_uniform
 
+from .. import context
+
 TITLE = "Latent metric: Riemannian-uniform sampling and conformal interpolation"
 
 LAM, TAU = 0.01, 0.05  # the paper's lam for MNIST; tau > 0 keeps the uniform density proper
@@ -27,13 +29,12 @@ def run(ctx) -> str:
                                  n_leapfrog=10, step_size=0.01, seed=ctx.seed, progress=ctx.show_progress)
     prior = torch.randn(n_samples, metric.dim, generator=torch.Generator().manual_seed(ctx.seed)).to(ctx.latents)
 
-    # Pairs of encoded digits of different classes, joined by the conformal-metric curve and by the straight line.
-    generator = torch.Generator().manual_seed(ctx.seed + 1)
+    # Pairs of typical digits of different classes, joined by the conformal-metric curve and by the straight line.
     n_pairs = 2 if quick else 4
-    first = torch.randperm(len(ctx.latents), generator=generator)[: 4 * n_pairs]
-    second = torch.randperm(len(ctx.latents), generator=generator)[: 4 * n_pairs]
-    different = (ctx.labels[first].cpu() != ctx.labels[second].cpu()).nonzero().squeeze(-1)[:n_pairs]
-    z0, z1 = ctx.latents[first[different]], ctx.latents[second[different]]
+    index_pairs, class_pairs = interpolation_pairs(ctx.latents, ctx.labels, n_pairs, seed=ctx.seed + 1)
+    first = torch.tensor([a for a, _ in index_pairs], device=ctx.latents.device)
+    second = torch.tensor([b for _, b in index_pairs], device=ctx.latents.device)
+    z0, z1 = ctx.latents[first], ctx.latents[second]
     with ctx.timed("latent metric: conformal interpolation"):
         curves = conformal_interpolation(metric, z0, z1, n_points=10, n_iter=10 if quick else 150,
                                          progress=ctx.show_progress)
@@ -46,31 +47,39 @@ def run(ctx) -> str:
         straight = z0[:, None] + torch.linspace(0, 1, 10).to(z0)[None, :, None] * (z1 - z0)[:, None]
         decoded_curves = torch.sigmoid(ctx.vae.decoder(curves.points.reshape(-1, metric.dim))).cpu()
         decoded_straight = torch.sigmoid(ctx.vae.decoder(straight.reshape(-1, metric.dim))).cpu()
-    _image_grids(decoded_prior, decoded_hmc, ctx.out_dir / samples_figure)
-    _scatter(ctx, metric, hmc.samples.cpu(), prior.cpu(), curves.points.cpu(), straight.cpu(), ctx.out_dir / scatter_figure)
-    _strips(decoded_curves, decoded_straight, len(z0), ctx.out_dir / strips_figure)
+    samples_markdown = ctx.save_figure(_image_grids(decoded_prior, decoded_hmc), samples_figure,
+                                       "prior samples and Riemannian-uniform samples")
+    scatter_markdown = ctx.save_figure(
+        _scatter(ctx, metric, hmc.samples.cpu(), prior.cpu(), curves.points.cpu(), straight.cpu()), scatter_figure,
+        "samples and interpolations over the latent codes")
+    ends = (ctx.images[first].cpu(), ctx.images[second].cpu())
+    strips_markdown = ctx.save_figure(_strips(decoded_curves, decoded_straight, ends, class_pairs), strips_figure,
+                                      "interpolations")
 
-    length_rows = [f"| {i} | {int(ctx.labels[first[different]][i])} -> {int(ctx.labels[second[different]][i])} | "
-                   f"{float(curves.straight_length[i]):.4g} | {float(curves.length[i]):.4g} |" for i in range(len(z0))]
+    length_rows = [f"| {i + 1} | {a} -> {b} | {float(curves.straight_length[i]):.4g} | {float(curves.length[i]):.4g} |"
+                   for i, (a, b) in enumerate(class_pairs)]
     return "\n".join([
         f"From the encoder's posteriors N(mu, diag(exp(logvar))) of the {len(ctx.images)} digits, k-medoids picks "
         f"{metric.n_centroids} centroids; with their precisions M_i the metric is G(z) = sum_i M_i "
         f"exp(-(z - c_i)^T M_i (z - c_i) / rho^2) + lam exp(-tau |z|^2) I ({metric}).",
         "",
-        f"![prior samples and Riemannian-uniform samples]({samples_figure})",
+        samples_markdown,
         "",
         f"Left: decoded samples of the prior N(0, I). Right: decoded samples of the Riemannian uniform distribution "
         f"(density sqrt(det G)) by HMC: {n_samples} chains, step size adapted to {hmc.step_size:.3g}, mean acceptance "
         f"{float(hmc.acceptance.mean()):.2f}, {int(hmc.n_divergent.sum())} divergent proposals.",
         "",
-        f"![samples over the latent codes]({scatter_figure})",
+        scatter_markdown,
         "",
-        "Encoded digits (coloured by class) over log sqrt(det G); red: HMC samples, grey: prior samples, crosses: "
-        "centroids; lines: conformal interpolations (solid) and straight lines (dashed).",
+        "Encoded digits (coloured by class) over the latent metric's log volume element; blue dots: HMC samples, "
+        "red crosses: prior samples, black plus signs: centroids; red lines: conformal interpolations, black dashed "
+        "lines: straight lines.",
         "",
-        f"![interpolations]({strips_figure})",
+        strips_markdown,
         "",
-        "Each pair of rows: the conformal-metric interpolation (top) and the straight line (bottom). Length in the "
+        "Pairs: for randomly drawn pairs of different classes, the encoded digit nearest each class median (classes "
+        "read from the labels of the chosen digits). Each pair of rows: the input digits at both ends, between them "
+        "the decoded conformal-metric interpolation (top) and the decoded straight line (bottom). Length in the "
         "conformal metric det(G)^-1 I (lower is better; the curve avoids regions without data):",
         "",
         "| pair | classes | straight line | conformal curve |",
@@ -79,27 +88,34 @@ def run(ctx) -> str:
     ])
 
 
-def _image_grid(images: torch.Tensor) -> np.ndarray:
-    side = int(np.ceil(np.sqrt(len(images))))
-    canvas = np.ones((side * 28, side * 28))
-    for index, image in enumerate(images.reshape(-1, 28, 28).numpy()):
-        row, col = divmod(index, side)
-        canvas[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28] = image
-    return canvas
+def interpolation_pairs(latents: torch.Tensor, labels: torch.Tensor, n_pairs: int, seed: int):
+    """([(index a, index b)], [(class a, class b)]) for n_pairs random pairs of different classes, each end the encoded
+    digit nearest its class median (so that it decodes like its class); the classes are read from `labels` at the
+    chosen indices, never assumed."""
+    labels = labels.detach().cpu()
+    classes = sorted(set(labels.tolist()))
+    typical = {}
+    for label in classes:
+        members = (labels == label).nonzero().squeeze(-1)
+        codes = latents.detach().cpu()[members]
+        typical[label] = int(members[(codes - codes.median(0).values).norm(dim=-1).argmin()])
+    candidates = [(a, b) for a in classes for b in classes if a != b]
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+    index_pairs = [(typical[candidates[k][0]], typical[candidates[k][1]]) for k in order[:n_pairs]]
+    class_pairs = [(int(labels[i]), int(labels[j])) for i, j in index_pairs]
+    return index_pairs, class_pairs
 
 
-def _image_grids(prior: torch.Tensor, hmc: torch.Tensor, path) -> None:
-    figure = Figure(figsize=(10, 5))
-    for index, (images, title) in enumerate([(prior, "prior N(0, I)"), (hmc, "Riemannian uniform (HMC)")]):
-        axes = figure.add_subplot(1, 2, index + 1)
-        axes.imshow(_image_grid(images), cmap="gray_r", vmin=0, vmax=1)
-        axes.set_title(title)
-        axes.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+def _image_grids(prior: torch.Tensor, hmc: torch.Tensor) -> Figure:
+    columns = int(np.ceil(np.sqrt(len(prior))))
+    figure = Figure(figsize=(10, 5.4), layout="constrained")
+    panels = figure.subplots(1, 2)
+    context.show_digits(panels[0], prior, columns, "Decoded prior N(0, I) samples")
+    context.show_digits(panels[1], hmc, columns, "Decoded Riemannian-uniform samples (HMC)")
+    return figure
 
 
-def _scatter(ctx, metric, hmc_samples, prior, curves, straight, path) -> None:
+def _scatter(ctx, metric, hmc_samples, prior, curves, straight) -> Figure:
     latents = ctx.latents.cpu()
     low, high = latents.min(0).values - 1.0, latents.max(0).values + 1.0
     resolution = 40 if ctx.quick else 120
@@ -107,34 +123,50 @@ def _scatter(ctx, metric, hmc_samples, prior, curves, straight, path) -> None:
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
     with torch.no_grad():
         log_volume = metric.log_volume(grid.to(ctx.latents)).cpu().reshape(resolution, resolution)
-    figure = Figure(figsize=(7, 6))
+    figure = Figure(figsize=(9, 6.5), layout="constrained")
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(log_volume.numpy(), origin="lower", extent=(float(low[0]), float(high[0]), float(low[1]),
-                                                                    float(high[1])), cmap="viridis", aspect="auto")
-    figure.colorbar(image, ax=axes, label="log sqrt(det G)")
-    axes.scatter(latents[:, 0], latents[:, 1], c=ctx.labels.cpu(), cmap="tab10", s=2, alpha=0.4)
+                                                                    float(high[1])), cmap=context.log_volume_colormap(),
+                        aspect="auto")
+    figure.colorbar(image, ax=axes, label=context.LOG_VOLUME_LABEL)
+    context.scatter_classes(axes, latents.numpy(), ctx.labels.cpu().numpy(), size=3, alpha=0.5)
     centroids = metric.centroids.cpu()
-    axes.scatter(centroids[:, 0], centroids[:, 1], marker="x", c="white", s=15, linewidths=0.8)
-    axes.scatter(prior[:, 0], prior[:, 1], c="lightgrey", s=12, edgecolors="k", linewidths=0.3, label="prior")
-    axes.scatter(hmc_samples[:, 0], hmc_samples[:, 1], c="red", s=12, edgecolors="k", linewidths=0.3, label="HMC")
-    for curve, line in zip(curves, straight):
-        axes.plot(curve[:, 0], curve[:, 1], c="white", lw=1.5)
-        axes.plot(line[:, 0], line[:, 1], c="white", lw=1.0, ls="--")
+    axes.scatter(centroids[:, 0], centroids[:, 1], marker="+", color="black", s=30, linewidths=1.0, label="centroids")
+    axes.scatter(prior[:, 0], prior[:, 1], color="tab:red", marker="x", s=24, linewidths=1.2, label="prior samples")
+    axes.scatter(hmc_samples[:, 0], hmc_samples[:, 1], color="tab:blue", s=16, edgecolors="white", linewidths=0.5,
+                 label="HMC samples (Riemannian uniform)")
+    for index, (curve, line) in enumerate(zip(curves, straight)):
+        axes.plot(curve[:, 0], curve[:, 1], color="red", lw=2.0, label="conformal interpolation" if index == 0 else None)
+        axes.plot(line[:, 0], line[:, 1], color="black", lw=1.2, ls="--", label="straight line" if index == 0 else None)
     axes.set_xlim(float(low[0]), float(high[0]))
     axes.set_ylim(float(low[1]), float(high[1]))
-    axes.legend(loc="upper right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    axes.set_xlabel("z1")
+    axes.set_ylabel("z2")
+    axes.set_title("Latent metric: samples and interpolations over the encoded digits")
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside right upper", fontsize=8, markerscale=1.5)
+    return figure
 
 
-def _strips(curves: torch.Tensor, straight: torch.Tensor, n_pairs: int, path) -> None:
-    rows = []
-    for pair in range(n_pairs):
-        for decoded in (curves, straight):
-            rows.append(np.concatenate(list(decoded.reshape(n_pairs, -1, 28, 28)[pair].numpy()), 1))
-    figure = Figure(figsize=(10, 1.0 * len(rows)))
+def _strips(curves: torch.Tensor, straight: torch.Tensor, ends, class_pairs) -> Figure:
+    """Rows: for each pair, [input a | decoded curve | input b] for the conformal curve, then the straight line."""
+    n_pairs = len(class_pairs)
+    first, second = ends
+    rows, names = [], []
+    for pair, (a, b) in enumerate(class_pairs):
+        for decoded, kind in ((curves, "conformal"), (straight, "straight")):
+            strip = torch.cat([first[pair:pair + 1], decoded.reshape(n_pairs, -1, decoded.shape[-1])[pair],
+                               second[pair:pair + 1]])
+            rows.append(strip)
+            names.append(f"{a} -> {b}, {kind}")
+    columns = rows[0].shape[0]
+    figure = Figure(figsize=(1.0 * columns + 1.5, 1.0 * len(rows) + 0.8), layout="constrained")
     axes = figure.add_subplot(1, 1, 1)
-    axes.imshow(np.concatenate(rows, 0), cmap="gray_r", vmin=0, vmax=1)
-    axes.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    axes.imshow(context.digit_grid(torch.cat(rows), columns), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    cell = context.DIGIT_PIXELS + 2
+    axes.set_yticks([cell * (row + 0.5) for row in range(len(rows))], names)
+    axes.set_xticks([cell * (column + 0.5) for column in range(columns)],
+                    ["input"] + [f"{t:.2f}" for t in np.linspace(0, 1, columns - 2)] + ["input"])
+    axes.set_xlabel("position t along the curve (decoded), between the two input digits")
+    axes.set_ylabel("pair (classes from the labels), curve")
+    axes.set_title("Interpolations between typical digits: conformal-metric curve against the straight line")
+    return figure

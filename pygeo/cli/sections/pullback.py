@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, List, Tuple
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure  # object-oriented matplotlib: renders with Agg, no pyplot global state
 
 import pygeo
@@ -29,12 +27,12 @@ def run(ctx: "context.DemoContext") -> str:
         log_volume_at_data = torch.cat([ctx.metric.log_volume(chunk) for chunk in ctx.latents[:2000].split(_CHUNK)])
     log_volume = log_volume.reshape(resolution, resolution).cpu()
 
-    volume_figure = "pullback_volume.png"
-    _plot_volume(ctx, log_volume, low, high, ctx.out_dir / volume_figure)
-    decoded_figure = "pullback_decoded.png"
+    volume_markdown = ctx.save_figure(_plot_volume(ctx, log_volume, low, high), "pullback_volume.png",
+                                      "latent codes over the volume element")
     side = 6 if ctx.quick else 15
     with ctx.timed("pullback: decode an image grid"):
-        _plot_decoded(ctx, low, high, side, ctx.out_dir / decoded_figure)
+        decoded_markdown = ctx.save_figure(_plot_decoded(ctx, low, high, side), "pullback_decoded.png",
+                                           "decoded images across the latent plane")
 
     with ctx.timed("pullback: backend timings"):
         repeats = 1 if ctx.quick else 5
@@ -47,14 +45,14 @@ def run(ctx: "context.DemoContext") -> str:
         "small step dz changes the decoded image distribution by KL = 1/2 dz^T G dz. The volume element sqrt(det G) "
         "says how much change of the decoded images one unit of latent area holds.",
         "",
-        f"![latent codes over the volume element]({volume_figure})",
+        volume_markdown,
         "",
         f"Latent codes of {len(ctx.latents)} digits (encoder means, coloured by class) over log sqrt(det G) on a "
         f"{resolution}x{resolution} grid. Median log sqrt(det G): {float(log_volume_at_data.median()):.2f} at the "
         f"encoded digits, {float(log_volume.median()):.2f} over the grid "
         f"(range {float(log_volume.min()):.2f} to {float(log_volume.max()):.2f}).",
         "",
-        f"![decoded images across the latent plane]({decoded_figure})",
+        decoded_markdown,
         "",
         f"Decoded means sigmoid(l(z)) on a {side}x{side} grid over the same box.",
         "",
@@ -86,32 +84,24 @@ def _grid(low: np.ndarray, high: np.ndarray, resolution: int, device) -> torch.T
     return torch.stack([x.reshape(-1), y.reshape(-1)], -1).to(device)
 
 
-def _plot_volume(ctx, log_volume: torch.Tensor, low, high, path) -> None:
-    figure = Figure(figsize=(7.5, 6.2), dpi=110)
+def _plot_volume(ctx, log_volume: torch.Tensor, low, high) -> Figure:
+    figure = Figure(figsize=(8.2, 6.2), layout="constrained")
     axes = figure.add_subplot()
     extent = (low[0], high[0], low[1], high[1])
-    # Light greys only, so that the class colours on top stay readable everywhere.
-    light_greys = ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.0, 0.6, 256)))
-    heat = axes.imshow(log_volume.numpy(), origin="lower", extent=extent, aspect="auto", cmap=light_greys)
-    figure.colorbar(heat, ax=axes, label="log sqrt(det G)  (log volume element)")
-    codes, labels = ctx.latents.detach().cpu().numpy(), ctx.labels.cpu().numpy()
-    palette = list(matplotlib.colormaps["tab10"].colors)
-    palette[7] = "black"  # tab10's grey would vanish into the grey heat map
-    for digit in range(10):
-        chosen = labels == digit
-        if chosen.any():
-            axes.scatter(codes[chosen, 0], codes[chosen, 1], s=5, color=palette[digit], label=str(digit),
-                         edgecolors="none", alpha=0.85)
+    heat = axes.imshow(log_volume.numpy(), origin="lower", extent=extent, aspect="auto",
+                       cmap=context.log_volume_colormap())
+    figure.colorbar(heat, ax=axes, label=context.LOG_VOLUME_LABEL)
+    context.scatter_classes(axes, ctx.latents.detach().cpu().numpy(), ctx.labels.cpu().numpy(), size=5, alpha=0.85)
     axes.set_xlim(low[0], high[0])
     axes.set_ylim(low[1], high[1])
     axes.set_xlabel("z1")
     axes.set_ylabel("z2")
     axes.set_title("Encoded digits over the pullback volume element")
-    axes.legend(title="digit", loc="upper left", bbox_to_anchor=(1.25, 1.0), markerscale=3, fontsize=8)
-    figure.savefig(path, bbox_inches="tight")
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside right upper", markerscale=3, fontsize=8)
+    return figure
 
 
-def _plot_decoded(ctx, low, high, side: int, path) -> None:
+def _plot_decoded(ctx, low, high, side: int) -> Figure:
     grid = _grid(low, high, side, ctx.device)
     with torch.no_grad():
         pixels = torch.sigmoid(ctx.vae.decoder(grid)).cpu()
@@ -121,13 +111,13 @@ def _plot_decoded(ctx, low, high, side: int, path) -> None:
     # Tile so that the top row of the picture is the largest z2, like the scatter plot.
     tiles = pixels.reshape(side, side, height, height).flip(0)
     mosaic = tiles.permute(0, 2, 1, 3).reshape(side * height, side * height).numpy()
-    figure = Figure(figsize=(6.5, 6.5), dpi=110)
+    figure = Figure(figsize=(6.5, 6.5), layout="constrained")
     axes = figure.add_subplot()
-    axes.imshow(mosaic, cmap="gray_r", extent=(low[0], high[0], low[1], high[1]), aspect="auto")
+    axes.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, extent=(low[0], high[0], low[1], high[1]), aspect="auto")
     axes.set_xlabel("z1")
     axes.set_ylabel("z2")
     axes.set_title("Decoded images across the latent plane")
-    figure.savefig(path, bbox_inches="tight")
+    return figure
 
 
 def _jacfwd_metric(decoder: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, eps: float) -> torch.Tensor:

@@ -56,6 +56,8 @@ def run(ctx) -> str:
         hmc = riemannian_uniform(metric, n_samples, n_chains=n_chains, n_steps=10 if ctx.quick else 50, n_leapfrog=5,
                                  step_size=0.3, init=prior[:n_chains], seed=ctx.seed,
                                  base_log_prob=lambda z: -(z.abs() ** 2).sum(-1), progress=ctx.show_progress)
+        if hmc.interrupted:  # the sampler returns what is done on Ctrl-C; the demo stops there
+            raise KeyboardInterrupt
         weighted = hmc.samples
         prior_shown = prior
 

@@ -28,6 +28,8 @@ def run(ctx) -> str:
         result = riemannian_langevin(ctx.metric, 8 * n_chains, None, n_chains=n_chains, n_steps=n_steps, warmup=warmup,
                                      init=latents, seed=ctx.seed, full_drift=True, progress=ctx.show_progress,
                                      base_log_prob=standard_normal_log_prob)
+        if result.interrupted:  # the sampler returns what is done on Ctrl-C; the demo stops there
+            raise KeyboardInterrupt
     seconds = time.perf_counter() - start
     generator = torch.Generator().manual_seed(ctx.seed)
     prior = torch.randn(n_show, latents.shape[-1], generator=generator).to(latents)

@@ -27,6 +27,8 @@ def run(ctx) -> str:
     with ctx.timed("latent metric: HMC, Riemannian uniform"):
         hmc = riemannian_uniform(metric, n_samples, n_chains=n_samples, n_steps=10 if quick else 100,
                                  n_leapfrog=10, step_size=0.01, seed=ctx.seed, progress=ctx.show_progress)
+        if hmc.interrupted:  # the sampler returns what is done on Ctrl-C; the demo stops there
+            raise KeyboardInterrupt
     prior = torch.randn(n_samples, metric.dim, generator=torch.Generator().manual_seed(ctx.seed)).to(ctx.latents)
 
     # Pairs of typical digits of different classes, joined by the conformal-metric curve and by the straight line.

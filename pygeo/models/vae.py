@@ -115,7 +115,7 @@ def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: in
     """Fit `model` to images [N, D] in [0, 1] with Adam on the negative ELBO; model and images on one device.
 
     optimizer="natural" uses pygeo.optim.NaturalGradient (K-FAC with the Fisher of the decoder's likelihood and the
-    encoder's Gaussian posterior) with learning rate lr (its scale differs from Adam's: e.g. lr=0.05) and
+    encoder's Gaussian posterior) with learning rate lr (its scale differs from Adam's: e.g. lr=0.1) and
     optimizer_options passed on (damping, momentum, curvature_every, ...); for "adam" they go to torch.optim.Adam.
 
     Deterministic for a given seed (the global RNG is left as it was). Ctrl-C stops training cleanly and keeps the model

@@ -25,7 +25,7 @@ and output (only on steps where the factors are due, so other steps cost nothing
 sampled-target loss with respect to those recorded outputs (torch.autograd.grad with retain_graph=True), which gives
 the per-example g without touching .grad and without computing any weight gradient twice:
 
-    optimizer = NaturalGradient(vae, lr=0.05, damping=1e-3)
+    optimizer = NaturalGradient(vae, lr=0.1, damping=1e-2)
     for x in batches:
         optimizer.zero_grad()
         loss = vae.loss(x)
@@ -109,9 +109,9 @@ class NaturalGradient(torch.optim.Optimizer):
             OUTPUT_KINDS, or None (update_curvature then needs an explicit loss).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.05, damping: float = 1e-3, momentum: float = 0.9,
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 0.0, curvature_every: int = 10, factor_decay: float = 0.95,
-                 kl_clip: Optional[float] = 1e-3, outputs: Union[str, Dict[str, str], None] = "auto"):
+                 kl_clip: Optional[float] = 1e-2, outputs: Union[str, Dict[str, str], None] = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         for name, value in (("lr", lr), ("damping", damping)):
@@ -316,6 +316,9 @@ class NaturalGradient(torch.optim.Optimizer):
         examples = sum(a.shape[0] for a, _ in records)  # batch examples (rows / examples = positions per example)
         A = inputs.T @ inputs / inputs.shape[0]
         G = grads.T @ grads / examples
+        if not (_checks.all_finite(A) and _checks.all_finite(G)):
+            raise ValueError(f"the K-FAC factors of {_name_of(self.factored, module)} are not finite (training "
+                             f"diverged?): lower lr or kl_clip, or raise damping")
         state = self.state[module.weight]
         if "factor_A" in state and group["factor_decay"] > 0:
             decay = group["factor_decay"]

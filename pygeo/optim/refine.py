@@ -251,9 +251,9 @@ def _run_adam(objective: _Objective, z: torch.Tensor, losses: torch.Tensor, lr: 
     for step in bar:
         try:
             with torch.enable_grad():
-                optimizer.zero_grad(set_to_none=True)
-                objective.value(point).sum().backward()
-                optimizer.step()
+                # autograd.grad, not backward(): the decoder's parameters must not collect gradients
+                (point.grad,) = torch.autograd.grad(objective.value(point).sum(), point)
+            optimizer.step()
             with torch.no_grad():
                 losses[step + 1] = objective.value(point)
             bar.set_postfix(loss=f"{float(losses[step + 1].mean()):.4g}")

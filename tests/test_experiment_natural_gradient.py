@@ -18,6 +18,7 @@ def tiny(monkeypatch):
     return settings
 
 
+@pytest.mark.slow  # ~10 s, most of it importing scipy and matplotlib and saving the figures
 def test_tiny_run_writes_the_report_and_figures(tmp_path, tiny):
     report = common.run_experiment("natural-gradient", tmp_path / "out", quick=True, progress=False, command="cmd")
     text = report.read_text()

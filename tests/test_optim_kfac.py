@@ -1,6 +1,7 @@
 """pygeo.optim.NaturalGradient (K-FAC): Kronecker factors against their definitions and against a brute-force Fisher
 where K-FAC is exact, the step formula, the VAE training path, determinism, state_dict, fallbacks and errors."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -99,8 +100,9 @@ def test_step_is_the_damped_kronecker_natural_gradient():
     optimizer.step()
     A, G = optimizer.kronecker_factors()[""]
     pi = ((A.trace() / 5) / (G.trace() / 3)).sqrt()
-    expected = before - 0.3 * torch.linalg.solve(G + 0.1 / pi * torch.eye(3, dtype=torch.float64),
-                                                 gradient) @ torch.linalg.inv(A + 0.1 * pi * torch.eye(5, dtype=torch.float64))
+    eye = functools.partial(torch.eye, dtype=torch.float64)
+    inverse_A = torch.linalg.inv(A + 0.1 * pi * eye(5))
+    expected = before - 0.3 * torch.linalg.solve(G + 0.1 / pi * eye(3), gradient) @ inverse_A
     after = torch.cat([layer.weight, layer.bias.unsqueeze(1)], 1).detach()
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-12)
 

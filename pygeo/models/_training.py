@@ -1,4 +1,4 @@
-"""The one training loop of pygeo's models: Adam on model.loss over shuffled mini-batches."""
+"""The one training loop of pygeo's models: Adam (or K-FAC) on model.loss over shuffled mini-batches."""
 from __future__ import annotations
 
 import sys
@@ -11,9 +11,11 @@ from tqdm.auto import tqdm
 
 
 def fit(model: nn.Module, data: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
-        description: str, max_seconds: Optional[float] = None) -> List[float]:
-    """Adam on model.loss(batch) (a mean over the batch) for data [N, ...]; returns the mean loss of each epoch run,
-    an interrupted one included.
+        description: str, max_seconds: Optional[float] = None, optimizer: str = "adam",
+        optimizer_options: Optional[dict] = None) -> List[float]:
+    """Adam (or optimizer="natural": pygeo.optim.NaturalGradient, K-FAC with the model's own likelihoods; options
+    such as damping in optimizer_options) on model.loss(batch) (a mean over the batch) for data [N, ...]; returns the
+    mean loss of each epoch run, an interrupted one included.
 
     Deterministic for a given seed: the batch order comes from its own generator and the model's sampling noise from
     torch's global generator, forked and seeded (the caller's random state is left as it was). Stops after max_seconds
@@ -36,8 +38,16 @@ def fit(model: nn.Module, data: torch.Tensor, epochs: int, batch_size: int, lr: 
     if parameter.dtype != data.dtype:
         raise TypeError(f"model parameters are {parameter.dtype} but the data are {data.dtype}; convert one of them")
 
+    if optimizer not in ("adam", "natural"):
+        raise ValueError(f"optimizer must be 'adam' or 'natural', got {optimizer!r}")
     order_generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    natural = optimizer == "natural"
+    if natural:
+        from ..optim import NaturalGradient
+
+        optimizer = NaturalGradient(model, lr=lr, **(optimizer_options or {}))
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, **(optimizer_options or {}))
     losses: List[float] = []
     start_time = time.perf_counter()
     model.train()
@@ -54,6 +64,8 @@ def fit(model: nn.Module, data: torch.Tensor, epochs: int, batch_size: int, lr: 
                         batch = data[order[begin:begin + batch_size]]
                         loss = model.loss(batch)
                         optimizer.zero_grad(set_to_none=True)
+                        if natural:  # K-FAC's sampled-target backward, on the steps whose factors are due
+                            optimizer.update_curvature()
                         loss.backward()
                         optimizer.step()
                         total += loss.detach() * len(batch)
@@ -73,4 +85,6 @@ def fit(model: nn.Module, data: torch.Tensor, epochs: int, batch_size: int, lr: 
         finally:
             bar.close()
             model.eval()
+            if natural:
+                optimizer.remove_hooks()
     return losses

@@ -2,7 +2,7 @@
 elementwise activations), so that its pullback metric has meaningful curvature and qualifies for the fused MLP path."""
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,13 @@ class VAE(nn.Module):
 
 
 def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3,
-              seed: int = 0, progress: bool = True) -> List[float]:
+              seed: int = 0, progress: bool = True, optimizer: str = "adam",
+              optimizer_options: Optional[dict] = None) -> List[float]:
     """Fit `model` to images [N, D] in [0, 1] with Adam on the negative ELBO; model and images on one device.
+
+    optimizer="natural" uses pygeo.optim.NaturalGradient (K-FAC with the Fisher of the decoder's likelihood and the
+    encoder's Gaussian posterior) with learning rate lr (its scale differs from Adam's: e.g. lr=0.1) and
+    optimizer_options passed on (damping, momentum, curvature_every, ...); for "adam" they go to torch.optim.Adam.
 
     Deterministic for a given seed (the global RNG is left as it was). Ctrl-C stops training cleanly and keeps the model
     as trained so far. Returns the mean loss (negative ELBO, nats per image) of each epoch run, the interrupted one included.
@@ -120,4 +125,5 @@ def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: in
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a pygeo.models.VAE, got {type(model).__name__}")
     model._check_images(images)
-    return fit(model, images, epochs, batch_size, lr, seed, progress, "training VAE")
+    return fit(model, images, epochs, batch_size, lr, seed, progress, "training VAE", optimizer=optimizer,
+               optimizer_options=optimizer_options)

@@ -1,5 +1,5 @@
 """Generative models whose latent spaces pygeo studies."""
 from .complex_vae import ComplexVAE, train_complex_vae
-from .vae import VAE, train_vae
+from .vae import VAE, LinearVAE, train_vae
 
-__all__ = ["VAE", "train_vae", "ComplexVAE", "train_complex_vae"]
+__all__ = ["VAE", "LinearVAE", "train_vae", "ComplexVAE", "train_complex_vae"]

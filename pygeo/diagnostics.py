@@ -309,7 +309,7 @@ def collapse_report(vae, images: torch.Tensor, metric=None, *, threshold: float 
         pullback_metric()). metric: the latent metric whose curvature is measured (default: the decoder's Fisher
         metric vae.pullback_metric(), evaluated on a float64 copy of the model, as pygeo.curvature recommends; a
         metric you pass is used as given, at points of the dtype of the posterior means).
-    Curvature: at n_curvature_points encoder means spread evenly over the images (all of them if fewer), the sectional
+    Curvature (skipped with n_curvature_points=0): at n_curvature_points encoder means spread evenly over the images (all of them if fewer), the sectional
     curvature of every coordinate plane (in 2-D the single plane, whose K is half the scalar curvature) via
     pygeo.curvature; summarised by quantiles over the planes of active units, of collapsed units, and all. A unit the
     decoder ignores entirely makes the metric singular there: the curvature then fails with the error of
@@ -324,7 +324,8 @@ def collapse_report(vae, images: torch.Tensor, metric=None, *, threshold: float 
     _checks.real_tensor("images", images, min_dim=2)
     if images.shape[0] < 2:
         raise ValueError(f"images must hold at least two images, got shape {tuple(images.shape)}")
-    _positive_int("n_curvature_points", n_curvature_points)
+    if isinstance(n_curvature_points, bool) or not isinstance(n_curvature_points, int) or n_curvature_points < 0:
+        raise ValueError(f"n_curvature_points must be an int >= 0 (0 skips the curvature), got {n_curvature_points!r}")
     mu, logvar = vae.encode(images)
     kl = kl_per_dimension(mu, logvar)
     count, activity = active_units(mu, threshold)
@@ -333,6 +334,7 @@ def collapse_report(vae, images: torch.Tensor, metric=None, *, threshold: float 
     balls = posterior_balls(mu, logvar, k=min(k, mu.shape[0] - 1), n_prior=n_prior, seed=seed)
 
     spread = torch.linspace(0, mu.shape[0] - 1, min(n_curvature_points, mu.shape[0])).round().long().unique()
+    # (n_curvature_points = 0: no points, empty curvature tensors, NaN quantiles)
     points = mu[spread.to(mu.device)]
     if metric is None:
         metric = copy.deepcopy(vae).double().pullback_metric()
@@ -340,10 +342,10 @@ def collapse_report(vae, images: torch.Tensor, metric=None, *, threshold: float 
     else:
         at = points
     d = mu.shape[1]
-    if d >= 2:
+    if d >= 2 and len(at):
         planes, sectional, scalar = coordinate_plane_curvatures(metric, at)
         sectional, scalar = sectional.detach(), scalar.detach()
-    else:  # a curve has no intrinsic curvature
+    else:  # no points asked for, or a curve (no intrinsic curvature)
         planes = torch.zeros(0, 2, dtype=torch.long, device=mu.device)
         sectional = at.new_zeros(len(at), 0)
         scalar = at.new_zeros(len(at))

@@ -192,6 +192,10 @@ class LinearVAE(VAE):
         self.hidden = ()
         self.encoder = LinearEncoder(data_dim, latent_dim)
         self.decoder = nn.Sequential(nn.Linear(latent_dim, data_dim))
+        # nn.Linear's default scale 1/sqrt(d) would start W^T W near D / (3 d) (65 for MNIST at d = 4), far above
+        # pPCA's lambda_i - sigma^2 (a few units for MNIST): start each column at about unit norm instead.
+        with torch.no_grad():
+            self.decoder[0].weight.normal_(0.0, data_dim ** -0.5)
 
 
 def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3,

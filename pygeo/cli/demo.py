@@ -30,6 +30,7 @@ SECTIONS = [
     "geodesics",
     "langevin",
     "kahler",
+    "balls",
 ]
 
 DEFAULT_EPOCHS = 20

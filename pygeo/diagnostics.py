@@ -72,7 +72,7 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> Tuple[int, torch.
     threshold = _checks.number("threshold", threshold)
     if not (threshold >= 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    activity = mu.var(0, unbiased=True)
+    activity = mu.var(0, correction=1)
     return int((activity >= threshold).sum()), activity
 
 

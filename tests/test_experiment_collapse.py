@@ -7,22 +7,19 @@ import pytest
 
 from pygeo.cli.experiments import collapse, common
 
-TINY = dataclasses.replace(collapse.QUICK, n_train=200, n_eval=80, sigmas=(0.7, 2.4), latent_dim=2, hidden=(16,),
-                           mlp_epochs=1, linear_epochs=2, linear_batch=100, curvature_points=3)
 
 
-@pytest.mark.slow  # about 10 s, mostly importing scipy and matplotlib and drawing three figures
-def test_tiny_run_writes_report_and_figures(tmp_path, monkeypatch):
-    monkeypatch.setattr(collapse, "QUICK", TINY)
+@pytest.mark.slow  # the real --quick run: about 20 s on 2 cores, most of it importing scipy and drawing figures
+def test_quick_run_writes_report_and_figures(tmp_path):
     report = common.run_experiment("collapse", tmp_path / "out", quick=True, progress=False, command="cmd")
     text = report.read_text()
     for figure in ("active_units_vs_sigma.png", "curvature_vs_kappa_c.png", "kl_per_unit.png"):
         assert (tmp_path / "out" / figure).stat().st_size > 0 and f"]({figure})" in text
     assert "**Conclusion.** The data " in text
     rows = [line for line in text.splitlines() if line.startswith("| linear VAE") or line.startswith("| MLP VAE")]
-    assert len(rows) == 2 * len(TINY.sigmas)
+    assert len(rows) == 2 * len(collapse.QUICK.sigmas)
     # the linear VAE is flat: its median curvature is exactly 0 at every sigma
-    for row in rows[:len(TINY.sigmas)]:
+    for row in rows[:len(collapse.QUICK.sigmas)]:
         assert row.split("|")[8].strip().startswith("0.000")
 
 
@@ -35,7 +32,7 @@ def _run(model, sigma, active, median_curvature):
 
 
 def test_verdict_follows_the_measurements():
-    settings = dataclasses.replace(TINY, sigmas=(0.5, 2.0))  # kappa_c = 2 and 0.125
+    settings = dataclasses.replace(collapse.QUICK, sigmas=(0.5, 2.0), latent_dim=2)  # kappa_c = 2 and 0.125
     predicted = {0.5: 2, 2.0: 0}
     # runs where collapse comes exactly with curvature above kappa_c, and the linear VAE never collapses
     consistent = [_run("linear", 0.5, 2, 0.0), _run("linear", 2.0, 2, 0.0),
@@ -50,6 +47,9 @@ def test_verdict_follows_the_measurements():
     assert "1 of 2 runs collapsed at least one unit with zero curvature" in text
     assert "sigma 2: collapse below kappa_c" in text
     assert "active units equal pPCA's count #(lambda_i > sigma^2) in 2 of 2 runs" in text
+    reading = "\n".join(collapse._reading(contradicting, settings))
+    assert "1 of 2 runs collapsed units (at sigma 2)" in reading
+    assert "no run had both active and collapsed units" in reading  # median_collapsed_curvature is NaN above
 
 
 def test_full_settings_span_the_collapse_range():

@@ -191,10 +191,10 @@ def posterior_balls(mu: torch.Tensor, logvar: torch.Tensor, k: int = 5, n_prior:
 
     Overlap: the Bhattacharyya coefficient (1 = identical, 0 = disjoint) with each of the k balls whose means are
     nearest (Euclidean), averaged. Prior coverage: n_prior draws from N(0, I) (fixed seed; the caller's random state is
-    untouched); a draw is covered when its Mahalanobis distance sqrt(sum_u (z_u - mu_nu)^2 / var_nu) to some ball n is at
-    most coverage_radius. A prior region no ball covers decodes to something the data never produced (the "holes" of
-    the latent space); in high d, where a Gaussian's mass lies near radius sqrt(d), fixed-radius coverage shrinks,
-    so compare it at equal d. Pairwise work in chunks: memory O(chunk x N).
+    untouched); a draw is covered when its Mahalanobis distance sqrt(sum_u (z_u - mu_nu)^2 / var_nu) to some ball n
+    is at most coverage_radius. A prior region no ball covers decodes to something the data never produced (the
+    "holes" of the latent space); in high d, where a Gaussian's mass lies near radius sqrt(d), fixed-radius coverage
+    shrinks, so compare it at equal d. Pairwise work in chunks: memory O(chunk x N).
     """
     _posteriors(mu, logvar)
     N = mu.shape[0]
@@ -309,11 +309,11 @@ def collapse_report(vae, images: torch.Tensor, metric=None, *, threshold: float 
         pullback_metric()). metric: the latent metric whose curvature is measured (default: the decoder's Fisher
         metric vae.pullback_metric(), evaluated on a float64 copy of the model, as pygeo.curvature recommends; a
         metric you pass is used as given, at points of the dtype of the posterior means).
-    Curvature (skipped with n_curvature_points=0): at n_curvature_points encoder means spread evenly over the images (all of them if fewer), the sectional
-    curvature of every coordinate plane (in 2-D the single plane, whose K is half the scalar curvature) via
-    pygeo.curvature; summarised by quantiles over the planes of active units, of collapsed units, and all. A unit the
-    decoder ignores entirely makes the metric singular there: the curvature then fails with the error of
-    pygeo.curvature (pass a metric restricted to the active units).
+    Curvature (skipped with n_curvature_points=0): at n_curvature_points encoder means spread evenly over the images
+    (all of them if fewer), the sectional curvature of every coordinate plane (in 2-D the single plane, whose K is
+    half the scalar curvature) via pygeo.curvature; summarised by quantiles over the planes of active units, of
+    collapsed units, and all. A unit the decoder ignores entirely makes the metric singular there: the curvature then
+    fails with the error of pygeo.curvature (pass a metric restricted to the active units).
     kappa_c = 1 / (2 sigma^2) where the likelihood has a sigma (the critical curvature of the claim "collapse happens
     exactly when the sectional curvature exceeds kappa_c").
     """

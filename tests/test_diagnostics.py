@@ -193,3 +193,16 @@ def test_collapse_report_of_a_linear_vae_is_flat_and_bernoulli_has_no_kappa_c():
     assert bernoulli.kappa_c is None and bernoulli.share_above_kappa_c is None
     # in 2-D the one coordinate plane's sectional curvature is the Gaussian curvature, half the scalar curvature
     torch.testing.assert_close(bernoulli.sectional[:, 0], bernoulli.scalar / 2)
+
+
+def test_collapse_report_without_curvature_and_in_one_dimension():
+    torch.manual_seed(2)
+    vae = VAE(data_dim=8, latent_dim=3, hidden=(5,), likelihood="gaussian", sigma=1.0)
+    report = diagnostics.collapse_report(vae, torch.randn(20, 8), n_curvature_points=0, n_prior=50)
+    assert report.sectional.numel() == 0 and all(math.isnan(v) for v in report.sectional_quantiles["all"].values())
+    assert report.active_units + int((~report.active).sum()) == 3
+    line = diagnostics.collapse_report(VAE(data_dim=8, latent_dim=1, hidden=(5,)), torch.rand(20, 8),
+                                       n_curvature_points=3, n_prior=50)
+    assert line.planes.shape == (0, 2) and line.scalar.shape == (3,) and float(line.scalar.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="n_curvature_points must be an int >= 0"):
+        diagnostics.collapse_report(vae, torch.randn(20, 8), n_curvature_points=-1)

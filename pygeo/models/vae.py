@@ -1,6 +1,6 @@
 """VAEs for flat images: a small MLP VAE with a smooth decoder (an nn.Sequential of nn.Linear and elementwise
-activations, so that its pullback metric has meaningful curvature and qualifies for the fused MLP path), with a Bernoulli
-likelihood (the default) or a Gaussian one of fixed sigma, and the linear VAE whose optimum is probabilistic PCA."""
+activations, so that its pullback metric has meaningful curvature and qualifies for the fused MLP path), with a
+Bernoulli likelihood (the default) or a Gaussian one of fixed sigma, and the linear VAE whose optimum is probabilistic PCA."""
 from __future__ import annotations
 
 import math
@@ -174,8 +174,8 @@ class LinearEncoder(nn.Module):
 class LinearVAE(VAE):
     """The linear VAE: linear encoder means, per-dimension learned posterior log-variances, linear decoder
     z -> W z + b, Gaussian likelihood of fixed sigma. Its global optimum is probabilistic PCA (Lucas et al. 2019):
-    the latent directions whose data-covariance eigenvalue is at most sigma^2 collapse (W's column 0, posterior = prior),
-    while its pullback metric W^T W / sigma^2 is constant, so the latent space is flat. The control of the collapse
+    the latent directions whose data-covariance eigenvalue is at most sigma^2 collapse (W's column 0, posterior =
+    prior), while its pullback metric W^T W / sigma^2 is constant, so the latent space is flat. The control of the collapse
     experiment.
 
     Args:

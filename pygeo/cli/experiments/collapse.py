@@ -250,7 +250,8 @@ def _figure_kl_heatmap(ctx, runs, settings, predicted) -> str:
     return ctx.save_figure(figure, "kl_per_unit.png")
 
 
-def _verdict(runs: Sequence[Run], settings: Settings, predicted: Dict[float, int]) -> Tuple[str, Dict[str, Tuple[int, int]]]:
+def _verdict(runs: Sequence[Run], settings: Settings,
+             predicted: Dict[float, int]) -> Tuple[str, Dict[str, Tuple[int, int]]]:
     """The conclusion, computed from the runs: per model, in how many (sigma, seed) runs the claim's prediction
     (some unit collapsed <=> the median sectional curvature exceeds kappa_c) held."""
     d = settings.latent_dim
@@ -286,7 +287,8 @@ def _verdict(runs: Sequence[Run], settings: Settings, predicted: Dict[float, int
             f"exactly when the sectional curvature exceeds kappa_c = 1/(2 sigma^2). Linear VAE (flat: largest "
             f"|K| measured {linear_flat:.1e}): {len(linear_collapsed)} of {len(linear)} runs collapsed at least one "
             f"unit with zero curvature (the claim's prediction held in {lin_agree} of {lin_total} runs), and its "
-            f"active units equal pPCA's count #(lambda_i > sigma^2) in {linear_ppca} of {len(linear)} runs. MLP VAE: the prediction (some unit "
+            f"active units equal pPCA's count #(lambda_i > sigma^2) in {linear_ppca} of {len(linear)} runs. "
+            f"MLP VAE: the prediction (some unit "
             f"collapsed <=> median K over points and coordinate planes > kappa_c) held in {mlp_agree} of {mlp_total} "
             f"runs" + (f"; it failed at {'; '.join(mlp_mismatch)}." if mlp_mismatch else ".")
             + (f" In the {len(partial)} MLP runs with some but not all units collapsed, the median K over planes of "
@@ -381,8 +383,9 @@ def _report(runs, settings, predicted, eigenvalues, figures, train_source, eval_
         "",
         "## Results (mean ± 95 % Student-t interval over seeds)",
         "",
-        "| model | sigma | kappa_c | pPCA survivors | active units | total KL (nats) | MI (nats) | median K, all planes "
-        "| median K, active planes | share of K > kappa_c | prior coverage | test ELBO (nats) | pPCA gap of W^T W |",
+        "| model | sigma | kappa_c | pPCA survivors | active units | total KL (nats) | MI (nats) "
+        "| median K, all planes | median K, active planes | share of K > kappa_c | prior coverage | test ELBO (nats) "
+        "| pPCA gap of W^T W |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model in MODELS:
@@ -396,8 +399,8 @@ def _report(runs, settings, predicted, eigenvalues, figures, train_source, eval_
             lines.append(
                 f"| {MODEL_NAMES[model]} | {sigma:g} | {_kappa_c(sigma):.3g} | {predicted[sigma]} | "
                 f"{column('active_units', 1)} | {column('total_kl')} | {column('mutual_information')} | "
-                f"{_cell([r.median_curvature for r in chosen], 3)} | {_cell([r.median_active_curvature for r in chosen], 3)}"
-                f" | {column('share_above')} | {column('prior_coverage')} | {column('elbo', 1)} | {gap} |")
+                f"{column('median_curvature', 3)} | {column('median_active_curvature', 3)} | "
+                f"{column('share_above')} | {column('prior_coverage')} | {column('elbo', 1)} | {gap} |")
     lines += [
         "",
         "pPCA gap of W^T W: the largest |eigenvalue of the learned W^T W - (lambda_i - sigma^2)_+|, how far the linear "

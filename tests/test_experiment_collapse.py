@@ -28,7 +28,8 @@ def _run(model, sigma, active, median_curvature):
                         mutual_information=0.0, elbo=0.0, median_curvature=median_curvature,
                         median_active_curvature=median_curvature, median_collapsed_curvature=math.nan,
                         quantiles={q: median_curvature for q in (0.05, 0.25, 0.5, 0.75, 0.95)}, share_above=0.0,
-                        max_abs_curvature=abs(median_curvature), prior_coverage=0.0, decoder_gram_error=0.0)
+                        max_abs_curvature=abs(median_curvature), prior_coverage=0.0, metric_scale=1.0,
+                        decoder_gram_error=0.0)
 
 
 def test_verdict_follows_the_measurements():

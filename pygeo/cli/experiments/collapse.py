@@ -73,6 +73,7 @@ class Run:
     share_above: float  # of (point, plane) sectional curvatures above kappa_c
     max_abs_curvature: float
     prior_coverage: float
+    metric_scale: float  # median over the curvature points of tr G / d, the Fisher metric's size
     decoder_gram_error: float  # linear only: max |eig(W^T W) - (lambda - sigma^2)_+| (NaN for the MLP)
 
 
@@ -130,7 +131,18 @@ def _train_and_measure(model: str, sigma: float, seed: int, settings: Settings, 
                median_collapsed_curvature=report.sectional_quantiles["collapsed"][0.5],
                quantiles=report.sectional_quantiles["all"], share_above=report.share_above_kappa_c["all"],
                max_abs_curvature=float(values.abs().max()) if values.numel() else math.nan,
-               prior_coverage=report.balls.prior_coverage, decoder_gram_error=gram_error)
+               prior_coverage=report.balls.prior_coverage, metric_scale=_metric_scale(vae, report.curvature_points),
+               decoder_gram_error=gram_error)
+
+
+def _metric_scale(vae, points: torch.Tensor) -> float:
+    """Median over the points of tr G / d for the decoder's Fisher metric G: how strongly the decoded distribution
+    moves per unit step in z (a decoder that ignores z has G = 0)."""
+    if len(points) == 0:
+        return math.nan
+    with torch.no_grad():
+        G = vae.pullback_metric().metric(points)
+    return float((G.diagonal(dim1=-2, dim2=-1).mean(-1)).median())
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -310,19 +322,30 @@ def _reading(runs: Sequence[Run], settings: Settings) -> List[str]:
     else:
         first = (f"- The linear control (largest |K| {largest:.1e}) collapsed no unit in these runs, so it does not "
                  "contradict the claim here.")
-    mlp = [r for r in runs if r.model == "mlp" and not math.isnan(r.median_active_curvature)
-           and not math.isnan(r.median_collapsed_curvature)]
-    if mlp:
-        active = float(np.median([r.median_active_curvature for r in mlp]))
-        with_collapsed = float(np.median([r.median_collapsed_curvature for r in mlp]))
-        second = (f"- MLP VAE, over the {len(mlp)} runs with both kinds of plane: median K {with_collapsed:.3g} on "
-                  f"planes with a collapsed unit against {active:.3g} on planes of two active units. Large K on "
-                  "collapsed planes is what collapse itself produces: a unit the decoder barely uses has a tiny "
-                  "G_uu, and a plane's sectional curvature is divided by its area in the metric (scaling a map by e "
-                  "multiplies K by 1/e^2), so it is an effect of collapse, not evidence that curvature causes it.")
+    mlp = [r for r in runs if r.model == "mlp"]
+    partial = [r for r in mlp if not math.isnan(r.median_active_curvature)
+               and not math.isnan(r.median_collapsed_curvature)]
+    if partial:
+        second = (f"- MLP VAE, the {len(partial)} runs with both active and collapsed units: median K "
+                  f"{float(np.median([r.median_collapsed_curvature for r in partial])):.3g} on planes with a "
+                  f"collapsed unit against {float(np.median([r.median_active_curvature for r in partial])):.3g} on "
+                  "planes of two active units (medians over runs).")
     else:
         second = ("- MLP VAE: no run had both active and collapsed units, so curvature on collapsed and active "
                   "planes cannot be compared within a model here.")
+    full = [r for r in mlp if r.active_units == 0 and not math.isnan(r.median_curvature)]
+    alive = [r for r in mlp if r.active_units == d and not math.isnan(r.metric_scale)]
+    if full:
+        above = sum(r.median_curvature > _kappa_c(r.sigma) for r in full)
+        second += (f" In the {len(full)} runs with every unit collapsed, the median K exceeded kappa_c in {above} "
+                   f"(median over these runs {float(np.median([r.median_curvature for r in full])):.3g}) and the "
+                   f"metric's size median tr G / d is {float(np.median([r.metric_scale for r in full])):.2g}"
+                   + (f" (against {float(np.median([r.metric_scale for r in alive])):.2g} in runs with every unit "
+                      "active)" if alive else "") + ".")
+        if above:
+            second += (" Sectional curvature scales inversely with the metric (G -> c G gives K -> K / c), so a "
+                       "decoder that barely depends on z shows large K: there, large curvature can be a consequence "
+                       "of collapse, which these runs cannot tell apart from a cause.")
     return [first, second]
 
 
@@ -384,9 +407,9 @@ def _report(runs, settings, predicted, eigenvalues, figures, train_source, eval_
         "## Results (mean ± 95 % Student-t interval over seeds)",
         "",
         "| model | sigma | kappa_c | pPCA survivors | active units | total KL (nats) | MI (nats) "
-        "| median K, all planes | median K, active planes | share of K > kappa_c | prior coverage | test ELBO (nats) "
-        "| pPCA gap of W^T W |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| median K, all planes | median K, active planes | share of K > kappa_c | median tr G / d | prior coverage "
+        "| test ELBO (nats) | pPCA gap of W^T W |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model in MODELS:
         for sigma in settings.sigmas:
@@ -400,10 +423,13 @@ def _report(runs, settings, predicted, eigenvalues, figures, train_source, eval_
                 f"| {MODEL_NAMES[model]} | {sigma:g} | {_kappa_c(sigma):.3g} | {predicted[sigma]} | "
                 f"{column('active_units', 1)} | {column('total_kl')} | {column('mutual_information')} | "
                 f"{column('median_curvature', 3)} | {column('median_active_curvature', 3)} | "
-                f"{column('share_above')} | {column('prior_coverage')} | {column('elbo', 1)} | {gap} |")
+                f"{column('share_above')} | {_cell([r.metric_scale for r in chosen], 3)} | "
+                f"{column('prior_coverage')} | {column('elbo', 1)} | {gap} |")
     lines += [
         "",
-        "pPCA gap of W^T W: the largest |eigenvalue of the learned W^T W - (lambda_i - sigma^2)_+|, how far the linear "
+        "median tr G / d: the size of the decoder's Fisher metric at the curvature points (how far the decoded "
+        "distribution moves per unit step in z). pPCA gap of W^T W: the largest |eigenvalue of the learned W^T W - "
+        "(lambda_i - sigma^2)_+|, how far the linear "
         "VAE is from pPCA's optimum (near-threshold eigenvalues converge slowly, so counts near lambda_i = sigma^2 can "
         "lag the prediction). n/a: no values (e.g. no plane of two active units).",
         "",

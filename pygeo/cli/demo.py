@@ -32,6 +32,7 @@ SECTIONS = [
     "geodesics",
     "langevin",
     "kahler",
+    "balls",
 ]
 
 DEFAULT_EPOCHS = 20

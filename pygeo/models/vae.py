@@ -1,7 +1,9 @@
-"""A small Bernoulli VAE for flat images in [0, 1], with a smooth MLP decoder (an nn.Sequential of nn.Linear and
-elementwise activations), so that its pullback metric has meaningful curvature and qualifies for the fused MLP path."""
+"""VAEs for flat images: a small MLP VAE with a smooth decoder (an nn.Sequential of nn.Linear and elementwise
+activations, so that its pullback metric has meaningful curvature and qualifies for the fused MLP path), with a
+Bernoulli likelihood (the default) or a Gaussian one of fixed sigma, and the linear VAE whose optimum is probabilistic PCA."""
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +15,7 @@ from ._training import fit
 
 # Smooth activations only: ReLU decoders have zero second derivative almost everywhere (no curvature, MATH.md §1).
 ACTIVATIONS = {"softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 def _activation_factory(activation: Union[str, Callable[[], nn.Module]]) -> Callable[[], nn.Module]:
@@ -51,7 +54,7 @@ class Encoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Gaussian encoder, Bernoulli decoder, standard normal prior.
+    """Gaussian encoder, standard normal prior, and a Bernoulli (default) or fixed-sigma Gaussian decoder.
 
     Args:
         data_dim: D, pixels per image (784 for MNIST).
@@ -59,60 +62,147 @@ class VAE(nn.Module):
         hidden: encoder hidden widths, data side first; the decoder mirrors them (e.g. (256, 64): 784-256-64-d encoder,
             d-64-256-784 decoder).
         activation: "softplus", "elu", "silu", "tanh" or a callable returning a fresh nn.Module per layer.
+        likelihood: "bernoulli" (the decoder returns logits; images in [0, 1]) or "gaussian" (the decoder returns the
+            mean of N(mean, sigma^2 I); any real images).
+        sigma: the fixed standard deviation of the gaussian likelihood (a positive number; required there, refused
+            with "bernoulli"). Large sigma weakens the likelihood against the KL term: the paper's collapse setting.
     Attributes:
         encoder: x [..., D] -> (mu, logvar) [..., d] each.
-        decoder: nn.Sequential of nn.Linear and activations, z [..., d] -> Bernoulli logits [..., D].
+        decoder: nn.Sequential of nn.Linear and activations, z [..., d] -> logits or means [..., D].
+        likelihood, sigma: as given (sigma None for "bernoulli").
     """
 
     def __init__(self, data_dim: int = 784, latent_dim: int = 2, hidden: Sequence[int] = (256, 64),
-                 activation: Union[str, Callable[[], nn.Module]] = "softplus"):
+                 activation: Union[str, Callable[[], nn.Module]] = "softplus", likelihood: str = "bernoulli",
+                 sigma: Optional[float] = None):
         super().__init__()
-        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self._set_sizes_and_likelihood(data_dim, latent_dim, likelihood, sigma)
         hidden = tuple(hidden)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
         make_activation = _activation_factory(activation)
-        self.data_dim, self.latent_dim, self.hidden = data_dim, latent_dim, hidden
+        self.hidden = hidden
         self.encoder = Encoder(data_dim, latent_dim, hidden, make_activation)
         self.decoder = _mlp([latent_dim, *reversed(hidden), data_dim], make_activation, final_activation=False)
 
+    def _set_sizes_and_likelihood(self, data_dim: int, latent_dim: int, likelihood: str, sigma) -> None:
+        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "gaussian":
+            if sigma is None:
+                raise ValueError("likelihood='gaussian' needs sigma, the fixed standard deviation of the decoder")
+            sigma = _checks.number("sigma", sigma)
+            if not (sigma > 0 and math.isfinite(sigma)):
+                raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        elif sigma is not None:
+            raise ValueError(f"sigma is only used by likelihood='gaussian', got sigma={sigma!r} with {likelihood!r}")
+        self.data_dim, self.latent_dim, self.likelihood, self.sigma = data_dim, latent_dim, likelihood, sigma
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (logits [N, D] decoded from one reparameterised sample, mu [N, d], logvar [N, d])."""
+        """x [N, D] -> (decoder output [N, D] (logits or means) from one reparameterised sample, mu [N, d],
+        logvar [N, d])."""
         mu, logvar = self.encoder(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return self.decoder(z), mu, logvar
 
+    def log_likelihood(self, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) [N] (nats) of images x [N, D] given the decoder output [N, D] at z."""
+        if self.likelihood == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(decoded, x, reduction="none").sum(-1)
+        # N(x; mean, sigma^2 I), constants included so that ELBOs compare across sigma
+        squared = (x - decoded).square().sum(-1)
+        return -0.5 * squared / self.sigma ** 2 - self.data_dim * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
-        """Single-sample ELBO per image [N] (nats) for x [N, D] in [0, 1]; KL to N(0, I) in closed form."""
+        """Single-sample ELBO per image [N] (nats) for x [N, D] (in [0, 1] for Bernoulli); KL to N(0, I) in closed
+        form."""
         self._check_images(x)
-        logits, mu, logvar = self(x)
-        log_likelihood = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        decoded, mu, logvar = self(x)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1)
-        return log_likelihood - kl
+        return self.log_likelihood(x, decoded) - kl
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO averaged over the batch (scalar) for x [N, D] in [0, 1]."""
+        """Negative ELBO averaged over the batch (scalar) for x [N, D]."""
         return -self.elbo(x).mean()
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters (mu [N, d], logvar [N, d]) for x [N, D], in batches, without gradients."""
+        self._check_images(x, check_range=False)
+        parts = [self.encoder(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
+        if not parts:
+            empty = x.new_zeros(0, self.latent_dim)
+            return empty, empty.clone()
+        return torch.cat([mu for mu, _ in parts]), torch.cat([logvar for _, logvar in parts])
 
     @torch.no_grad()
     def encode_means(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """Posterior means mu [N, d] for x [N, D], in batches, without gradients."""
-        self._check_images(x, check_range=False)
-        return torch.cat([self.encoder(x[start:start + batch_size])[0] for start in range(0, len(x), batch_size)])
+        return self.encode(x, batch_size)[0]
+
+    def pullback_metric(self, **options):
+        """The decoder's Fisher metric as a pygeo.PullbackMetric: likelihood "bernoulli" on the logits, or
+        "gaussian" with this model's sigma (G = J^T J / sigma^2). options go to PullbackMetric (eps, backend)."""
+        from ..metrics import PullbackMetric
+
+        return PullbackMetric(self.decoder, likelihood=self.likelihood, sigma=self.sigma, **options)
 
     def _check_images(self, x: torch.Tensor, check_range: bool = True) -> None:
         _checks.real_tensor("x", x, min_dim=2)
         _checks.last_dims("x", x, (self.data_dim,), "[N, data_dim]")
-        if check_range and x.numel() and (x.min() < 0 or x.max() > 1):
+        if check_range and self.likelihood == "bernoulli" and x.numel() and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"x must hold Bernoulli targets in [0, 1], got values in [{float(x.min())}, {float(x.max())}]")
+
+
+class LinearEncoder(nn.Module):
+    """x [..., D] -> (mu = W x + b [..., d], logvar [..., d]): linear posterior means and one learned log-variance per
+    latent dimension, shared by every input (the linear VAE of Lucas et al. 2019)."""
+
+    def __init__(self, data_dim: int, latent_dim: int):
+        super().__init__()
+        self.mean = nn.Linear(data_dim, latent_dim)
+        self.log_variance = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        mu = self.mean(x)
+        return mu, self.log_variance.expand_as(mu)
+
+
+class LinearVAE(VAE):
+    """The linear VAE: linear encoder means, per-dimension learned posterior log-variances, linear decoder
+    z -> W z + b, Gaussian likelihood of fixed sigma. Its global optimum is probabilistic PCA (Lucas et al. 2019):
+    the latent directions whose data-covariance eigenvalue is at most sigma^2 collapse (W's column 0, posterior =
+    prior), while its pullback metric W^T W / sigma^2 is constant, so the latent space is flat. The control of the collapse
+    experiment.
+
+    Args:
+        data_dim: D; latent_dim: d; sigma: the decoder's fixed standard deviation (positive).
+    Attributes:
+        encoder: LinearEncoder, x [..., D] -> (mu, logvar) [..., d]; decoder: nn.Sequential(nn.Linear(d, D)).
+    Trained by pygeo.models.train_vae like any VAE (same loss: the negative ELBO).
+    """
+
+    def __init__(self, data_dim: int, latent_dim: int, sigma: float):
+        # Not VAE.__init__: that builds MLPs; everything else (ELBO, loss, encode, checks, metric) is shared.
+        nn.Module.__init__(self)
+        self._set_sizes_and_likelihood(data_dim, latent_dim, "gaussian", sigma)
+        self.hidden = ()
+        self.encoder = LinearEncoder(data_dim, latent_dim)
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, data_dim))
+        # nn.Linear's default scale 1/sqrt(d) would start W^T W near D / (3 d) (65 for MNIST at d = 4), far above
+        # pPCA's lambda_i - sigma^2 (a few units for MNIST): start each column at about unit norm instead.
+        with torch.no_grad():
+            self.decoder[0].weight.normal_(0.0, data_dim ** -0.5)
 
 
 def train_vae(model: VAE, images: torch.Tensor, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3,
               seed: int = 0, progress: bool = True, optimizer: str = "adam",
               optimizer_options: Optional[dict] = None) -> List[float]:
-    """Fit `model` to images [N, D] in [0, 1] with Adam on the negative ELBO; model and images on one device.
+    """Fit `model` (a VAE or LinearVAE) to images [N, D] (in [0, 1] for a Bernoulli likelihood) on the negative ELBO, with
+    Adam by default; model and images on one device.
 
     optimizer="natural" uses pygeo.optim.NaturalGradient (K-FAC with the Fisher of the decoder's likelihood and the
     encoder's Gaussian posterior) with learning rate lr (its scale differs from Adam's: e.g. lr=0.1) and

@@ -14,4 +14,5 @@ from __future__ import annotations
 # Command-line name -> module under pygeo/cli/experiments/ (imported only when that experiment runs).
 EXPERIMENTS = {
     "natural-gradient": "natural_gradient",
+    "collapse": "collapse",
 }

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure  # object-oriented matplotlib: renders with Agg, no pyplot global state
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, Ellipse, Patch
@@ -39,11 +37,12 @@ def run(ctx: "context.DemoContext") -> str:
                                 for chunk in ctx.progress(grid.split(_CHUNK), desc="log volume")])
     log_volume = log_volume.reshape(resolution, resolution).cpu().numpy()
 
-    ellipses_figure = "balls_ellipses.png"
-    _plot_ellipses(shown_mu, shown_std, ctx.labels[shown].cpu().numpy(), log_volume, low, high,
-                   ctx.out_dir / ellipses_figure)
-    overlap_figure = "balls_overlap_coverage.png"
-    _plot_overlap_and_coverage(balls, mu.cpu().double().numpy(), ctx.out_dir / overlap_figure)
+    ellipses_figure = ctx.save_figure(_plot_ellipses(shown_mu, shown_std, ctx.labels[shown].cpu().numpy(), log_volume,
+                                                     low, high), "balls_ellipses.png",
+                                      "2-sigma posterior ellipses over the volume element")
+    overlap_figure = ctx.save_figure(_plot_overlap_and_coverage(balls, mu.cpu().double().numpy()),
+                                     "balls_overlap_coverage.png",
+                                     "overlap with the nearest balls and coverage of the prior")
 
     radius, overlap = balls.radius.cpu(), balls.overlap.cpu()
     median_overlap = float(overlap.median())
@@ -53,9 +52,9 @@ def run(ctx: "context.DemoContext") -> str:
         f"{len(shown)} digits is drawn as its 2-sigma posterior ellipse (the region within Mahalanobis distance 2 of "
         "its mean), coloured by class, over the decoder's log volume element.",
         "",
-        f"![2-sigma posterior ellipses over the volume element]({ellipses_figure})",
+        ellipses_figure,
         "",
-        f"![overlap with the nearest balls and coverage of the prior]({overlap_figure})",
+        overlap_figure,
         "",
         f"Over all {len(mu)} digits: median ball radius (geometric-mean sigma) {float(radius.median()):.3f}, median "
         f"overlap (Bhattacharyya coefficient, averaged over the {balls.neighbours.shape[1]} nearest balls) "
@@ -93,24 +92,13 @@ def _box(means: np.ndarray, stds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return low - pad, high + pad
 
 
-def _log_volume_colormap() -> ListedColormap:
-    # The light greys of the pullback section's volume map, so that the class colours on top stay readable.
-    return ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.0, 0.6, 256)))
-
-
-def _palette():
-    palette = list(matplotlib.colormaps["tab10"].colors)
-    palette[7] = (0.0, 0.0, 0.0)  # tab10's grey would vanish into the grey heat map
-    return palette
-
-
-def _plot_ellipses(means, stds, labels, log_volume, low, high, path) -> None:
+def _plot_ellipses(means, stds, labels, log_volume, low, high) -> Figure:
     figure = Figure(figsize=(7.8, 6.4), dpi=110)
     axes = figure.add_subplot()
     heat = axes.imshow(log_volume, origin="lower", extent=(low[0], high[0], low[1], high[1]), aspect="auto",
-                       cmap=_log_volume_colormap())
-    figure.colorbar(heat, ax=axes, label="log sqrt(det G)  (log volume element)")
-    palette = _palette()
+                       cmap=context.log_volume_colormap())
+    figure.colorbar(heat, ax=axes, label=context.LOG_VOLUME_LABEL)
+    palette = context.class_palette()
     for (x, y), (sx, sy), label in zip(means, stds, labels):
         colour = palette[int(label) % 10]
         axes.add_patch(Ellipse((x, y), 4 * sx, 4 * sy, facecolor=(*colour[:3], 0.12), edgecolor=colour,
@@ -125,10 +113,10 @@ def _plot_ellipses(means, stds, labels, log_volume, low, high, path) -> None:
     axes.set_ylabel("z2")
     axes.set_title(f"2-sigma posterior ellipses of {len(means)} digits over the volume element")
     axes.legend(handles=handles, title="posterior balls", loc="upper left", bbox_to_anchor=(1.28, 1.0), fontsize=8)
-    figure.savefig(path, bbox_inches="tight")
+    return figure
 
 
-def _plot_overlap_and_coverage(balls: "diagnostics.PosteriorBalls", means: np.ndarray, path) -> None:
+def _plot_overlap_and_coverage(balls: "diagnostics.PosteriorBalls", means: np.ndarray) -> Figure:
     figure = Figure(figsize=(11.5, 4.8), dpi=110)
     histogram_axes, coverage_axes = figure.subplots(1, 2)
     k = balls.neighbours.shape[1]
@@ -151,4 +139,4 @@ def _plot_overlap_and_coverage(balls: "diagnostics.PosteriorBalls", means: np.nd
     coverage_axes.set_ylabel("z2")
     coverage_axes.set_title(f"Prior coverage: {100 * balls.prior_coverage:.0f} % of N(0, I) draws")
     coverage_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.savefig(path, bbox_inches="tight")
+    return figure

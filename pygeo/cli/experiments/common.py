@@ -149,7 +149,7 @@ def run_experiment(name: str, out_dir: Union[str, os.PathLike], data_dir: Union[
         header += [f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Machine: {machine_description()}",
                    f"- Command: `{command}`", f"- Seeds: {len(ctx.seeds)} ({', '.join(map(str, ctx.seeds))})",
                    f"- Wall time: {seconds:.0f} s", ""]
-        (staging / "report.md").write_text("\n".join(header) + body.strip() + "\n")
+        (staging / "report.md").write_text("\n".join(header) + "\n" + body.strip() + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

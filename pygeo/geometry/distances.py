@@ -194,22 +194,23 @@ def _solve(metric, curves: torch.Tensor, max_iter: int, tol: float):
 
 
 def _flat_jet(metric, points: torch.Tensor):
-    """phi [A, T, D] and its Jacobian J [A, T, D, d] at points [A, T, d], in one batched pass over [A x T, d]: for a
+    """phi [A, T, D] and its Jacobian, tangent-major, Jt [A, T, d, D] (Jt[..., i, :] = d phi / d z_i) at points
+    [A, T, d], in one batched pass over [A x T, d]: for a
     PullbackMetric of an MLP decoder the d tangents ride through the layers as extra GEMM rows (_mlp_flat_jet), else
     d forward-mode tangents through metric.flat_coordinates (vmapped where the decoder allows it)."""
     A, T, d = points.shape
     flat = points.reshape(A * T, d)
     fused = _mlp_flat_jet(metric, flat)
     if fused is not None:
-        phi, J = fused
-        return phi.reshape(A, T, -1), J.reshape(A, T, -1, d)
+        phi, Jt = fused
+        return phi.reshape(A, T, -1), Jt.reshape(A, T, d, -1)
     basis = torch.eye(d, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(d, A * T, d)
     phi, columns = _over_tangents(lambda tangent: torch.func.jvp(metric.flat_coordinates, (flat,), (tangent,)), basis)
-    return phi.reshape(A, T, -1), columns.permute(1, 2, 0).reshape(A, T, -1, d)
+    return phi.reshape(A, T, -1), columns.transpose(0, 1).reshape(A, T, d, -1)
 
 
 def _mlp_flat_jet(metric, flat: torch.Tensor):
-    """(phi [B, D], J_phi [B, D, d]) for a PullbackMetric whose decoder is an MLP with a linear output layer and a
+    """(phi [B, D], J_phi^T [B, d, D]) for a PullbackMetric whose decoder is an MLP with a linear output layer and a
     diagonal Fisher weight w (euclidean, fixed-sigma gaussian, bernoulli), else None. The basis tangents go through
     the hidden layers as rows of the same GEMMs as the points (as in PullbackMetric._fused_geodesic_acceleration),
     J_out = rows W_L^T, and J_phi = sqrt(w) J_out since d phi / d out = sqrt(w) elementwise (MATH.md section 1)."""
@@ -220,8 +221,6 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
     mlp = metric._fused_mlp(flat)
     if mlp is None or mlp.activation_modules[-1] is not None:
         return None
-    from ..metrics.pullback import _elementwise_jet
-
     B, d = flat.shape
     a = flat
     rows = torch.eye(d, dtype=flat.dtype, device=flat.device).expand(B, d, d)  # [B, d, width]: d a / d z as rows
@@ -231,16 +230,18 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
         if activation is None:
             a = h
             continue
-        a, slope, _ = _elementwise_jet(activation, h)
+        # (s(h), s'(h)) by one forward-mode pass with a unit tangent (exact for the module as configured); the
+        # module gets a copy of h so that in-place activations mutate nothing.
+        a, slope = torch.func.jvp(lambda x: activation(x.clone()), (h,), (torch.ones_like(h),))
         rows = slope.unsqueeze(1) * rows
     last = mlp.linears[-1]
     output = last(a)
     metric._check_rows(output)
-    J = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features).transpose(1, 2)
+    Jt = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)
     weight = metric._weight(output)
     if weight is not None:
-        J = J * weight.sqrt().unsqueeze(-1)
-    return _output_flat_coordinates(metric)(output), J
+        Jt = Jt * weight.sqrt().unsqueeze(1)
+    return _output_flat_coordinates(metric)(output), Jt
 
 
 def _output_flat_coordinates(metric):
@@ -251,21 +252,25 @@ def _output_flat_coordinates(metric):
     return on_outputs.flat_coordinates
 
 
-def _gauss_newton_system(phi: torch.Tensor, J: torch.Tensor):
+def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):
     """Energy E [A], gradient g [A, n] and Gauss-Newton matrix H [A, n, n] (n = (T-2) d, interior nodes only) of
-    E = (T-1) sum_t |phi_{t+1} - phi_t|^2: with r_t = phi_{t+1} - phi_t, dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t),
-    H has diagonal blocks 4 (T-1) J_t^T J_t and off-diagonal blocks -2 (T-1) J_t^T J_{t+1} (block tridiagonal)."""
-    A, T, _, d = J.shape
+    E = (T-1) sum_t |phi_{t+1} - phi_t|^2 from phi [A, T, D] and Jt [A, T, d, D]: with r_t = phi_{t+1} - phi_t,
+    dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t), and H has diagonal blocks 4 (T-1) J_t^T J_t and off-diagonal blocks
+    -2 (T-1) J_t^T J_{t+1} (block tridiagonal). The contractions over D are batched matrix products."""
+    A, T, d, D = Jt.shape
     scale = T - 1
     r = phi[:, 1:] - phi[:, :-1]  # [A, T-1, D]
     energy = scale * r.pow(2).sum((-1, -2))
-    Ji = J[:, 1:-1]  # interior Jacobians [A, T-2, D, d]
-    gradient = 2 * scale * torch.einsum("atki,atk->ati", Ji, r[:, :-1] - r[:, 1:]).reshape(A, -1)
-    diagonal = 4 * scale * torch.einsum("atki,atkj->atij", Ji, Ji)  # [A, T-2, d, d]
-    off = -2 * scale * torch.einsum("atki,atkj->atij", Ji[:, :-1], Ji[:, 1:])  # block (t, t+1)
+    Ji = Jt[:, 1:-1].reshape(-1, d, D)  # interior nodes [A (T-2), d, D]
+    bend = (r[:, :-1] - r[:, 1:]).reshape(-1, D, 1)
+    gradient = (2 * scale) * torch.bmm(Ji, bend).reshape(A, -1)
+    diagonal = (4 * scale) * torch.bmm(Ji, Ji.transpose(1, 2)).reshape(A, T - 2, d, d)
+    pairs = Jt[:, 1:-1]
+    off = (-2 * scale) * torch.bmm(pairs[:, :-1].reshape(-1, d, D),
+                                   pairs[:, 1:].reshape(-1, d, D).transpose(1, 2)).reshape(A, T - 3, d, d)
     m = T - 2
-    H = J.new_zeros(A, m, d, m, d)
-    index = torch.arange(m, device=J.device)
+    H = Jt.new_zeros(A, m, d, m, d)
+    index = torch.arange(m, device=Jt.device)
     H[:, index, :, index, :] = diagonal.permute(1, 0, 2, 3)
     if m > 1:
         H[:, index[:-1], :, index[1:], :] = off.permute(1, 0, 2, 3)

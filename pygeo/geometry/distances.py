@@ -253,21 +253,23 @@ def _output_flat_coordinates(metric):
 
 
 def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):
-    """Energy E [A], gradient g [A, n] and Gauss-Newton matrix H [A, n, n] (n = (T-2) d, interior nodes only) of
-    E = (T-1) sum_t |phi_{t+1} - phi_t|^2 from phi [A, T, D] and Jt [A, T, d, D]: with r_t = phi_{t+1} - phi_t,
-    dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t), and H has diagonal blocks 4 (T-1) J_t^T J_t and off-diagonal blocks
-    -2 (T-1) J_t^T J_{t+1} (block tridiagonal). The contractions over D are batched matrix products."""
-    A, T, d, D = Jt.shape
+    """Energy E [A], length L [A], gradient g [A, n] and Gauss-Newton matrix H [A, n, n] (n = (T-2) d, the interior
+    nodes) of E = (T-1) sum_t |phi_{t+1} - phi_t|^2 from phi [A, T, D] and the interior Jacobians Jt [A, T-2, d, D]:
+    with r_t = phi_{t+1} - phi_t, dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t), and H has diagonal blocks
+    4 (T-1) J_t^T J_t and off-diagonal blocks -2 (T-1) J_t^T J_{t+1} (block tridiagonal). The contractions over D are
+    batched matrix products."""
+    A, m, d, D = Jt.shape
+    T = m + 2
     scale = T - 1
     r = phi[:, 1:] - phi[:, :-1]  # [A, T-1, D]
-    energy = scale * r.pow(2).sum((-1, -2))
-    Ji = Jt[:, 1:-1].reshape(-1, d, D)  # interior nodes [A (T-2), d, D]
+    squared = r.pow(2).sum(-1)
+    energy, length = scale * squared.sum(-1), squared.sqrt().sum(-1)
+    Ji = Jt.reshape(-1, d, D)  # [A (T-2), d, D]
     bend = (r[:, :-1] - r[:, 1:]).reshape(-1, D, 1)
     gradient = (2 * scale) * torch.bmm(Ji, bend).reshape(A, -1)
     diagonal = (4 * scale) * torch.bmm(Ji, Ji.transpose(1, 2)).reshape(A, T - 2, d, d)
-    pairs = Jt[:, 1:-1]
-    off = (-2 * scale) * torch.bmm(pairs[:, :-1].reshape(-1, d, D),
-                                   pairs[:, 1:].reshape(-1, d, D).transpose(1, 2)).reshape(A, T - 3, d, d)
+    off = (-2 * scale) * torch.bmm(Jt[:, :-1].reshape(-1, d, D),
+                                   Jt[:, 1:].reshape(-1, d, D).transpose(1, 2)).reshape(A, T - 3, d, d)
     m = T - 2
     H = Jt.new_zeros(A, m, d, m, d)
     index = torch.arange(m, device=Jt.device)
@@ -275,7 +277,7 @@ def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):
     if m > 1:
         H[:, index[:-1], :, index[1:], :] = off.permute(1, 0, 2, 3)
         H[:, index[1:], :, index[:-1], :] = off.transpose(-1, -2).permute(1, 0, 2, 3)
-    return energy, gradient, H.reshape(A, m * d, m * d)
+    return energy, length, gradient, H.reshape(A, m * d, m * d)
 
 
 def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_halvings: int = 8):
@@ -284,14 +286,21 @@ def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_h
     Each iteration solves H p = -g (Cholesky of the [n, n] Gauss-Newton matrix, n = (T-2) d, batched over pairs)
     and backtracks on the energy (Armijo) from the full step; the trial point's jet is the next iteration's, so an
     accepted full step costs one forward-mode pass. Pairs that converge (the scaled-gradient test of geodesic(), or
-    a Gauss-Newton decrement below tol^2 E) or can no longer decrease the energy leave the batch. Returns (lengths [P], converged [P])."""
+    a Gauss-Newton decrement below tol^2 E) or can no longer decrease the energy leave the batch. Returns
+    (lengths [P], converged [P])."""
     P, T, d = curves.shape
     points = curves.clone()
     span = (points[:, -1] - points[:, 0]).norm(dim=-1)
     converged = torch.zeros(P, dtype=torch.bool, device=points.device)
-    phi, J = _flat_jet(metric, points)
-    energy, gradient, H = _gauss_newton_system(phi, J)
+    # The end points never move: their flat coordinates once, the interior's jet at every trial.
+    ends = metric.flat_coordinates(points[:, [0, -1]].reshape(2 * P, d)).reshape(P, 2, -1)
+
+    def system(rows, interior):  # pairs `rows` [A] with interior points [A, T-2, d] -> (E, L, g, H)
+        phi, Jt = _flat_jet(metric, interior)
+        return _gauss_newton_system(torch.cat([ends[rows, :1], phi, ends[rows, 1:]], 1), Jt)
+
     active = torch.arange(P, device=points.device)
+    energy, length, gradient, H = system(active, points[:, 1:-1])
     for _ in range(max_iter):
         direction = _newton_direction(H, gradient)
         slope = (direction * gradient).sum(-1)
@@ -305,20 +314,19 @@ def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_h
             direction, slope = direction[keep], slope[keep]
         if active.numel() == 0:
             break
-        base = points[active]
+        base = points[active, 1:-1]
         step = torch.ones_like(energy)
         pending = torch.arange(active.numel(), device=points.device)
         new_energy, new_gradient, new_H = energy.clone(), gradient.clone(), H.clone()
         moved = torch.zeros(active.numel(), dtype=torch.bool, device=points.device)
         for _ in range(max_halvings):  # backtracking, all pending pairs of the batch at once
-            trial = base[pending].clone()
-            trial[:, 1:-1] += (step[pending, None] * direction[pending]).reshape(-1, T - 2, d)
-            trial_phi, trial_J = _flat_jet(metric, trial)
-            trial_E, trial_g, trial_H = _gauss_newton_system(trial_phi, trial_J)
+            trial = base[pending] + (step[pending, None] * direction[pending]).reshape(-1, T - 2, d)
+            trial_E, trial_L, trial_g, trial_H = system(active[pending], trial)
             ok = torch.isfinite(trial_E) & (trial_E <= energy[pending] + 1e-4 * step[pending] * slope[pending]) \
                 & (trial_E < energy[pending])
             accepted = pending[ok]
-            points[active[accepted]] = trial[ok]
+            points[active[accepted], 1:-1] = trial[ok]
+            length[active[accepted]] = trial_L[ok]
             new_energy[accepted], new_gradient[accepted], new_H[accepted] = trial_E[ok], trial_g[ok], trial_H[ok]
             moved[accepted] = True
             pending = pending[~ok]
@@ -333,7 +341,6 @@ def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_h
     else:
         if active.numel():
             converged[active] = _energy_converged(gradient, energy, span[active], tol)
-    _, length = curve_energy(metric, points)
     return length, converged
 
 
@@ -454,7 +461,10 @@ def _graph_distances(metric, nodes: torch.Tensor, N: int, symmetric: bool, optio
     # The query points are the first n graph nodes; Dijkstra from each of x's N rows, shared out between ranks.
     rank, world = _distributed.require_process_group() if distributed else (0, 1)
     share = _distributed.rank_share(N, rank, world)
-    dist = torch.from_numpy(dijkstra(graph, directed=False, indices=np.arange(share.start, share.stop))[:, :n])
+    # Sources in groups, keeping only the columns of the query nodes: memory O(group x graph nodes), not O(n x nodes).
+    dist = torch.from_numpy(np.concatenate(
+        [dijkstra(graph, directed=False, indices=np.arange(lo, min(lo + 256, share.stop)))[:, :n]
+         for lo in range(share.start, share.stop, 256)] or [np.zeros((0, n))]))
     if distributed:
         dist = _distributed.all_gather_rows(dist)
     dist = dist if symmetric else dist[:, N:]

@@ -3,9 +3,9 @@ and 95th-percentile relative errors against a fine reference, side by side in on
 
 Setting: the VAE of `python -m pygeo demo` (bench/distance_setting.py: 20 epochs on the 5,000 shipped digits, seed 0,
 cached), its Bernoulli pullback metric, 200 encoded digits, 19,900 pairs.
-Reference: on a fixed random sample of 200 pairs, the minimum-energy curve with 40 points in float64 (a float64 copy of
-the decoder, Gauss-Newton to a scaled gradient or decrement test of 1e-7), the shorter of two starts (the kNN-graph path and the
-straight line); 40-point chords are within ~0.03 % of the curve length where 12 points are ~0.3 % short.
+Reference: on a fixed random sample of 200 pairs, the minimum-energy curve with 40 points in float64 (a float64 copy
+of the decoder, Gauss-Newton to a scaled gradient or decrement test of 1e-7), the shorter of two starts (the kNN-graph
+path and the straight line); 40-point chords are within ~0.03 % of the curve length where 12 points are ~0.3 % short.
 Providers:
   pygeo before     geodesic_distances as of commit 85a76ee (per-pair L-BFGS in blocks of 256, per-pair Python
                    initialisation), loaded from git history when git and that commit are at hand;
@@ -15,9 +15,10 @@ Providers:
                    8-neighbour edges weighted by their length, end points snapped to the nearest grid node, Dijkstra;
   stochman graph   stochman.discretized_manifold.DiscretizedManifold itself (networkx), when stochman imports.
 
-Run: cd bench && python bench_distances.py [--points 200] [--reference-pairs 400] [--skip before,stochman]
-     python bench_distances.py --distributed 2000   (1 against 2 gloo processes, started here with torchrun-like
-     spawn; the library itself never starts processes)
+Run: cd bench && python bench_distances.py [--points 200] [--reference-pairs 200] [--skip before,stochman]
+     python bench_distances.py --distributed 2000   (1 against 2 gloo processes, started here as torchrun would;
+     the library itself never starts processes)
+     stochman: not a dependency; to compare, put its sources on PYTHONPATH (pip download stochman, unpack).
 """
 from __future__ import annotations
 
@@ -246,9 +247,9 @@ def distributed_benchmark(n_points, n_targets=10):
         one, two = results[1][name], results[2][name]
         pairs = one["matrix"].numel() - (one["matrix"].shape[0] if one["matrix"].shape[0] == one["matrix"].shape[1]
                                          else 0)
+        same = torch.equal(one["matrix"], two["matrix"])
         print(f"{name} ({pairs} entries): 1 process {one['seconds']:.1f} s, 2 processes {two['seconds']:.1f} s, "
-              f"ratio {one['seconds'] / two['seconds']:.2f}x; bit-identical: {torch.equal(one['matrix'], two['matrix'])}",
-              flush=True)
+              f"ratio {one['seconds'] / two['seconds']:.2f}x; bit-identical: {same}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared with other jobs)")
 
 

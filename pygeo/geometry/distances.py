@@ -262,10 +262,10 @@ def _output_flat_coordinates(metric):
 
 def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):
     """Energy E [A], length L [A] (Richardson-extrapolated from the chords when T - 1 is even), gradient g [A, n] and
-    Gauss-Newton matrix H [A, n, n] (n = (T-2) d, the interior nodes) of E = (T-1) sum_t |phi_{t+1} - phi_t|^2 from phi [A, T, D] and the interior Jacobians Jt [A, T-2, d, D]:
-    with r_t = phi_{t+1} - phi_t, dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t), and H has diagonal blocks
-    4 (T-1) J_t^T J_t and off-diagonal blocks -2 (T-1) J_t^T J_{t+1} (block tridiagonal). The contractions over D are
-    batched matrix products."""
+    Gauss-Newton matrix H [A, n, n] (n = (T-2) d, the interior nodes) of E = (T-1) sum_t |phi_{t+1} - phi_t|^2, from
+    phi [A, T, D] and the interior Jacobians Jt [A, T-2, d, D]: with r_t = phi_{t+1} - phi_t,
+    dE/dc_t = 2 (T-1) J_t^T (r_{t-1} - r_t), and H has diagonal blocks 4 (T-1) J_t^T J_t and off-diagonal blocks
+    -2 (T-1) J_t^T J_{t+1} (block tridiagonal). The contractions over D are batched matrix products."""
     A, m, d, D = Jt.shape
     T = m + 2
     scale = T - 1

@@ -15,7 +15,8 @@ Providers:
                    8-neighbour edges weighted by their length, end points snapped to the nearest grid node, Dijkstra;
   stochman graph   stochman.discretized_manifold.DiscretizedManifold itself (networkx), when stochman imports.
 
-Run: cd bench && python bench_distances.py [--points 200] [--reference-pairs 200] [--skip before,stochman]
+Run: cd bench && python -m pytest bench_distances.py   (60 points; errors in extra_info), or the full table:
+     python bench_distances.py [--points 200] [--reference-pairs 200] [--skip before,stochman]
      python bench_distances.py --distributed 2000   (1 against 2 gloo processes, started here as torchrun would;
      the library itself never starts processes)
      stochman: not a dependency; to compare, put its sources on PYTHONPATH (pip download stochman, unpack).
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import pygeo
@@ -199,6 +201,28 @@ def main(argv=None):
         median, p95, low, high = errors(matrix.cpu(), a, b, reference)
         print(f"| {name} | {seconds:.1f} | {100 * median:+.2f} % | {100 * p95:.2f} % | {100 * low:+.2f} % | "
               f"{100 * high:+.2f} % |", flush=True)
+
+
+# ------------------------------------------------------------------------------------- pytest-benchmark entry
+PYTEST_PROVIDERS = {
+    "pygeo energy": lambda metric, points: pygeo.geodesic_distances(metric, points, progress=False),
+    "pygeo graph": lambda metric, points: pygeo.geodesic_distances(metric, points, method="graph", progress=False),
+    "grid-8 graph": grid8_graph_distances,
+}
+
+
+@pytest.mark.parametrize("provider", list(PYTEST_PROVIDERS))
+def test_distances_demo_setting(benchmark, provider):
+    """A smaller form of main() for `python -m pytest bench_distances.py`: 60 points (1,770 pairs), errors against
+    the reference on 100 of them in extra_info."""
+    metric, points = demo_setting(60)
+    rows, cols = torch.triu_indices(60, 60, offset=1)
+    sample = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(7))[:100]
+    reference = reference_lengths(metric, points, rows[sample], cols[sample])
+    benchmark.group = "geodesic distances, demo latent, 60 points"
+    matrix = benchmark.pedantic(lambda: PYTEST_PROVIDERS[provider](metric, points), rounds=1, iterations=1)
+    median, p95, _, _ = errors(matrix.cpu(), rows[sample], cols[sample], reference)
+    benchmark.extra_info.update(median_error=median, p95_abs_error=p95)
 
 
 # ------------------------------------------------------------------------------------------------ distributed

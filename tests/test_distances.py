@@ -123,6 +123,10 @@ def test_graph_method_is_close_and_never_much_shorter():
     off = ~torch.eye(12, dtype=torch.bool)
     relative = (graph[off] - energy[off]) / energy[off]
     assert float(relative.median()) < 0.03 and float(relative.min()) > -0.01
+    y = latent_points(3, seed=5)
+    graph_xy = pygeo.geodesic_distances(metric, x, y, method="graph", resolution=96, progress=False)
+    graph_all = pygeo.geodesic_distances(metric, torch.cat([x, y]), method="graph", resolution=96, progress=False)
+    torch.testing.assert_close(graph_xy, graph_all[:12, 12:])  # the same grid (over x and y), the same paths
     # d > 3: the kNN graph of the points themselves (a flat metric: distances no shorter than straight lines)
     x5 = latent_points(30).repeat(1, 3)[:, :5]
     A = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -1,9 +1,11 @@
 """pygeo._distributed and the distributed geodesic distances / volume map: 2 gloo processes on the CPU, started by
 torch.multiprocessing inside the test (pygeo itself never starts processes), compared bitwise with one process."""
+import datetime
 import os
 import pickle
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pygeo import _distributed
 
-SPAWN_TIMEOUT_S = 120  # a hung collective fails the test instead of hanging CI
+SPAWN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI (~6 s on a quiet 2-core machine)
 
 
 def _free_port() -> int:
@@ -24,7 +26,7 @@ def _free_port() -> int:
 def _worker(rank, world, port, job, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=_timedelta(SPAWN_TIMEOUT_S))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=SPAWN_TIMEOUT_S))
     try:
         result = job(rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.pt"), "wb") as handle:
@@ -33,18 +35,12 @@ def _worker(rank, world, port, job, out_dir):
         dist.destroy_process_group()
 
 
-def _timedelta(seconds):
-    import datetime
-    return datetime.timedelta(seconds=seconds)
-
-
 def run_on_ranks(job, world=2):
     """job(rank, world) on `world` gloo processes; returns the list of their (picklable) results in rank order."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_worker, args=(world, _free_port(), job, out_dir), nprocs=world, join=False,
                                      start_method="spawn")
         # join(timeout) returns False while processes run; bound the whole wait so a hang fails the test.
-        import time
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
         while not context.join(timeout=1):
             if time.monotonic() > deadline:

@@ -56,9 +56,10 @@ def geodesic_distances(metric, x: torch.Tensor, y: Optional[torch.Tensor] = None
       grows with the grid, not with the pairs. Ctrl-C raises KeyboardInterrupt (nothing partial to return).
     Measured on the demo's 2-D latent (bench/bench_distances.py: 200 points, 19,900 pairs; errors against 40-point
       float64 minimum-energy curves on 200 of the pairs; bench/RESULTS.md), on a shared 2-core machine (load ~6):
-      energy, n_points=9: 79 s against 599 s for the per-pair L-BFGS version it replaced (7.6x), median error
-        +0.00 % and 95th percentile of |error| 0.37 % (before: -0.17 % and 0.66 %); n_points=13 gives +0.01 % and
-        0.05 % in about twice the time, n_points=12 (no extrapolation) -0.17 % and 0.66 %;
+      energy, n_points=9: 79 s against 599 s for the per-pair L-BFGS version it replaced (7.6x; 36 s against
+        247 s, 6.9x, on a quieter run), median error +0.00 % and 95th percentile of |error| 0.37 % (before: -0.17 %
+        and 0.66 %); n_points=13 gives +0.01 % and 0.05 % in about twice the time, n_points=12 (no extrapolation)
+        -0.17 % and 0.66 %;
       graph: 15 s, median +0.88 %, 95th percentile 2.8 % (stochman 0.3.0's 100 x 100 8-neighbour grid graph on the
         same points: 30 s, +4.0 % and 12.3 %).
 

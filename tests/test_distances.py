@@ -180,6 +180,37 @@ def test_interrupted_distances_are_nan_with_a_warning_and_work_stops():
     assert torch.equal(D[solved], full[solved])  # the finished blocks are the uninterrupted values
 
 
+def test_a_real_ctrl_c_stops_the_solves_within_a_second():
+    """SIGINT from a timer thread (the way a terminal's Ctrl-C arrives) in the middle of a job of many blocks: the
+    call returns soon after with NaN for the unsolved pairs."""
+    import os
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not \
+            signal.default_int_handler:
+        pytest.skip("needs Python's default SIGINT handler in the main thread")
+    sent = {}
+
+    class Slow(Interrupting):  # starts the timer on its first call, so the signal lands inside the block loop
+        def flat_coordinates(self, z):
+            if "at" not in sent:
+                sent["at"] = None
+                timer = threading.Timer(0.3, lambda: (sent.update(at=time.perf_counter()),
+                                                      os.kill(os.getpid(), signal.SIGINT)))
+                timer.daemon = True
+                timer.start()
+            time.sleep(0.01)  # a slow decoder: the whole job would take ~minutes
+            return super().flat_coordinates(z)
+
+    x = sphere_points(40, torch.Generator().manual_seed(9))
+    with pytest.warns(UserWarning, match="not solved and are NaN"):
+        D = pygeo.geodesic_distances(Slow(SphereEmbedding()), x, chunk_size=4, progress=False)
+    assert time.perf_counter() - sent["at"] < 1.0
+    assert bool(torch.isnan(D).any())
+
+
 # -------------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_resumes_after_an_interrupt_and_equals_an_uninterrupted_run(tmp_path):
     metric_inner = pygeo.PullbackMetric(small_decoder(), likelihood="bernoulli")

@@ -95,8 +95,13 @@ def test_gauss_newton_matches_the_l_bfgs_geodesic_on_a_decoder():
     assert bool((D[rows, cols] <= pygeo.geometry.curve_energy(metric, straight)[0].sqrt() * (1 + 1e-9)).all())
 
 
-def test_fused_jet_equals_forward_mode_through_flat_coordinates():
-    metric = pygeo.PullbackMetric(small_decoder(), likelihood="bernoulli")
+@pytest.mark.parametrize("likelihood, sigma", [("bernoulli", None), ("euclidean", None), ("gaussian", 0.5),
+                                               ("gaussian", "per-output")])
+def test_fused_jet_equals_forward_mode_through_flat_coordinates(likelihood, sigma):
+    if sigma == "per-output":
+        sigma = torch.linspace(0.5, 2.0, 24, dtype=torch.float64)
+    metric = pygeo.PullbackMetric(small_decoder(), likelihood=likelihood, sigma=sigma)
+    assert distances_module._mlp_flat_jet(metric, latent_points(3)) is not None  # the fused path is the one tested
     points = latent_points(15).reshape(3, 5, 2)
     phi, J = distances_module._flat_jet(metric, points)
     flat = points.reshape(-1, 2)

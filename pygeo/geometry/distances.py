@@ -204,9 +204,9 @@ def _solve(metric, curves: torch.Tensor, max_iter: int, tol: float):
 
 def _flat_jet(metric, points: torch.Tensor):
     """phi [A, T, D] and its Jacobian, tangent-major, Jt [A, T, d, D] (Jt[..., i, :] = d phi / d z_i) at points
-    [A, T, d], in one batched pass over [A x T, d]: for a
-    PullbackMetric of an MLP decoder the d tangents ride through the layers as extra GEMM rows (_mlp_flat_jet), else
-    d forward-mode tangents through metric.flat_coordinates (vmapped where the decoder allows it)."""
+    [A, T, d], in one batched pass over [A x T, d]: for a PullbackMetric of an MLP decoder the d tangents ride through
+    the layers as extra GEMM rows (_mlp_flat_jet), else d forward-mode tangents through metric.flat_coordinates
+    (vmapped where the decoder allows it)."""
     A, T, d = points.shape
     flat = points.reshape(A * T, d)
     fused = _mlp_flat_jet(metric, flat)
@@ -249,7 +249,7 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
     Jt = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)
     weight = metric._weight(output)
     if weight is not None:
-        Jt = Jt * weight.sqrt().unsqueeze(1)
+        Jt = Jt * weight.sqrt().unsqueeze(-2)  # [B, D] (bernoulli) or [D] (fixed sigma) against [B, d, D]
     return _output_flat_coordinates(metric)(output), Jt
 
 

@@ -207,9 +207,7 @@ def _minimise_energy(metric, points: torch.Tensor, max_iter: int, tol: float, pr
             else:
                 done = _energy_converged(gradient[active], energy[active], span[active], tol)
                 converged[active[done]] = True
-        except KeyboardInterrupt:  # return what is done; the interrupted pairs are not converged
-            pass
-        finally:
+        finally:  # Ctrl-C propagates: a caller looping over batches must stop, not start the next one
             bar.close()
     else:
         converged[:] = True
@@ -382,9 +380,7 @@ def _shoot(metric, z0, z1, n_points, max_iter, tol, n_steps, progress) -> Geodes
             converged[active] = newly
             if not bool(improved.any()):  # no pair can make progress any more
                 break
-    except KeyboardInterrupt:
-        pass
-    finally:
+    finally:  # Ctrl-C propagates (see _minimise_energy)
         bar.close()
     substeps = max(1, math.ceil(n_steps / (n_points - 1)))
     _, points = _integrate(metric, z0, velocity, substeps * (n_points - 1), record_every=substeps,

@@ -242,8 +242,10 @@ PYGEO_INLINE void forward_tile(const Problem<T>& p, TileScratch<T, Bytes>& s, in
       add_weighted<T, Bytes>(p, i0, wy, s.dacc.data() + k * ddp);
     }
   }
-  // The lam term under the final scale, lam exp(e0 - s) I, and its derivative -2 tau z_k lam exp(e0 - s) I.
-  const V prior = T(p.lam) * exp_weight<T, Bytes>(e0 - running);
+  // The lam term under the final scale, lam exp(e0 - s) I, and its derivative -2 tau z_k lam exp(e0 - s) I. With
+  // lam = 0 the running maximum never saw e0, so e0 - s can exceed exp's range (exp_weight is then inf or garbage and
+  // 0 * inf = NaN): the term is exactly zero, so it is not evaluated at all.
+  const V prior = p.lam > 0 ? T(p.lam) * exp_weight<T, Bytes>(e0 - running) : V{} + T(0);
   for (int l = 0; l < count; ++l) {
     const int64_t b = b0 + l;
     scale[b] = running[l];
@@ -327,7 +329,8 @@ PYGEO_INLINE void vjp_tile(const Problem<T>& p, TileScratch<T, Bytes>& s, int64_
   }
   V norm2 = V{} + T(0);
   for (int64_t k = 0; k < d; ++k) norm2 += s.z[k] * s.z[k];
-  const V prior = T(p.lam) * exp_weight<T, Bytes>(norm2 * T(-p.tau) - s_tile);
+  // lam = 0: zero, not 0 * exp(e0 - s), which overflows where s (the forward's scale) is far below e0.
+  const V prior = p.lam > 0 ? T(p.lam) * exp_weight<T, Bytes>(norm2 * T(-p.tau) - s_tile) : V{} + T(0);
   for (int l = 0; l < count; ++l) {
     for (int64_t k = 0; k < d; ++k) v[(b0 + l) * d + k] = s.v[k][l] + T(-2.0 * p.tau) * prior[l] * trace[l] * s.z[k][l];
   }

@@ -272,4 +272,8 @@ class ComplexGaussianFisherMetric(HermitianMetric):
                                  f"shape {tuple(self.sigma.shape)}")
             inv_var = inv_var.reshape(-1, 1)  # [D, 1] over the rows of the Jacobians
         G = d_z.mH @ (inv_var * d_z) + d_zbar.transpose(-1, -2) @ (inv_var * d_zbar.conj())
+        # z was checked finite: NaN/Inf here means the decoder's Jacobians or J^H J / sigma^2 overflow the dtype.
+        _checks.finite_points(G.reshape(-1, *G.shape[-2:]), "ComplexGaussianFisherMetric: G",
+                              f"the decoder's Jacobians or J^H J / sigma^2 overflow {z.dtype} (z or the decoder's "
+                              "outputs too large, or sigma too small; complex128 extends the range)")
         return hermitian_part(G)

@@ -89,11 +89,6 @@ class LatentMetric(Metric):
         out = self._call(z.detach(), log_volume=True)
         return out.log_volume, out.log_volume_grad
 
-    def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """u^T G(z) v [...] for z, u, v [..., d]."""
-        G = self.metric(z)
-        return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-
     @classmethod
     def from_encoder(cls, encoder: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], data: torch.Tensor,
                      n_centroids: int = 100, lam: float = 0.01, tau: float = 0.0, rho: Optional[float] = None,

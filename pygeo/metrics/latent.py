@@ -13,6 +13,7 @@ import torch
 
 from .. import _backend, _checks, _linalg
 from ..ops.latent_metric import check_inputs, default_rho, latent_metric
+from ..reference import symmetric_part
 from .base import Metric
 
 
@@ -169,8 +170,7 @@ class RHVAEMetric(LatentMetric):
 
     def _invert(self, inverse: torch.Tensor) -> torch.Tensor:
         L = _linalg.cholesky(inverse, name="RHVAEMetric's inverse metric G^-1(z)")
-        G = torch.cholesky_inverse(L)
-        return 0.5 * (G + G.transpose(-1, -2))  # exactly symmetric
+        return symmetric_part(torch.cholesky_inverse(L))
 
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> G [..., d, d], differentiable in z."""
@@ -180,8 +180,7 @@ class RHVAEMetric(LatentMetric):
         """z [..., d] -> (G [..., d, d], dG [..., d, d, d]), dG[..., k] = -G dG^-1[..., k] G."""
         out = self._call(z, derivative=True)
         G = self._invert(out.metric)
-        dG = -(G.unsqueeze(-3) @ out.derivative @ G.unsqueeze(-3))
-        return G, 0.5 * (dG + dG.transpose(-1, -2))
+        return G, symmetric_part(-(G.unsqueeze(-3) @ out.derivative @ G.unsqueeze(-3)))
 
     def log_volume(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> 1/2 log det G = -1/2 log det G^-1 [...], in log space; differentiable (fused gradient)."""

@@ -208,3 +208,55 @@ def test_hyperbolic_geodesic_through_y_0_names_the_metric_domain():
     hyperbolic = pygeo.FunctionMetric(lambda z: torch.eye(2, dtype=z.dtype) / z[..., 1:2, None] ** 2, dim=2)
     with pytest.raises(ValueError, match=r"FunctionMetric: fn\(z\) is not finite .* outside the metric's domain"):
         pygeo.geodesic(hyperbolic, torch.tensor([0.0, 1.0]), torch.tensor([0.0, -1.0]))
+
+
+@pytest.mark.parametrize("kind", ["lse", "fisher"])
+def test_hermitian_metrics_have_metric_and_derivative(kind):
+    """The README's metric contract lists metric_and_derivative; the Kahler metrics lacked it. dG[a, i, j] is the
+    holomorphic Wirtinger derivative d G_ij / d z_a, checked against autograd in the real coordinates, and, for these
+    Kahler metrics, symmetric in (a, j) (G_ij = d_ibar d_j Psi)."""
+    g = torch.Generator().manual_seed(0)
+    n = 3
+    if kind == "lse":
+        A = torch.randn(4, n, n, generator=g, dtype=torch.complex128)
+        metric = pygeo.LSEKahlerMetric(torch.randn(4, n, generator=g, dtype=torch.complex128),
+                                       A @ A.mH / n + 0.5 * torch.eye(n, dtype=torch.complex128), temperature=0.7)
+    else:
+        W = torch.randn(5, n, generator=g, dtype=torch.complex128)
+        metric = pygeo.ComplexGaussianFisherMetric(lambda z: torch.tanh(z @ W.T), sigma=0.5)  # holomorphic decoder
+    z = 0.5 * torch.randn(2, n, generator=g, dtype=torch.complex128)
+    G, dG = metric.metric_and_derivative(z)
+    assert G.shape == (2, n, n) and dG.shape == (2, n, n, n)
+    torch.testing.assert_close(G, metric.metric(z))
+
+    def G_of(x):  # real coordinates [2, 2n] -> (Re G, Im G)
+        G = metric.metric(torch.complex(x[..., :n], x[..., n:]))
+        return G.real, G.imag
+
+    x = torch.cat([z.real, z.imag], -1)
+    jac_re, jac_im = torch.autograd.functional.jacobian(lambda x: tuple(t.sum(0) for t in G_of(x)), x)  # [n, n, 2, 2n]
+    d_dx = torch.complex(jac_re, jac_im).permute(2, 3, 0, 1)  # [2, 2n, n, n]
+    expected = (d_dx[:, :n] - 1j * d_dx[:, n:]) / 2
+    torch.testing.assert_close(dG, expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(dG, dG.permute(0, 3, 2, 1), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_lse_kahler_metric_gradient_with_a_sharp_softmax_keeps_float32_accuracy(backend):
+    """T = 0.01: one weight ~1, the gradient ~1e-3 is what is left of terms ~|y|^2 / T ~ 30. Both backends summed the
+    unshifted y_i and lost a third of it in float32; shifted by the dominant y (as the forward does) they keep it."""
+    if not _backend.status(backend).available:
+        pytest.skip(f"{backend} unavailable")
+    centers = torch.tensor([[0.6614 + 0.2669j], [0.0617 + 0.6213j], [-0.4519 - 0.1661j]], dtype=torch.complex128)
+    precisions = torch.tensor([[0.6923], [0.5236], [0.6195]], dtype=torch.float64)
+
+    def gradient(dtype, backend):
+        z = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
+        real = torch.float32 if dtype == torch.complex64 else torch.float64
+        G = pygeo.ops.lse_kahler_metric(z, centers.to(dtype), precisions.to(real), None, 0.01, backend=backend)
+        return torch.autograd.grad(G.real.sum(), z)[0]
+
+    expected = gradient(torch.complex128, "torch")
+    assert expected.abs().max() > 1e-5
+    torch.testing.assert_close(gradient(torch.complex64, backend).to(torch.complex128), expected, rtol=1e-3,
+                               atol=1e-3 * float(expected.abs().max()))

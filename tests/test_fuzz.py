@@ -199,6 +199,54 @@ def test_fuzz_langevin_step(seed, scale, dtype, B, d, step, with_derivative):
     check(lambda b: pygeo.ops.langevin_step(z, G, grad, step, noise, dG=dG, target=z, backend=b), finite(z, grad, dG))
 
 
+@settings(deadline=None, derandomize=True, max_examples=25, database=None)
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-3, 1.0, 1e3]), dtype=real_dtypes, B=sizes, d=dims,
+       likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli"]), mlp=st.booleans())
+def test_fuzz_pullback_and_function_metrics(seed, scale, weight_scale, dtype, B, d, likelihood, mlp):
+    """The contract of PullbackMetric (the fused MLP path and a generic decoder) and FunctionMetric."""
+    z = random((B, d), seed, scale, dtype)
+    torch.manual_seed(seed)
+    decoder = torch.nn.Sequential(torch.nn.Linear(d, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).to(dtype)
+    with torch.no_grad():
+        decoder[0].weight.mul_(weight_scale)
+    if not mlp:  # a callable that is not an nn.Sequential: the generic autograd path
+        decoder = (lambda module: lambda x: module(x))(decoder)
+
+    def contract(backend):
+        metric = pygeo.PullbackMetric(decoder, likelihood=likelihood, sigma=0.5 if likelihood == "gaussian" else None,
+                                      backend=backend)
+        G, dG = metric.metric_and_derivative(z)
+        return (metric.metric(z), G, dG, *metric.log_volume_and_grad(z), metric.inner(z, z, z))
+
+    check(contract, finite(z), condition=1.0 + float(z.double().abs().max()) if z.numel() else 1.0)
+    function = pygeo.FunctionMetric(lambda x: torch.eye(x.shape[-1], dtype=x.dtype) * torch.exp(-(x * x).sum(-1))[..., None, None])
+    check(lambda _: (function.metric(z), *function.metric_and_derivative(z), *function.log_volume_and_grad(z)),
+          finite(z), backends=["torch"])
+
+
+@settings(deadline=None, derandomize=True, max_examples=25, database=None)
+@given(seed=seeds, scale=st.sampled_from([0.0, 1e-6, 1.0, 10.0, 1e3, 1e8, 1e20]),
+       dtype=st.sampled_from([torch.complex64, torch.complex128]), B=sizes, n=st.integers(1, 2),
+       temperature=st.sampled_from([0.01, 1.0, 100.0]))
+def test_fuzz_hermitian_metrics(seed, scale, dtype, B, n, temperature):
+    """The contract of LSEKahlerMetric (both backends) and ComplexGaussianFisherMetric, metric_and_derivative included."""
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    z = random((B, n), seed, scale, dtype)
+    centers = random((3, n), seed + 1, 1.0, dtype)
+    precisions = 0.3 + random((3, n), seed + 2, 1.0, real).abs()
+
+    def contract(backend):
+        metric = pygeo.LSEKahlerMetric(centers, precisions, temperature=temperature, backend=backend)
+        G, dG = metric.metric_and_derivative(z)
+        return (metric.metric(z), G, dG, *metric.log_volume_and_grad(z), metric.inner(z, z, z))
+
+    check(contract, finite(z))
+    W = random((4, n), seed + 3, 1.0, dtype)
+    fisher = pygeo.ComplexGaussianFisherMetric(lambda x: torch.tanh(x @ W.T), sigma=0.5)
+    check(lambda _: (fisher.metric(z), *fisher.metric_and_derivative(z), fisher.log_volume(z)) if z.numel()
+          else (fisher.metric(z),), finite(z), backends=["torch"])
+
+
 @settings(deadline=None, derandomize=True, max_examples=15, database=None)
 @given(seed=seeds, scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]), d=st.integers(1, 2), B=st.integers(1, 2),
        which=st.sampled_from(["latent", "rhvae", "function", "pullback"]))

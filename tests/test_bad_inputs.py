@@ -260,3 +260,9 @@ def test_lse_kahler_metric_gradient_with_a_sharp_softmax_keeps_float32_accuracy(
     assert expected.abs().max() > 1e-5
     torch.testing.assert_close(gradient(torch.complex64, backend).to(torch.complex128), expected, rtol=1e-3,
                                atol=1e-3 * float(expected.abs().max()))
+
+
+def test_function_metric_returning_another_dtype_is_a_type_error():
+    metric = pygeo.FunctionMetric(lambda z: torch.eye(2).expand(*z.shape[:-1], 2, 2))  # always float32
+    with pytest.raises(TypeError, match=r"fn\(z\) must return G in z's dtype torch.float64, got torch.float32"):
+        metric.metric_and_derivative(torch.ones(3, 2, dtype=torch.float64))

@@ -266,3 +266,34 @@ def test_function_metric_returning_another_dtype_is_a_type_error():
     metric = pygeo.FunctionMetric(lambda z: torch.eye(2).expand(*z.shape[:-1], 2, 2))  # always float32
     with pytest.raises(TypeError, match=r"fn\(z\) must return G in z's dtype torch.float64, got torch.float32"):
         metric.metric_and_derivative(torch.ones(3, 2, dtype=torch.float64))
+
+
+def test_jittered_cholesky_keeps_every_gradient_finite():
+    """A point whose G needs the jitter retry: the failed factor was merged in with torch.where, whose backward sent
+    0 * NaN = NaN into the gradient of the whole batch (log_volume_and_grad of a near-singular pullback metric)."""
+    def fn(z):
+        scale = (1 + (z * z).sum(-1))[..., None, None]
+        rank_one = torch.ones(2, 2, dtype=z.dtype)
+        singular = (z[..., :1, None] > 0).to(z.dtype)  # points with z_0 > 0 get an exactly singular G
+        return scale * (singular * rank_one + (1 - singular) * torch.eye(2, dtype=z.dtype))
+
+    metric = pygeo.FunctionMetric(fn)
+    z = torch.tensor([[-1.0, 0.5], [1.0, 0.5]], dtype=torch.float64)
+    value, grad = metric.log_volume_and_grad(z)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    alone_value, alone_grad = metric.log_volume_and_grad(z[:1])
+    torch.testing.assert_close(grad[:1], alone_grad)
+    torch.testing.assert_close(grad[0], 2 * z[0] / (1 + (z[0] * z[0]).sum()))  # 1/2 log det = log(1 + |z|^2)
+
+
+def test_a_metric_near_the_dtype_maximum_is_not_turned_into_inf_by_symmetrisation():
+    """G = J^T J = 2.09e38 is a float32 number; (G + G^T) / 2 overflowed in the sum (the torch backend refused, cpp
+    returned the value)."""
+    weights = [torch.tensor([[1e20]]), torch.tensor([[0.1444]])]
+    z = torch.zeros(2, 1)
+    expected = float((torch.tensor(1e20, dtype=torch.float64) * 0.1444) ** 2)
+    for backend in ("torch", "cpp"):
+        if not _backend.status(backend).available:
+            continue
+        G = pygeo.ops.mlp_metric(z, weights, [None, None], ["tanh", "identity"], backend=backend)
+        torch.testing.assert_close(G.double(), torch.full((2, 1, 1), expected, dtype=torch.float64), rtol=1e-5, atol=0)

@@ -297,3 +297,30 @@ def test_a_metric_near_the_dtype_maximum_is_not_turned_into_inf_by_symmetrisatio
             continue
         G = pygeo.ops.mlp_metric(z, weights, [None, None], ["tanh", "identity"], backend=backend)
         torch.testing.assert_close(G.double(), torch.full((2, 1, 1), expected, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend_device", backend_params(("torch", "cpp")))
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 700.0), (torch.float64, 1e20)])
+def test_latent_log_volume_gradient_far_from_a_single_centroid(backend_device, full, dtype, scale):
+    """lam = 0, one centroid: 1/2 log det G = 1/2 log det M - (d/2) q / rho^2, so the gradient is -d M (z - c) / rho^2.
+    The C++ forward and backward rounded the exponent q / rho^2 differently (~|q| eps apart), and the backward's
+    weight exp(e - s) was off by exp of that: 3% in float32 at q ~ 5e5, inf in float64 at |z| ~ 1e20."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(0)
+    d = 3
+    z = scale * torch.randn(2, d, generator=g, dtype=torch.float64)
+    centroid = torch.randn(1, d, generator=g, dtype=torch.float64)
+    if full:
+        A = torch.randn(d, d, generator=g, dtype=torch.float64)
+        M = (A @ A.T / d + 0.5 * torch.eye(d, dtype=torch.float64)).unsqueeze(0)
+    else:
+        M = 0.5 + torch.rand(1, d, generator=g, dtype=torch.float64)
+    M_full = M[0] if full else torch.diag(M[0])
+    expected = -d * (z - centroid) @ M_full  # rho = 1
+    to = dict(dtype=dtype, device=device)
+    out = pygeo.ops.latent_metric(z.to(**to), centroid.to(**to), M.to(**to), lam=0.0, rho=1.0, log_volume=True,
+                                  backend=backend)
+    assert torch.isfinite(out.log_volume_grad).all()
+    torch.testing.assert_close(out.log_volume_grad.cpu().double(), expected, rtol=1e-3 if dtype == torch.float32 else 1e-9,
+                               atol=0)

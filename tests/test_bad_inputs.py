@@ -8,6 +8,7 @@ import torch
 
 import pygeo
 from pygeo import _backend
+from pygeo.metrics import RHVAEMetric
 from pygeo.reference import latent_metric as latent_reference
 
 from conftest import backend_params
@@ -324,3 +325,10 @@ def test_latent_log_volume_gradient_far_from_a_single_centroid(backend_device, f
     assert torch.isfinite(out.log_volume_grad).all()
     torch.testing.assert_close(out.log_volume_grad.cpu().double(), expected, rtol=1e-3 if dtype == torch.float32 else 1e-9,
                                atol=0)
+
+
+def test_inner_product_overflow_is_refused():
+    metric = RHVAEMetric(torch.zeros(1, 1), torch.ones(1, 1), lam=0.01, rho=1.0)  # G = 100 far from the centroid
+    z = torch.tensor([[1.5e19], [1.0]])  # |z|^2 = 2.3e38 is a float32 number, 100 |z|^2 is not
+    with pytest.raises(ValueError, match=r"inner\(z, u, v\) is not finite at 1 of 2 points \(first: index 0\)"):
+        metric.inner(z, z, z)

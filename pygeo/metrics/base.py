@@ -37,7 +37,10 @@ class Metric:
         """u^T G(z) v [...]: z, u, v [..., d], batch shapes broadcast."""
         G = self.metric(z)
         check_tangents(z, u=u, v=v)
-        return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        product = (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        # G, u and v are finite here: an Inf is the product's own overflow, not a value to pass on.
+        _checks.finite_points(product.reshape(-1), "inner(z, u, v)", f"u^T G v overflows {product.dtype}")
+        return product
 
     def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.inner(z, v, v).clamp_min(0).sqrt()

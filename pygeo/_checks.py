@@ -126,6 +126,21 @@ def finite_result(result: torch.Tensor, what: str, cause: str) -> None:
         raise ValueError(f"{cause}: {what} is not finite")
 
 
+def finite_points(result: torch.Tensor, what: str, cause: str) -> None:
+    """Refuse a result [B, ...] with NaN/Inf rows, saying how many of the B points and the first one: "what is not
+    finite at 3 of 1024 points (first: index 17): cause". For results computed from inputs already checked finite, so
+    that a non-finite value is the op's own overflow, never passed on silently. Skipped while tracing."""
+    if not result.numel() or _is_fake(result):
+        return
+    rows = result.reshape(1, -1) if result.dim() == 0 else result
+    finite = finite_rows(rows)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten()
+    raise ValueError(f"{what} is not finite at {bad.numel()} of {rows.shape[0]} points (first: index {int(bad[0])}): "
+                     f"{cause}")
+
+
 def _shared_attribute(attribute: str, error: type, what: str, tensors: dict):
     """The one value of `attribute` that all given tensors (None skipped) share; `error` naming each one if not."""
     present = {name: t for name, t in tensors.items() if t is not None}

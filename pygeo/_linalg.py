@@ -19,16 +19,18 @@ def cholesky(G: torch.Tensor, name: str = "G") -> torch.Tensor:
         return torch.linalg.cholesky(G)
     L, info = torch.linalg.cholesky_ex(G)
     if G.device.type != "meta" and bool((info > 0).any()):
-        scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)  # 0 for G = 0: no jitter can help
+        scale = G.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # 0 for G = 0: no jitter can help
         eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-        for attempt in range(_JITTER_TRIES):
-            failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
-            jitter = (10.0 ** (-10 + 2 * attempt)) * scale.unsqueeze(-1) * eye
-            L_retry, info_retry = torch.linalg.cholesky_ex(G + jitter)
-            L = torch.where(failed, L_retry, L)
-            info = torch.where(info > 0, info_retry, info)
+        # Every point is factored again, with the jitter only where it is needed (level l: 10^(-10 + 2 l) times the
+        # mean diagonal; -1: none, the same factor as before). Mixing the failed factor into the result with
+        # torch.where instead would send its NaN into the gradient of every point (0 * NaN in where's backward).
+        level = torch.where(info > 0, 0, -1)
+        for _ in range(_JITTER_TRIES):
+            relative = torch.where(level >= 0, 10.0 ** (-10.0 + 2.0 * level.clamp_min(0).to(G.dtype)), 0.0)
+            L, info = torch.linalg.cholesky_ex(G + (relative * scale)[..., None, None] * eye)
             if not bool((info > 0).any()):
                 break
+            level = torch.where(info > 0, level + 1, level)
         else:
             bad = int((info > 0).sum())
             raise ValueError(f"{name} is not positive definite at {bad} of {info.numel()} points, even with jitter "

@@ -547,7 +547,9 @@ def test_demo_section_runs_on_a_tiny_context(tmp_path):
     generator = torch.Generator().manual_seed(0)
     ctx = SimpleNamespace(out_dir=tmp_path, show_progress=False, images=torch.rand(300, 784, generator=generator), labels=torch.zeros(300),
                           seed=0, quick=True, device=torch.device("cpu"),
-                          timed=lambda name: contextlib.nullcontext(), progress=lambda iterable, desc=None: iterable)
+                          timed=lambda name: contextlib.nullcontext(), progress=lambda iterable, desc=None: iterable,
+                          save_figure=lambda figure, name, description: figure.savefig(tmp_path / name) or
+                          f"![{description}]({name})")
     text = section.run(ctx)
     assert isinstance(section.TITLE, str) and "det G" in text
     assert (tmp_path / "kahler_det_heatmap.png").exists() and (tmp_path / "kahler_samples.png").exists()

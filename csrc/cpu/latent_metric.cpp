@@ -125,7 +125,7 @@ PYGEO_INLINE void chunk_exponents(const Problem<T>& p, const TileScratch<T, Byte
 #pragma GCC unroll 8
       for (int c = 0; c < kChunk; ++c) {
         const V dk = zk - C[c * d + k];
-        q[c] += M[c * d + k] * (dk * dk);
+        q[c] += dk * (M[c * d + k] * dk);  // as chunk_projections rounds it: d_k y_k with y_k = M_kk d_k
       }
       continue;
     }
@@ -146,12 +146,16 @@ PYGEO_INLINE void chunk_exponents(const Problem<T>& p, const TileScratch<T, Byte
   for (int c = 0; c < kChunk; ++c) e[c] = q[c] * (-p.inv_rho2);
 }
 
-// As chunk_exponents, from y_c = M_c (z - c_c) over whole rows, which it leaves in s.y.
+// The exponents of chunk_exponents, to the bit, and y_c = M_c (z - c_c) over whole rows, which it leaves in s.y.
+// Bitwise the same exponents in every pass: the vjp weighs by exp(e_i - s) with s from the forward, and an exponent
+// rounded differently (an absolute error ~|e| eps, 1e24 at |e| = 1e40) would scale its weight by exp of that (the
+// log-volume gradient came out inf far from the centroids, and 3% off in float32 at |e| ~ 5e5).
 template <typename T, int Bytes>
 PYGEO_INLINE void chunk_projections(const Problem<T>& p, TileScratch<T, Bytes>& s, const T* C, const T* M,
                                     typename Simd<T, Bytes>::V* e) {
   using V = typename Simd<T, Bytes>::V;
   const int64_t d = p.d;
+  if (p.full) chunk_exponents<T, Bytes>(p, s, C, M, e);  // the diagonal case rounds q below exactly as it does
   V q[kChunk];
   for (int c = 0; c < kChunk; ++c) q[c] = V{} + T(0);
   for (int64_t k = 0; k < d; ++k) {
@@ -174,7 +178,9 @@ PYGEO_INLINE void chunk_projections(const Problem<T>& p, TileScratch<T, Bytes>& 
       q[c] += (zk - C[c * d + k]) * yk[c];
     }
   }
-  for (int c = 0; c < kChunk; ++c) e[c] = q[c] * (-p.inv_rho2);
+  if (!p.full) {
+    for (int c = 0; c < kChunk; ++c) e[c] = q[c] * (-p.inv_rho2);
+  }
 }
 
 // acc[e] += sum_c w_c M_{i0+c}[e] over the computed groups of entries, from the transposed precisions (the chunk's
@@ -242,8 +248,10 @@ PYGEO_INLINE void forward_tile(const Problem<T>& p, TileScratch<T, Bytes>& s, in
       add_weighted<T, Bytes>(p, i0, wy, s.dacc.data() + k * ddp);
     }
   }
-  // The lam term under the final scale, lam exp(e0 - s) I, and its derivative -2 tau z_k lam exp(e0 - s) I.
-  const V prior = T(p.lam) * exp_weight<T, Bytes>(e0 - running);
+  // The lam term under the final scale, lam exp(e0 - s) I, and its derivative -2 tau z_k lam exp(e0 - s) I. With
+  // lam = 0 the running maximum never saw e0, so e0 - s can exceed exp's range (exp_weight is then inf or garbage and
+  // 0 * inf = NaN): the term is exactly zero, so it is not evaluated at all.
+  const V prior = p.lam > 0 ? T(p.lam) * exp_weight<T, Bytes>(e0 - running) : V{} + T(0);
   for (int l = 0; l < count; ++l) {
     const int64_t b = b0 + l;
     scale[b] = running[l];
@@ -327,7 +335,8 @@ PYGEO_INLINE void vjp_tile(const Problem<T>& p, TileScratch<T, Bytes>& s, int64_
   }
   V norm2 = V{} + T(0);
   for (int64_t k = 0; k < d; ++k) norm2 += s.z[k] * s.z[k];
-  const V prior = T(p.lam) * exp_weight<T, Bytes>(norm2 * T(-p.tau) - s_tile);
+  // lam = 0: zero, not 0 * exp(e0 - s), which overflows where s (the forward's scale) is far below e0.
+  const V prior = p.lam > 0 ? T(p.lam) * exp_weight<T, Bytes>(norm2 * T(-p.tau) - s_tile) : V{} + T(0);
   for (int l = 0; l < count; ++l) {
     for (int64_t k = 0; k < d; ++k) v[(b0 + l) * d + k] = s.v[k][l] + T(-2.0 * p.tau) * prior[l] * trace[l] * s.z[k][l];
   }

@@ -2,8 +2,8 @@
 from .base import Metric
 from .function import FunctionMetric
 from .kahler import ComplexGaussianFisherMetric, HermitianMetric, LSEKahlerMetric, RealFormMetric
-from .latent import LatentMetric
+from .latent import LatentMetric, RHVAEMetric
 from .pullback import PullbackMetric
 
-__all__ = ["Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric",
+__all__ = ["Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "RHVAEMetric", "LSEKahlerMetric",
            "ComplexGaussianFisherMetric", "HermitianMetric", "RealFormMetric"]

@@ -37,7 +37,10 @@ class Metric:
         """u^T G(z) v [...]: z, u, v [..., d], batch shapes broadcast."""
         G = self.metric(z)
         check_tangents(z, u=u, v=v)
-        return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        product = (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        # G, u and v are finite here: an Inf is the product's own overflow, not a value to pass on.
+        _checks.finite_points(product.reshape(-1), "inner(z, u, v)", f"u^T G v overflows {product.dtype}")
+        return product
 
     def norm(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.inner(z, v, v).clamp_min(0).sqrt()
@@ -100,6 +103,7 @@ def metric_and_derivative_by_autograd(metric_fn, z: torch.Tensor):
     Forward mode (d jvps, vmapped) when the function supports it; otherwise reverse mode over the d(d+1)/2 distinct
     entries of G, summed over the batch (points are independent, so one backward pass serves every point).
     """
+    _checks.real_tensor("z", z, min_dim=1, check_finite=False)  # the metric function scans the values
     batch_shape, d = z.shape[:-1], z.shape[-1]
     flat = z.reshape(-1, d)
     def single(point):
@@ -172,6 +176,11 @@ def log_volume_and_grad(metric, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
 def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
     """(fn(z) [C], d fn / dz [C, d]) for a scalar function of each row of z [C, d], both detached; the gradient is
     zero where fn does not depend on z (a constant target has no graph at all)."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if not (z.is_floating_point() or z.is_complex()):
+        raise TypeError(f"z must be a floating tensor (float32 or float64; complex for Hermitian metrics), got dtype "
+                        f"{z.dtype} (convert with .float() or .double())")
     with torch.enable_grad():
         point = z.detach().requires_grad_(True)
         value = fn(point)

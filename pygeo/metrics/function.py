@@ -34,4 +34,11 @@ class FunctionMetric(Metric):
             shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
             raise ValueError(f"FunctionMetric: fn(z) must return G of shape {tuple(z.shape[:-1]) + (d, d)} for z of shape "
                              f"{tuple(z.shape)}, got {shape}")
+        if G.dtype != z.dtype:  # else derivatives and solvers downstream mix precisions (or fail deep inside)
+            raise TypeError(f"FunctionMetric: fn(z) must return G in z's dtype {z.dtype}, got {G.dtype}")
+        # z was checked finite, so a NaN/Inf here is fn's own (a point outside its domain, an overflow): say so rather
+        # than pass it on into Cholesky factors, geodesic energies and samplers.
+        _checks.finite_points(G.reshape(-1, d, d), "FunctionMetric: fn(z)",
+                              "fn returned NaN or Inf for finite z (a point outside the metric's domain, or an "
+                              "overflow)")
         return symmetric_part(G)

@@ -28,6 +28,23 @@ class HermitianMetric:
     def metric(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def metric_and_derivative(self, z: torch.Tensor):
+        """z [..., n] complex -> (G [..., n, n], dG [..., n, n, n]) with dG[..., a, i, j] = d G_ij / d z_a, the
+        holomorphic Wirtinger derivative d_a = (d/dRe z_a - i d/dIm z_a) / 2.
+
+        For complex z, "the derivative of G" has two halves; this one is the half that Kahler geometry uses (the
+        Christoffel symbols of a Kahler metric are Gamma^k_aj = G^-1 contracted with it). The other half follows
+        from G = G^H: d G_ij / d zbar_a = conj(dG[..., a, j, i]). For a Kahler metric G_ij = d_ibar d_j Psi, so
+        dG[..., a, i, j] = d_a d_j d_ibar Psi is symmetric in (a, j). The derivative with respect to the real
+        coordinates x = [Re z, Im z] is as_real().metric_and_derivative(x)."""
+        _checks.complex_tensor("z", z, min_dim=1)
+        n = z.shape[-1]
+        _, dG_real = self.as_real().metric_and_derivative(to_real(z))  # [..., 2n, 2n, 2n], d / dx_k
+        # G_real = 2 [[Re G, -Im G], [Im G, Re G]]: its left column of blocks, halved, is (Re G, Im G) per direction.
+        d_real = torch.complex(dG_real[..., :n, :n], dG_real[..., n:, :n]) / 2  # [..., 2n, n, n]: dG / dx_k
+        dG = (d_real[..., :n, :, :] - 1j * d_real[..., n:, :, :]) / 2
+        return self.metric(z), dG
+
     def log_volume(self, z: torch.Tensor) -> torch.Tensor:
         """log det G(z) [...]: the log density of the Kahler volume form (omega^n / n!) against Lebesgue measure on
         C^n = R^{2n}, up to a constant. Note: log det G, not 1/2 log det G as for real metrics (see module doc)."""
@@ -272,4 +289,8 @@ class ComplexGaussianFisherMetric(HermitianMetric):
                                  f"shape {tuple(self.sigma.shape)}")
             inv_var = inv_var.reshape(-1, 1)  # [D, 1] over the rows of the Jacobians
         G = d_z.mH @ (inv_var * d_z) + d_zbar.transpose(-1, -2) @ (inv_var * d_zbar.conj())
+        # z was checked finite: NaN/Inf here means the decoder's Jacobians or J^H J / sigma^2 overflow the dtype.
+        _checks.finite_points(G.reshape(-1, *G.shape[-2:]), "ComplexGaussianFisherMetric: G",
+                              f"the decoder's Jacobians or J^H J / sigma^2 overflow {z.dtype} (z or the decoder's "
+                              "outputs too large, or sigma too small; complex128 extends the range)")
         return hermitian_part(G)

@@ -11,8 +11,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _linalg
 from ..ops.latent_metric import check_inputs, default_rho, latent_metric
+from ..reference import symmetric_part
 from .base import Metric
 
 
@@ -89,11 +90,6 @@ class LatentMetric(Metric):
         out = self._call(z.detach(), log_volume=True)
         return out.log_volume, out.log_volume_grad
 
-    def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """u^T G(z) v [...] for z, u, v [..., d]."""
-        G = self.metric(z)
-        return (u.unsqueeze(-2) @ G @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-
     @classmethod
     def from_encoder(cls, encoder: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], data: torch.Tensor,
                      n_centroids: int = 100, lam: float = 0.01, tau: float = 0.0, rho: Optional[float] = None,
@@ -129,3 +125,68 @@ class LatentMetric(Metric):
                              f"{tuple(logvar.shape)}")
         medoids = kmedoids(mu, n_centroids, seed=seed, max_iter=max_iter).indices
         return cls(mu[medoids], torch.exp(-logvar[medoids]), lam=lam, tau=tau, rho=rho, backend=backend)
+
+
+class RHVAEMetric(LatentMetric):
+    """The metric of the Riemannian Hamiltonian VAE (Chadebec et al. 2020, pythae's RHVAE), given by its inverse:
+
+        G(z)^-1 = sum_i M_i w_i(z) + lam exp(-tau |z|^2) I,   M_i = L_i L_i^T,   w_i(z) = exp(-(z - c_i)^T M_i (z - c_i) / rho^2)
+
+    The inverse is the sum that LatentMetric's fused op computes (one pass over the centroids, log-space weights), so
+    every method is that op plus a batched Cholesky: G = (G^-1)^-1, dG[k] = -G dG^-1[k] G, and
+    1/2 log det G = -1/2 log det G^-1 with the op's exact, fused gradient (negated).
+
+    Note: pythae's RHVAE weighs the centroids by the Euclidean distance, w_i = exp(-|z - c_i|^2 / T^2); the fused op
+    (shared with LatentMetric) weighs by the distance in M_i. The two agree when the M_i are multiples of I (diagonal
+    matrices equal across dimensions), and otherwise differ in the weights only.
+
+    Args:
+        centroids: [N, d] centroids c_i (pythae: the training latent codes).
+        matrices: the M_i = L_i L_i^T, [N, d, d] symmetric positive definite or [N, d] diagonal; or the factors L_i
+            [N, d, d] with factors=True (pythae stores the lower-triangular L_psi_i).
+        lam: the inverse's regulariser lam >= 0 (pythae's lbd; with tau = 0 it bounds G above by I / lam).
+        tau, rho, backend: as LatentMetric (rho is pythae's temperature T).
+    """
+
+    def __init__(self, centroids: torch.Tensor, matrices: torch.Tensor, lam: float = 0.01, tau: float = 0.0,
+                 rho: Optional[float] = None, backend: str = "auto", *, factors: bool = False):
+        if factors:
+            _checks.real_tensor("matrices (factors L_i)", matrices)
+            if matrices.dim() != 3 or matrices.shape[-1] != matrices.shape[-2]:
+                raise ValueError(f"factors=True needs matrices L_i of shape [N, d, d], got {tuple(matrices.shape)}")
+            matrices = matrices @ matrices.transpose(-1, -2)
+        super().__init__(centroids, matrices, lam=lam, tau=tau, rho=rho, backend=backend)
+
+    def __repr__(self) -> str:
+        return "RHVAEMetric" + super().__repr__()[len("LatentMetric"):]
+
+    def to(self, device=None, dtype=None) -> "RHVAEMetric":
+        return RHVAEMetric(self.centroids.to(device=device, dtype=dtype), self.precisions.to(device=device, dtype=dtype),
+                           self.lam, self.tau, self.rho, self.backend)
+
+    def inverse_metric(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., d] -> G^-1 [..., d, d] (the fused sum)."""
+        return self._call(z).metric
+
+    def _invert(self, inverse: torch.Tensor) -> torch.Tensor:
+        L = _linalg.cholesky(inverse, name="RHVAEMetric's inverse metric G^-1(z)")
+        return symmetric_part(torch.cholesky_inverse(L))
+
+    def metric(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., d] -> G [..., d, d], differentiable in z."""
+        return self._invert(self.inverse_metric(z))
+
+    def metric_and_derivative(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """z [..., d] -> (G [..., d, d], dG [..., d, d, d]), dG[..., k] = -G dG^-1[..., k] G."""
+        out = self._call(z, derivative=True)
+        G = self._invert(out.metric)
+        return G, symmetric_part(-(G.unsqueeze(-3) @ out.derivative @ G.unsqueeze(-3)))
+
+    def log_volume(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., d] -> 1/2 log det G = -1/2 log det G^-1 [...], in log space; differentiable (fused gradient)."""
+        return -self._call(z, log_volume=True).log_volume
+
+    def log_volume_and_grad(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """z [..., d] -> (1/2 log det G [...], its gradient [..., d]) in one fused call, without autograd (samplers)."""
+        out = self._call(z.detach(), log_volume=True)
+        return -out.log_volume, -out.log_volume_grad

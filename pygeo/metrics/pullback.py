@@ -304,6 +304,10 @@ class PullbackMetric(Metric):
         _checks.real_tensor("z", z, min_dim=1)
         if z.shape[-1] == 0:
             raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
+        parameter = next(self.decoder.parameters(), None) if isinstance(self.decoder, torch.nn.Module) else None
+        if parameter is not None and parameter.is_floating_point() and parameter.dtype != z.dtype:
+            raise TypeError(f"z has dtype {z.dtype} but the decoder's parameters are {parameter.dtype}: convert z "
+                            f"(z.to({parameter.dtype})) or the decoder (decoder.to({z.dtype}))")
         mlp = self._mlp if self._mlp is not None else self._mean_mlp
         if mlp is not None and z.shape[-1] != mlp.in_features:
             raise ValueError(f"z must have shape [..., {mlp.in_features}] (the decoder's input width), "

@@ -71,6 +71,26 @@ def _backward(ctx, grad_Gamma, _grad_failed):
 _christoffel_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Points whose largest diagonal entry of G lies outside [2^-_SAFE_EXPONENT, 2^_SAFE_EXPONENT] are rescaled first: a
+# Cholesky factor of a tiny G has a huge inverse (G = 1e-39 I in float32: G^-1 = 1e39 = inf) although Gamma is finite.
+_SAFE_EXPONENT = 32
+
+
+def _rescaled(G: torch.Tensor, dG: torch.Tensor):
+    """(c G, c dG) for G [B, d, d], dG [B, d, d, d], with c [B] a power of two that brings the largest diagonal entry
+    of each tiny or huge G near 1. Gamma = 1/2 G^-1 T(dG) is invariant under scaling G and dG alike, and a power of two
+    scales exactly, so points that need no rescaling give the same bits either way (they are left as they are)."""
+    if not G.numel() or _checks._is_fake(G):
+        return G, dG
+    largest = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # [B]
+    exponent = torch.frexp(largest).exponent  # largest = m 2^e, m in [0.5, 1)
+    outside = (exponent.abs() > _SAFE_EXPONENT) & (largest > 0) & torch.isfinite(largest)
+    if not bool(outside.any()):
+        return G, dG
+    factor = torch.where(outside, torch.ldexp(torch.ones_like(largest), -exponent), torch.ones_like(largest))
+    return G * factor[:, None, None], dG * factor[:, None, None, None]
+
+
 def christoffel(G: torch.Tensor, dG: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Christoffel symbols of the second kind, Gamma[..., k, i, j] = 1/2 sum_l Ginv[k, l] (dG[i, l, j] + dG[j, l, i]
     - dG[l, i, j]).
@@ -98,8 +118,8 @@ def christoffel(G: torch.Tensor, dG: torch.Tensor, *, backend: str = "auto") -> 
                          f"{tuple(G.shape)} and {tuple(dG.shape)}")
     batch_shape = G.shape[:-2]
     chosen = _backend.resolve("christoffel", G.device, backend, _IMPLEMENTED)
-    G_flat = G.reshape(-1, d, d).contiguous()
-    dG_flat = dG.reshape(-1, d, d, d).contiguous()
+    G_flat, dG_flat = _rescaled(G.reshape(-1, d, d), dG.reshape(-1, d, d, d))
+    G_flat, dG_flat = G_flat.contiguous(), dG_flat.contiguous()
     Gamma, failed = _backend.call_op(_christoffel_op, _run, G_flat, dG_flat, chosen)
     if not torch.compiler.is_compiling() and G_flat.device.type != "meta" and bool(failed.any()):
         # Rare: recompute those points through the jittered Cholesky, which raises ValueError if jitter is not enough.

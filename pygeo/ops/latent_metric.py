@@ -176,17 +176,31 @@ def _backward(ctx, grad_G, grad_dG, grad_log_volume, grad_log_volume_grad):
 _latent_metric_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Rows of centroids per block of the nearest-neighbour search of default_rho: memory O(block x N), not the N x N
+# distance matrix (N = 20,000 centroids: 1.6 GB in float32), with blocks large enough that cdist stays a matrix product.
+_NEIGHBOUR_BLOCK_ELEMENTS = 1 << 22
+
+
 def default_rho(centroids: torch.Tensor) -> float:
     """The paper's bandwidth: max over centroids of the distance to the nearest other centroid, for centroids [N, d].
 
-    Needs N >= 2 (with one centroid there is no neighbour: pass rho explicitly) and distinct centroids."""
+    Needs N >= 2 (with one centroid there is no neighbour: pass rho explicitly) and distinct centroids. Computed in
+    blocks of rows, memory O(block x N)."""
     N = centroids.shape[0]
     if N < 2:
         raise ValueError("rho=None needs at least 2 centroids (rho = max_i min_{j != i} |c_i - c_j|); with N=1 pass rho "
                          "explicitly")
-    distances = torch.cdist(centroids, centroids)
-    distances.fill_diagonal_(float("inf"))
-    rho = float(distances.min(-1).values.max())
+    if centroids.device.type == "meta" or _checks._is_fake(centroids):
+        raise ValueError("rho=None computes rho from the centroids' values, which meta / fake tensors do not have: "
+                         "pass rho explicitly")
+    block = max(1, _NEIGHBOUR_BLOCK_ELEMENTS // N)
+    nearest = []
+    for start in range(0, N, block):
+        distances = torch.cdist(centroids[start:start + block], centroids)  # [block, N]
+        rows = torch.arange(distances.shape[0], device=centroids.device)
+        distances[rows, rows + start] = float("inf")  # a centroid is not its own neighbour
+        nearest.append(distances.min(-1).values)
+    rho = float(torch.cat(nearest).max())
     if not rho > 0:
         raise ValueError("rho=None: every centroid has a duplicate, so max nearest-neighbour distance is 0; pass rho")
     return rho

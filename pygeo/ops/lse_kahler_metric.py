@@ -194,16 +194,60 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
     chosen = _backend.resolve("lse_kahler_metric", z.device, backend, _IMPLEMENTED)
+    _refuse_unresolved_weights(z.reshape(-1, n), centers, precisions, log_weights, temperature, diagonal)
     batch_shape = z.shape[:-1]
     z_real = torch.view_as_real(z.reshape(-1, n).resolve_conj()).contiguous()
     centers_real = torch.view_as_real(centers.resolve_conj()).contiguous()
     precisions_real = precisions.contiguous() if diagonal else torch.view_as_real(precisions.resolve_conj()).contiguous()
     G_real = _backend.call_op(_lse_kahler_metric_op, _run, z_real, centers_real, precisions_real,
                               log_weights.contiguous(), float(temperature), chosen)
+    # z and the parameters are finite and the weights resolved: NaN/Inf here is an overflow of u / T or of y y^H / T.
+    _checks.finite_points(G_real, "lse_kahler_metric: G", f"the scores (z - c)^H P (z - c) / T or the outer products "
+                          f"y y^H / T overflow {z.dtype} (|z| too large for temperature {temperature:g})")
     G = torch.view_as_complex(G_real).reshape(*batch_shape, n, n)
     if not with_log_det:
         return G
     return G, log_det(G)
+
+
+def _refuse_unresolved_weights(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor,
+                               log_weights: torch.Tensor, temperature: float, diagonal: bool) -> None:
+    """ValueError naming z where the softmax weights p = softmax(log pi + u / T) are not determined in z's precision.
+
+    Far from the centres (|z| large against sqrt(T / eps)) the scores u_i / T ~ |P| |z - c_i|^2 / T are rounded by more
+    than the gaps between components, and every backend returns a different, wrong mixture (each covariance term is
+    then ~|z|^2 / T). A cheap bound first (O(B n)): err = 8 n eps |P|_max (|z| + |c|_max)^2 / T on the scores'
+    rounding. Only points where err > 1 get their scores computed here, and they are refused unless the top component
+    wins by more than 2 err + log(1/eps) (its weight is then 1 to working precision, whatever the rounding)."""
+    if not z.numel() or _checks._is_fake(z):
+        return
+    real = z.real.dtype
+    eps = torch.finfo(real).eps
+    n = z.shape[-1]
+    P_size = precisions.abs().amax() if diagonal else torch.linalg.matrix_norm(precisions).amax()
+    reach = torch.linalg.vector_norm(z, dim=-1) + torch.linalg.vector_norm(centers, dim=-1).amax()
+    error = (8 * n * eps / temperature) * P_size.to(real) * reach * reach  # [B]; inf where |z|^2 overflows
+    suspect = ~(error <= 1)
+    if not bool(suspect.any()):
+        return
+    index = suspect.nonzero().flatten()
+    diff = z[index].unsqueeze(1) - centers  # [S, K, n]
+    y = precisions * diff if diagonal else torch.einsum("kij,skj->ski", precisions, diff)
+    scores = log_weights + (diff.conj() * y).real.sum(-1) / temperature  # [S, K]
+    if scores.shape[-1] > 1:
+        top = scores.topk(2, dim=-1).values
+        gap = top[:, 0] - top[:, 1]
+    else:  # one component: its weight is 1 whatever the rounding, unless its score is not finite
+        gap = torch.where(torch.isfinite(scores[:, 0]), math.inf, math.nan).to(real)
+    unresolved = ~(gap > 2 * error[index] + math.log(1 / eps))  # NaN gaps (overflowed scores) count as unresolved
+    if bool(unresolved.any()):
+        first = int(index[unresolved.nonzero()[0, 0]])
+        raise ValueError(
+            f"z: the weights of the log-sum-exp potential are not determined at {int(unresolved.sum())} of "
+            f"{z.shape[0]} points (first: index {first}, |z| = {float(torch.linalg.vector_norm(z[first])):.3g}): "
+            f"the scores (z - c_i)^H P_i (z - c_i) / T at temperature {temperature:g} carry a rounding error of up to "
+            f"{float(error[first]):.3g} in {z.dtype}, more than the gap between the leading components; move z closer "
+            f"to the centres, raise the temperature, or use complex128")
 
 
 def log_det(G: torch.Tensor, name: str = "G") -> torch.Tensor:

@@ -33,6 +33,9 @@ Activation = Union[str, Tuple]
 
 def _encode_activation(layer: int, spec: Activation) -> Tuple[int, float, float]:
     """'name' or ('name', *params) -> (code, param0, param1)."""
+    if not (isinstance(spec, str) or (isinstance(spec, (tuple, list)) and spec and isinstance(spec[0], str))):
+        raise TypeError(f"activations[{layer}] must be a name such as 'tanh' or 'identity', or a tuple (name, *params), "
+                        f"got {spec!r}")
     name, params = (spec, ()) if isinstance(spec, str) else (spec[0], tuple(spec[1:]))
     if name not in ACTIVATIONS:
         raise ValueError(f"activations[{layer}] must be one of {tuple(ACTIVATIONS)} (optionally as (name, *params)), got {spec!r}")
@@ -79,9 +82,11 @@ def _compress_last_layer(B, d, weights, biases, activation_codes, output_weight,
     """With a constant Fisher weight w and an identity last activation, G = T^T (W_L^T diag(w) W_L) T (T: the tangents
     entering the last layer) equals (R T)^T (R T) for R = C^T, C the Cholesky factor of W_L^T diag(w) W_L [n, n]. R is
     upper triangular, so the kernels skip half of it: a third of the last layer's work when D = 784 and n = 512.
-    Done when R is cached from an earlier call, or when the B (d + 1) rows that go through the last layer repay the
-    Gram + Cholesky (in float64, so that squaring the condition number costs no accuracy) several times over; and only
-    when that Gram is numerically positive definite.
+    Done when the B (d + 1) rows that go through the last layer repay the Gram + Cholesky (in float64, so that squaring
+    the condition number costs no accuracy) several times over, and only when that Gram is numerically positive
+    definite. R is cached for repeated calls, but whether a call compresses depends on its sizes alone, never on what
+    the cache holds: the two forms round differently (~1e-7 in float32), and a result must not depend on the calls
+    made before it.
 
     Returns (weights, biases, output_weight, last layer upper triangular?).
     """
@@ -89,15 +94,15 @@ def _compress_last_layer(B, d, weights, biases, activation_codes, output_weight,
     D, n = W.shape
     if bernoulli or activation_codes[-1] != reference.IDENTITY or D < n or _checks._is_fake(W):
         return weights, biases, output_weight, False
+    saved = B * (d + 1) * (D * n - n * n / 2)
+    if saved <= 8 * (D * n * n + n ** 3 / 3):
+        return weights, biases, output_weight, False
     key = (tuple(W.shape), W.dtype, W.device, output_weight is None)
     cached = _COMPRESSED.get(key)
     R = None
     if cached is not None and torch.equal(cached[0], W) and (output_weight is None or torch.equal(cached[1], output_weight)):
         R = cached[2]
     if R is None:
-        saved = B * (d + 1) * (D * n - n * n / 2)
-        if saved <= 8 * (D * n * n + n ** 3 / 3):
-            return weights, biases, output_weight, False
         W64 = W.detach().double()
         scaled = W64 if output_weight is None else output_weight.detach().double().sqrt().unsqueeze(-1) * W64
         C, info = torch.linalg.cholesky_ex(scaled.transpose(0, 1) @ scaled)
@@ -234,6 +239,9 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     G = _backend.call_op(_mlp_metric_op, _run, z.reshape(-1, d).contiguous(), [W.contiguous() for W in weights],
                          [b.contiguous() for b in biases], codes, params, output_weight, likelihood == "bernoulli",
                          float(eps), chosen)
+    # z, weights and biases were checked finite: a NaN/Inf here is an overflow of the activations or the Jacobian.
+    _checks.finite_points(G, "mlp_metric: G", f"the decoder's activations or Jacobian overflow {z.dtype} (weights or "
+                          "inputs too large; float64 extends the range)")
     return G.reshape(*batch_shape, d, d)
 
 

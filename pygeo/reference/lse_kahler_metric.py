@@ -4,6 +4,10 @@ Psi(z) = T log sum_i pi_i exp(u_i / T), u_i = (z - c_i)^H P_i (z - c_i), p = sof
 The metric, as the matrix G of the Hermitian form h(u, u) = u^H G u (for (z - c)^H P (z - c) this G is P):
     G = sum_i p_i P_i + (1/T) (sum_i p_i y_i y_i^H - ybar ybar^H),   ybar = sum_i p_i y_i.
 Memory O(B K n): the [B, K, n] tensor y is materialised (the fused kernels never write it).
+
+The moments are taken of y_i - y_r, r the component of largest weight at each point (as the C++ kernel does): the
+covariance does not depend on the shift, but the plain second moment minus the squared mean cancels catastrophically
+when one weight is ~1 and |y| is large (far from the centres it returned negative diagonals).
 """
 from __future__ import annotations
 
@@ -29,11 +33,18 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
         mean_precision = torch.diag_embed(p @ precisions).to(z.dtype)  # [B, n, n]
     else:
         mean_precision = (p.to(z.dtype) @ precisions.reshape(K, n * n)).reshape(B, n, n)
+    y = _shifted_to_dominant(y, p)
     weighted_y = p.unsqueeze(-1) * y  # [B, K, n]
     second_moment = weighted_y.transpose(-1, -2) @ y.conj_physical()  # [B, n, n]: sum_i p_i y_i y_i^H
     y_mean = weighted_y.sum(1)  # [B, n]
     G = mean_precision + (second_moment - y_mean.unsqueeze(-1) * y_mean.conj_physical().unsqueeze(-2)) / temperature
     return hermitian_part(G)
+
+
+def _shifted_to_dominant(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """y [B, K, n] minus, at each point, the y of its component of largest weight p [B, K]."""
+    dominant = p.argmax(-1)  # [B]
+    return y - y[torch.arange(y.shape[0], device=y.device), dominant].unsqueeze(1)
 
 
 def lse_kahler_metric_real(z: torch.Tensor, centers: torch.Tensor, precisions: torch.Tensor, log_weights: torch.Tensor,
@@ -70,6 +81,9 @@ def lse_kahler_metric_vjp_z(z: torch.Tensor, centers: torch.Tensor, precisions: 
     u = (diff.conj_physical() * y).real.sum(-1)  # [B, K]
     p = torch.softmax(log_weights + u / temperature, dim=-1)  # [B, K]
     B, K, n = diff.shape
+    # The formula below holds for y shifted by any r (e_i moves by a constant, which centred_e removes, and
+    # sum_i p_i (e_i - ebar) r = 0): shifting to the dominant component's y avoids cancellation, as in the forward.
+    y = _shifted_to_dominant(y, p)
     y_mean = (p.unsqueeze(-1) * y).sum(1)  # [B, n]
     Hy = y @ H.transpose(-1, -2)  # [B, K, n]: H y_i
     H_y_mean = (H @ y_mean.unsqueeze(-1)).squeeze(-1)  # [B, n]

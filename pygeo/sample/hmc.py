@@ -165,6 +165,9 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
         raise ValueError(f"n_chains must be a positive int, got {n_chains!r}")
     if n_steps < 1 or n_leapfrog < 1:
         raise ValueError(f"n_steps and n_leapfrog must be >= 1, got {n_steps} and {n_leapfrog}")
+    if isinstance(step_size, str):
+        raise ValueError(f"step_size must be a finite positive number, got {step_size!r} (riemannian_uniform has no "
+                         "'auto': it adapts the given step during warm-up when adapt_step_size=True)")
     if not (step_size > 0 and math.isfinite(step_size)):
         raise ValueError(f"step_size must be a finite positive number, got {step_size!r}")
     if not 0 < target_acceptance < 1:

@@ -1,0 +1,315 @@
+"""Fuzz every public op and the metric contract on random shapes, dtypes and values, extreme ones included (issue 14).
+
+Each example asserts: the call returns or refuses with a ValueError / TypeError (nothing else escapes); a result from
+finite inputs holds no NaN or Inf; and the torch and cpp backends agree, both refusing or both returning values equal
+to a tolerance of the dtype (relative to the result's magnitude). Triton is left out: its interpreter is too slow to
+fuzz on the CPU (its kernels are compared with the reference in the op tests).
+
+Bounded for CI: deadline=None, derandomize=True (the same examples every run), max_examples so that the file runs in
+well under 30 s on one core.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import pygeo
+from pygeo import _backend
+from pygeo.metrics import RHVAEMetric
+
+BACKENDS = [name for name in ("torch", "cpp") if _backend.status(name).available]
+SCALES = [0.0, 1e-30, 1e-6, 1e-2, 1.0, 10.0, 1e3, 1e8, 1e20, 1e40]
+TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9, torch.complex64: 2e-3, torch.complex128: 1e-9}
+# The C++ kernels drop exponential weights below (log of the smallest normal) + 30 relative to the largest one
+# (csrc/common/simd.h, negligible_below): terms that small, relative to the call's largest output, may differ.
+NEGLIGIBLE = {torch.float32: math.exp(math.log(torch.finfo(torch.float32).tiny) + 31),
+              torch.float64: math.exp(math.log(torch.finfo(torch.float64).tiny) + 31)}
+
+FUZZ = settings(deadline=None, derandomize=True, max_examples=40, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+seeds = st.integers(0, 2**31 - 1)
+scales = st.sampled_from(SCALES)
+real_dtypes = st.sampled_from([torch.float32, torch.float64])
+sizes = st.integers(0, 3)  # batch sizes, 0 included
+dims = st.integers(1, 3)
+
+
+def random(shape, seed, scale, dtype):
+    """Normal draws times scale, cast to dtype (large scales overflow float32 to inf: not a finite input then)."""
+    g = torch.Generator().manual_seed(seed)
+    complex_ = dtype in (torch.complex64, torch.complex128)
+    values = torch.randn(*shape, 2 if complex_ else 1, generator=g, dtype=torch.float64) * scale
+    values = torch.complex(values[..., 0], values[..., 1]) if complex_ else values[..., 0]
+    return values.to(dtype)
+
+
+def finite(*tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def outcome(call):
+    """('ok', tensors) or ('refused', the ValueError / TypeError); any other exception fails the example."""
+    try:
+        out = call()
+    except (ValueError, TypeError) as error:
+        assert str(error), "a refusal must say why"
+        return "refused", error
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    return "ok", tensors
+
+
+def check(call_for_backend, inputs_finite: bool, backends=BACKENDS, condition: float = 1.0):
+    """Run call_for_backend(name) on each backend and assert the three properties; returns the outcomes.
+    condition: the problem's condition number (the tolerance is the dtype's times it)."""
+    results = {name: outcome(lambda: call_for_backend(name)) for name in backends}
+    kinds = {name: kind for name, (kind, _) in results.items()}
+    assert len(set(kinds.values())) == 1, f"backends disagree: {kinds} ({[r[1] for r in results.values()]})"
+    kind, first = next(iter(results.values()))
+    if kind == "refused":
+        return results
+    if inputs_finite:
+        for name, (_, tensors) in results.items():
+            for t in tensors:
+                assert finite(t), f"{name}: NaN/Inf out of finite input"
+    finite_magnitudes = [float(t.abs().max()) for t in first if t.numel() and t.dtype != torch.bool]
+    largest = max([m for m in finite_magnitudes if math.isfinite(m)], default=0.0)
+    for name, (_, tensors) in list(results.items())[1:]:
+        for a, b in zip(first, tensors):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            if a.numel() == 0 or a.dtype == torch.bool:
+                continue
+            magnitude = max(float(a.abs().max()), float(b.abs().max()))
+            if not math.isfinite(magnitude):
+                continue
+            # Relative to the result's magnitude; values within tiny / eps of zero (where the kernels flush or clamp
+            # underflowing exponentials) count as equal.
+            real = a.real.dtype if a.is_complex() else a.dtype
+            tol = (TOLERANCE[a.dtype] * condition * magnitude + torch.finfo(real).tiny / torch.finfo(real).eps
+                   + NEGLIGIBLE[real] * condition * largest)
+            difference = float((a - b).abs().max())
+            assert difference <= tol, f"{name} differs from {BACKENDS[0]} by {difference:.3g} (tol {tol:.3g})"
+    return results
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, dtype=real_dtypes, B=sizes, D=st.integers(1, 5), d=dims, weighted=st.booleans())
+def test_fuzz_jtj(seed, scale, dtype, B, D, d, weighted):
+    J = random((B, D, d), seed, scale, dtype)
+    weight = random((B, D), seed + 1, 1.0, dtype).abs() if weighted else None
+    check(lambda b: pygeo.ops.jtj(J, weight, backend=b), finite(J, weight))
+
+
+def exponent_condition(z, centroids, precisions, tau, rho):
+    """1 + the largest |exponent| (z - c)^T M (z - c) / rho^2 + tau |z|^2: exp(e) carries a relative error of |e| eps,
+    so backends that round e differently (the C++ kernel's passes use two algebraic forms of the quadratic) may
+    differ by that much."""
+    if not z.numel():
+        return 1.0
+    z64, c64 = z.double(), centroids.double()
+    size = float(precisions.double().abs().amax())
+    if precisions.dim() == 3:
+        size *= precisions.shape[-1]
+    distance = float(torch.cdist(z64, c64).max()) ** 2
+    return 1.0 + size * distance / (rho if rho is not None else 0.5) ** 2 + tau * float((z64 * z64).sum(-1).max())
+
+
+def latent_problem(seed, scale, dtype, B, N, d, full, precision_scale):
+    z = random((B, d), seed, scale, dtype)
+    centroids = random((N, d), seed + 1, 1.0, dtype)
+    if full:
+        A = random((N, d, d), seed + 2, 1.0, torch.float64)
+        precisions = (A @ A.mT / d + 0.3 * torch.eye(d, dtype=torch.float64)) * precision_scale
+    else:
+        precisions = (0.3 + random((N, d), seed + 2, 1.0, torch.float64).abs()) * precision_scale
+    return z, centroids, precisions.to(dtype)
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, dtype=real_dtypes, B=sizes, N=st.integers(1, 4), d=dims, full=st.booleans(),
+       precision_scale=st.sampled_from([1e-8, 1.0, 1e8]), lam=st.sampled_from([0.0, 0.01, 10.0]),
+       tau=st.sampled_from([0.0, 0.5]), rho=st.sampled_from([None, 0.01, 1.0, 100.0]))
+def test_fuzz_latent_metric(seed, scale, dtype, B, N, d, full, precision_scale, lam, tau, rho):
+    z, centroids, precisions = latent_problem(seed, scale, dtype, B, N, d, full, precision_scale)
+    check(lambda b: pygeo.ops.latent_metric(z, centroids, precisions, lam, tau, rho, derivative=True, log_volume=True,
+                                            backend=b), finite(z, centroids, precisions),
+          condition=exponent_condition(z, centroids, precisions, tau, rho))
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, dtype=real_dtypes, B=sizes, N=st.integers(1, 4), d=dims, full=st.booleans(),
+       lam=st.sampled_from([0.0, 0.01, 1.0]), rhvae=st.booleans())
+def test_fuzz_latent_metric_classes(seed, scale, dtype, B, N, d, full, lam, rhvae):
+    z, centroids, precisions = latent_problem(seed, scale, dtype, B, N, d, full, 1.0)
+    kind = RHVAEMetric if rhvae else pygeo.LatentMetric
+
+    def contract(backend):
+        metric = kind(centroids, precisions, lam=lam, rho=1.0, backend=backend)
+        G, dG = metric.metric_and_derivative(z)
+        return (metric.metric(z), G, dG, metric.log_volume(z), *metric.log_volume_and_grad(z),
+                metric.inner(z, z, z))
+
+    check(contract, finite(z), condition=exponent_condition(z, centroids, precisions, 0.0, 1.0))
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-20, 1.0, 1e3, 1e20]), dtype=real_dtypes, B=sizes,
+       d=dims, hidden=st.integers(1, 6), D=st.integers(1, 8),
+       activation=st.sampled_from(["tanh", "relu", "softplus", "sigmoid", "elu", "silu", "identity"]),
+       likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli"]))
+def test_fuzz_mlp_metric(seed, scale, weight_scale, dtype, B, d, hidden, D, activation, likelihood):
+    z = random((B, d), seed, scale, dtype)
+    weights = [random((hidden, d), seed + 1, weight_scale, dtype), random((D, hidden), seed + 2, 1.0, dtype)]
+    biases = [random((hidden,), seed + 3, 1.0, dtype), None]
+    sigma = 0.5 if likelihood == "gaussian" else None
+    check(lambda b: pygeo.ops.mlp_metric(z, weights, biases, [activation, "identity"], likelihood=likelihood,
+                                         sigma=sigma, backend=b), finite(z, *weights))
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, dtype=st.sampled_from([torch.complex64, torch.complex128]), B=sizes,
+       K=st.integers(1, 4), n=dims, diagonal=st.booleans(), temperature=st.sampled_from([1e-3, 0.1, 1.0, 100.0]))
+def test_fuzz_lse_kahler_metric(seed, scale, dtype, B, K, n, diagonal, temperature):
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    z = random((B, n), seed, scale, dtype)
+    centers = random((K, n), seed + 1, 1.0, dtype)
+    if diagonal:
+        precisions = 0.3 + random((K, n), seed + 2, 1.0, real).abs()
+    else:
+        A = random((K, n, n), seed + 2, 1.0, torch.complex128)
+        precisions = (A @ A.mH / n + 0.3 * torch.eye(n, dtype=torch.complex128)).to(dtype)
+    log_weights = random((K,), seed + 3, 1.0, real)
+    check(lambda b: pygeo.ops.lse_kahler_metric(z, centers, precisions, log_weights, temperature, with_log_det=True,
+                                                backend=b), finite(z))
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, derivative_scale=st.sampled_from([0.0, 1.0, 1e6]), dtype=real_dtypes, B=sizes,
+       d=dims, condition=st.sampled_from([1.0, 1e3, 1e12]))
+def test_fuzz_christoffel(seed, scale, derivative_scale, dtype, B, d, condition):
+    A = torch.linalg.qr(random((B, d, d), seed, 1.0, torch.float64))[0]
+    spectrum = torch.logspace(0, math.log10(condition), d, dtype=torch.float64)
+    G = (scale * (A * spectrum[..., None, :]) @ A.mT).to(dtype)
+    dG = random((B, d, d, d), seed + 1, derivative_scale * scale, dtype)
+    check(lambda b: pygeo.ops.christoffel(G, dG, backend=b), finite(G, dG), condition=condition)
+
+
+@FUZZ
+@given(seed=seeds, scale=scales, dtype=real_dtypes, B=sizes, d=dims, step=st.sampled_from([1e-8, 0.01, 1.0, 1e4]),
+       with_derivative=st.booleans())
+def test_fuzz_langevin_step(seed, scale, dtype, B, d, step, with_derivative):
+    z = random((B, d), seed, scale, dtype)
+    A = random((B, d, d), seed + 1, 1.0, torch.float64)
+    G = (A @ A.mT + 0.1 * torch.eye(d, dtype=torch.float64)).to(dtype)
+    grad = random((B, d), seed + 2, scale, dtype)
+    noise = random((B, d), seed + 3, 1.0, dtype)
+    dG = random((B, d, d, d), seed + 4, 1.0, dtype) if with_derivative else None
+    check(lambda b: pygeo.ops.langevin_step(z, G, grad, step, noise, dG=dG, target=z, backend=b), finite(z, grad, dG))
+
+
+@settings(deadline=None, derandomize=True, max_examples=25, database=None)
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-3, 1.0, 1e3]), dtype=real_dtypes, B=sizes, d=dims,
+       likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli"]), mlp=st.booleans())
+def test_fuzz_pullback_and_function_metrics(seed, scale, weight_scale, dtype, B, d, likelihood, mlp):
+    """The contract of PullbackMetric (the fused MLP path and a generic decoder) and FunctionMetric."""
+    z = random((B, d), seed, scale, dtype)
+    torch.manual_seed(seed)
+    decoder = torch.nn.Sequential(torch.nn.Linear(d, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).to(dtype)
+    with torch.no_grad():
+        decoder[0].weight.mul_(weight_scale)
+    if not mlp:  # a callable that is not an nn.Sequential: the generic autograd path
+        decoder = (lambda module: lambda x: module(x))(decoder)
+
+    def contract(backend):
+        metric = pygeo.PullbackMetric(decoder, likelihood=likelihood, sigma=0.5 if likelihood == "gaussian" else None,
+                                      backend=backend)
+        G, dG = metric.metric_and_derivative(z)
+        return (metric.metric(z), G, dG, *metric.log_volume_and_grad(z), metric.inner(z, z, z))
+
+    condition = 1.0
+    if z.numel() and finite(z):  # the log-volume gradient goes through G^-1: its error grows with G's condition
+        try:
+            G = pygeo.PullbackMetric(decoder, likelihood=likelihood, sigma=0.5 if likelihood == "gaussian" else None,
+                                     backend="torch").metric(z).double()
+            condition = float(torch.linalg.cond(G).max()) if finite(G) else 1.0
+        except ValueError:
+            pass
+    check(contract, finite(z), condition=min(condition, 1e30) if math.isfinite(condition) else 1e30)
+    function = pygeo.FunctionMetric(lambda x: torch.eye(x.shape[-1], dtype=x.dtype) * torch.exp(-(x * x).sum(-1))[..., None, None])
+    check(lambda _: (function.metric(z), *function.metric_and_derivative(z), *function.log_volume_and_grad(z)),
+          finite(z), backends=["torch"])
+
+
+@settings(deadline=None, derandomize=True, max_examples=25, database=None)
+@given(seed=seeds, scale=st.sampled_from([0.0, 1e-6, 1.0, 10.0, 1e3, 1e8, 1e20]),
+       dtype=st.sampled_from([torch.complex64, torch.complex128]), B=sizes, n=st.integers(1, 2),
+       temperature=st.sampled_from([0.01, 1.0, 100.0]))
+def test_fuzz_hermitian_metrics(seed, scale, dtype, B, n, temperature):
+    """The contract of LSEKahlerMetric (both backends) and ComplexGaussianFisherMetric, metric_and_derivative included."""
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    z = random((B, n), seed, scale, dtype)
+    centers = random((3, n), seed + 1, 1.0, dtype)
+    precisions = 0.3 + random((3, n), seed + 2, 1.0, real).abs()
+
+    def contract(backend):
+        metric = pygeo.LSEKahlerMetric(centers, precisions, temperature=temperature, backend=backend)
+        G, dG = metric.metric_and_derivative(z)
+        return (metric.metric(z), G, dG, *metric.log_volume_and_grad(z), metric.inner(z, z, z))
+
+    check(contract, finite(z))
+    W = random((4, n), seed + 3, 1.0, dtype)
+    fisher = pygeo.ComplexGaussianFisherMetric(lambda x: torch.tanh(x @ W.T), sigma=0.5)
+    check(lambda _: (fisher.metric(z), *fisher.metric_and_derivative(z), fisher.log_volume(z)) if z.numel()
+          else (fisher.metric(z),), finite(z), backends=["torch"])
+
+
+@settings(deadline=None, derandomize=True, max_examples=15, database=None)
+@given(seed=seeds, scale=st.sampled_from([1e-3, 1.0, 10.0, 1e3]), d=st.integers(1, 2), B=st.integers(1, 2),
+       which=st.sampled_from(["latent", "rhvae", "function", "pullback"]))
+def test_fuzz_christoffel_and_curvature_of_metrics(seed, scale, d, B, which):
+    """pygeo.christoffel and pygeo.curvature over the metric classes (float64: curvature differentiates twice)."""
+    dtype = torch.float64
+    z = random((B, d), seed, scale, dtype)
+    if which in ("latent", "rhvae"):
+        _, centroids, precisions = latent_problem(seed, 1.0, dtype, 1, 3, d, True, 1.0)
+        kind = RHVAEMetric if which == "rhvae" else pygeo.LatentMetric
+        metric = kind(centroids, precisions, lam=0.1, rho=1.0)
+    elif which == "function":
+        metric = pygeo.FunctionMetric(lambda x: torch.eye(x.shape[-1], dtype=x.dtype) * (1 + (x * x).sum(-1))[..., None, None])
+    else:
+        torch.manual_seed(seed)
+        metric = pygeo.PullbackMetric(torch.nn.Sequential(torch.nn.Linear(d, 4), torch.nn.Tanh(),
+                                                          torch.nn.Linear(4, 3)).double())
+    for backend in BACKENDS:
+        kind, out = outcome(lambda: (pygeo.christoffel(metric, z, backend=backend),
+                                     pygeo.curvature(metric, z, backend=backend).scalar))
+        if kind == "ok":
+            assert all(finite(t) for t in out), f"{which} {backend}: NaN/Inf out of finite input"
+
+
+def test_fuzz_bad_arguments_are_refused_clearly():
+    """Wrong types, ranks and dtypes at every op: a ValueError or TypeError, nothing else."""
+    z = torch.zeros(2, 2)
+    calls = [
+        lambda: pygeo.ops.jtj(torch.zeros(2, 3, dtype=torch.long)),
+        lambda: pygeo.ops.jtj(torch.tensor(1.0)),
+        lambda: pygeo.ops.latent_metric(torch.tensor(1.0), torch.zeros(2, 2), torch.ones(2, 2)),
+        lambda: pygeo.ops.latent_metric(z, torch.zeros(2, 2), torch.ones(2, 3)),
+        lambda: pygeo.ops.latent_metric(z.double(), torch.zeros(2, 2), torch.ones(2, 2)),
+        lambda: pygeo.ops.mlp_metric(torch.tensor(1.0), [torch.zeros(3, 2)], [None], ["tanh"]),
+        lambda: pygeo.ops.mlp_metric(z, [torch.zeros(3, 5)], [None], ["tanh"]),
+        lambda: pygeo.ops.lse_kahler_metric(z, torch.zeros(2, 2, dtype=torch.complex64), torch.ones(2, 2)),
+        lambda: pygeo.ops.lse_kahler_metric(torch.tensor(1j), torch.zeros(2, 2, dtype=torch.complex64), torch.ones(2, 2)),
+        lambda: pygeo.ops.christoffel(torch.eye(2), torch.zeros(2, 2)),
+        lambda: pygeo.ops.christoffel(torch.tensor(1.0), torch.zeros(1, 1, 1)),
+        lambda: pygeo.ops.langevin_step(z, torch.eye(2).expand(2, 2, 2), z, "auto", z),
+        lambda: pygeo.ops.langevin_step(z, torch.eye(3).expand(2, 3, 3), z, 0.1, z),
+        lambda: pygeo.LatentMetric(torch.zeros(2, 2), torch.ones(2, 2), rho=1.0).metric(torch.tensor(1.0)),
+        lambda: pygeo.LatentMetric(torch.zeros(2, 2), torch.ones(2, 2), rho=1.0).log_volume_and_grad(z.long()),
+        lambda: pygeo.christoffel(pygeo.LatentMetric(torch.zeros(2, 2), torch.ones(2, 2), rho=1.0), torch.tensor(1.0)),
+        lambda: pygeo.curvature(pygeo.LatentMetric(torch.zeros(2, 2), torch.ones(2, 2), rho=1.0), torch.zeros(2, 3)),
+    ]
+    for index, call in enumerate(calls):
+        with pytest.raises((ValueError, TypeError)):
+            call()

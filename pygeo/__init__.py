@@ -2,7 +2,7 @@
 
 Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 """
-from . import ops, sample
+from . import evaluate, ops, sample
 from ._backend import BackendUnavailableError, backends
 from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
 from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, LSEKahlerMetric, Metric, PullbackMetric
@@ -10,7 +10,7 @@ from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "sample", "backends", "BackendUnavailableError",
+    "ops", "sample", "evaluate", "backends", "BackendUnavailableError",
     "Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric", "ComplexGaussianFisherMetric",
     "christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances",
 ]

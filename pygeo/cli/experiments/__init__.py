@@ -13,4 +13,5 @@ from __future__ import annotations
 
 # Command-line name -> module under pygeo/cli/experiments/ (imported only when that experiment runs).
 EXPERIMENTS = {
+    "sampling": "sampling",
 }

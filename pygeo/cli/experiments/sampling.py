@@ -52,9 +52,9 @@ class Settings:
     complex_leapfrog: int
 
 
-FULL = Settings(n_train=None, vae_epochs=12, hidden=(512, 256), n_samples=2000, n_reference=None, classifier_epochs=4,
-                classifier_limit=None, paper_batch=500, langevin_warmup=50, complex_epochs=8, complex_chains=500,
-                complex_steps=20, complex_leapfrog=5)
+FULL = Settings(n_train=None, vae_epochs=10, hidden=(512, 256), n_samples=2000, n_reference=None, classifier_epochs=4,
+                classifier_limit=None, paper_batch=500, langevin_warmup=50, complex_epochs=6, complex_chains=300,
+                complex_steps=10, complex_leapfrog=5)
 QUICK = Settings(n_train=3000, vae_epochs=3, hidden=(256, 64), n_samples=200, n_reference=1000, classifier_epochs=1,
                  classifier_limit=6000, paper_batch=50, langevin_warmup=10, complex_epochs=1, complex_chains=32,
                  complex_steps=3, complex_leapfrog=3)

@@ -288,7 +288,8 @@ class MNISTFeatures:
             digest.update(tensor.numpy().tobytes())
         key = f"v{_CACHE_VERSION}-seed{seed}-epochs{epochs}-{digest.hexdigest()[:16]}"
         self.cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"mnist-lenet-{key}.pt"
-        self.network = LeNet()
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            self.network = LeNet()
         self.loaded_from_cache = self.cache_file.is_file()
         if self.loaded_from_cache:
             saved = torch.load(self.cache_file, map_location="cpu", weights_only=True)

@@ -57,6 +57,7 @@ def test_decode_turns_blown_up_latents_into_grey_images():
 
 
 def test_sampling_experiment_end_to_end_tiny(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="the experiment's GMM needs scikit-learn (the [experiments] extra)")
     monkeypatch.setenv("PYGEO_CACHE", str(tmp_path / "cache"))
     tiny = dataclasses.replace(sampling.QUICK, n_train=600, vae_epochs=1, hidden=(32,), n_samples=16, n_reference=200,
                                classifier_limit=400, paper_batch=8, langevin_warmup=2, complex_epochs=1,

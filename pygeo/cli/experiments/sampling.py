@@ -504,7 +504,7 @@ def _verdict(results, yardstick: float) -> List[str]:
     lines.append(f"- Riemannian Langevin (MMALA on the same tau = 0 metric): FID {langevin:.2f}, {abs(change):.0f} % "
                  + ("below" if change < 0 else "above") + f" the prior's (the claim: 15-22 % better than the baseline), "
                  f"but {'worse' if langevin > hmc else 'better'} than HMC on the same metric ({hmc:.2f}): the target is "
-                 "improper and the adapted steps let chains leave the data (largest |z| below).")
+                 "improper and the adapted steps let chains leave the data (largest |z| under the results table).")
     for key, what in (("released_momentum", "its momentum deviation (0.5 randn) removed"),
                       ("released_gradient", "the exact log-volume gradient"),
                       ("released_acceptance", "the unclamped acceptance test")):

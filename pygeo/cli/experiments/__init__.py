@@ -15,4 +15,5 @@ from __future__ import annotations
 EXPERIMENTS = {
     "natural-gradient": "natural_gradient",
     "collapse": "collapse",
+    "sampling": "sampling",
 }

@@ -68,6 +68,18 @@ def show_digits(axes, images: torch.Tensor, columns: int, title: str) -> None:
     axes.set_yticks([])
 
 
+def digit_grids_side_by_side(left: torch.Tensor, right: torch.Tensor, left_title: str, right_title: str):
+    """A matplotlib Figure with two digit grids ([N, 784] in [0, 1] each) side by side, square-ish grids."""
+    from matplotlib.figure import Figure
+
+    columns = int(np.ceil(np.sqrt(max(len(left), len(right)))))
+    figure = Figure(figsize=(10, 5.4), layout="constrained")
+    panels = figure.subplots(1, 2)
+    show_digits(panels[0], left, columns, left_title)
+    show_digits(panels[1], right, columns, right_title)
+    return figure
+
+
 @dataclass
 class DemoContext:
     """Shared state of one demo run, handed to every section's `run(ctx) -> markdown`.

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.nn import functional as F
 
 from ... import evaluate
 from ...metrics import ComplexGaussianFisherMetric, LatentMetric

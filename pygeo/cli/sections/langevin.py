@@ -47,9 +47,10 @@ def run(ctx) -> str:
     scatter_markdown = ctx.save_figure(_plot_latents(ctx, log_volume, low, high, kept, prior),
                                        "langevin_latents.png", "MMALA samples over the encoded digits")
     with torch.no_grad():
-        decoded = ctx.save_figure(_plot_images(torch.sigmoid(ctx.vae.decoder(samples)),
-                                               torch.sigmoid(ctx.vae.decoder(prior))),
-                                  "langevin_decoded.png", "decoded MMALA samples beside decoded prior draws")
+        grids = context.digit_grids_side_by_side(torch.sigmoid(ctx.vae.decoder(samples)),
+                                                 torch.sigmoid(ctx.vae.decoder(prior)),
+                                                 "Decoded MMALA samples of prior x volume", "Decoded prior N(0, I) draws")
+        decoded = ctx.save_figure(grids, "langevin_decoded.png", "decoded MMALA samples beside decoded prior draws")
     acceptance = result.acceptance.cpu()
     steps = warmup + n_steps
     radius_samples = float(kept.pow(2).sum(-1).mean()) if kept.numel() else float("nan")
@@ -125,13 +126,4 @@ def _plot_latents(ctx, log_volume: torch.Tensor, low, high, samples: torch.Tenso
     axes.set_ylabel("z2")
     axes.set_title("MMALA samples of N(0, I) x sqrt(det G) over the encoded digits")
     axes.legend(loc="upper left", fontsize=8, markerscale=1.5, framealpha=0.9)
-    return figure
-
-
-def _plot_images(samples: torch.Tensor, prior: torch.Tensor) -> Figure:
-    columns = int(np.ceil(np.sqrt(len(samples))))
-    figure = Figure(figsize=(10, 5.4), layout="constrained")
-    panels = figure.subplots(1, 2)
-    context.show_digits(panels[0], samples, columns, "Decoded MMALA samples of prior x volume")
-    context.show_digits(panels[1], prior, columns, "Decoded prior N(0, I) draws")
     return figure

@@ -49,8 +49,9 @@ def run(ctx) -> str:
         straight = z0[:, None] + torch.linspace(0, 1, 10).to(z0)[None, :, None] * (z1 - z0)[:, None]
         decoded_curves = torch.sigmoid(ctx.vae.decoder(curves.points.reshape(-1, metric.dim))).cpu()
         decoded_straight = torch.sigmoid(ctx.vae.decoder(straight.reshape(-1, metric.dim))).cpu()
-    samples_markdown = ctx.save_figure(_image_grids(decoded_prior, decoded_hmc), samples_figure,
-                                       "prior samples and Riemannian-uniform samples")
+    grids = context.digit_grids_side_by_side(decoded_prior, decoded_hmc, "Decoded prior N(0, I) samples",
+                                             "Decoded Riemannian-uniform samples (HMC)")
+    samples_markdown = ctx.save_figure(grids, samples_figure, "prior samples and Riemannian-uniform samples")
     scatter_markdown = ctx.save_figure(
         _scatter(ctx, metric, hmc.samples.cpu(), prior.cpu(), curves.points.cpu(), straight.cpu()), scatter_figure,
         "samples and interpolations over the latent codes")
@@ -106,15 +107,6 @@ def interpolation_pairs(latents: torch.Tensor, labels: torch.Tensor, n_pairs: in
     index_pairs = [(typical[candidates[k][0]], typical[candidates[k][1]]) for k in order[:n_pairs]]
     class_pairs = [(int(labels[i]), int(labels[j])) for i, j in index_pairs]
     return index_pairs, class_pairs
-
-
-def _image_grids(prior: torch.Tensor, hmc: torch.Tensor) -> Figure:
-    columns = int(np.ceil(np.sqrt(len(prior))))
-    figure = Figure(figsize=(10, 5.4), layout="constrained")
-    panels = figure.subplots(1, 2)
-    context.show_digits(panels[0], prior, columns, "Decoded prior N(0, I) samples")
-    context.show_digits(panels[1], hmc, columns, "Decoded Riemannian-uniform samples (HMC)")
-    return figure
 
 
 def _scatter(ctx, metric, hmc_samples, prior, curves, straight) -> Figure:

@@ -18,10 +18,8 @@ and cached on disk. Absolute values are therefore NOT comparable with Inception 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -31,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _checks
+from ._files import atomic_write
 
 __all__ = ["frechet_distance", "precision_recall", "outlier_rate", "MNISTFeatures", "ReferenceStatistics",
            "reference_statistics", "evaluate_samples"]
@@ -306,17 +305,7 @@ class MNISTFeatures:
 
     def _save(self, content: Dict) -> None:
         # Written to a temporary file and renamed: an interrupted run or a concurrent one never leaves a torn cache.
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(content, buffer)
-        handle, temporary = tempfile.mkstemp(prefix=self.cache_file.name, suffix=".partial", dir=self.cache_file.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(buffer.getvalue())
-            os.replace(temporary, self.cache_file)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(self.cache_file, lambda stream: torch.save(content, stream))
 
     @torch.no_grad()
     def _logits(self, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:

@@ -88,14 +88,19 @@ def missing_extra(command: str) -> Optional[str]:
             f"pip install \"pygeo-latent[{extra}]\" (or \".[{extra}]\" from a checkout)")
 
 
+def _refuse_without_extra(command: str) -> bool:
+    """Prints which extra to install and returns True when `command` cannot run without it."""
+    problem = missing_extra(command)
+    if problem:
+        print(f"pygeo {command}: error: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    problem = missing_extra("demo")
-    if problem:
-        print(f"pygeo demo: error: {problem}", file=sys.stderr)
+    if _refuse_without_extra("demo"):
         return 2
-
     try:
         result = run_demo(out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
                           seed=args.seed, quick=args.quick, device=args.device, progress=not args.no_progress)
@@ -115,11 +120,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments.common import run_experiment
 
-    problem = missing_extra("experiment")
-    if problem:
-        print(f"pygeo experiment: error: {problem}", file=sys.stderr)
+    if _refuse_without_extra("experiment"):
         return 2
-
     try:
         report = run_experiment(args.name, out_dir=args.out or f"pygeo-experiment-{args.name}", data_dir=args.data_dir,
                                 quick=args.quick, seeds=args.seeds, device=args.device, progress=not args.no_progress)

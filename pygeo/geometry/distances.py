@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _checks, _distributed
+from .._files import atomic_write
 from ..metrics.pullback import _over_tangents
 from .curvature import uses_flat_coordinates
 from .geodesic import _default_tol, _energy_converged, _minimise_energy, curve_energy
@@ -612,7 +613,7 @@ class _Checkpoint:
         if rank == 0:
             self.path.mkdir(parents=True, exist_ok=True)
             if not stamp.exists():
-                _atomic_write(stamp, lambda handle: handle.write(json.dumps(
+                atomic_write(stamp, lambda handle: handle.write(json.dumps(
                     {"fingerprint": fingerprint, "blocks": n_blocks}).encode()))
         if distributed:
             _distributed.barrier()  # rank 0 made the folder and its stamp before anyone reads them
@@ -646,17 +647,4 @@ class _Checkpoint:
     def save(self, block: int, lengths: torch.Tensor, failed: int) -> None:
         record = {"fingerprint": self.fingerprint, "block": torch.tensor(block), "lengths": lengths.clone(),
                   "failed": torch.tensor(failed)}
-        _atomic_write(self.block_path(block), lambda handle: torch.save(record, handle))
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+        atomic_write(self.block_path(block), lambda handle: torch.save(record, handle))

@@ -66,15 +66,34 @@ def shadowed_build() -> Optional[str]:
     if any((package / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
         return None  # built in place (the development setup)
     try:
-        files = importlib.metadata.distribution("pygeo-latent").files or []
+        distribution = importlib.metadata.distribution("pygeo-latent")
     except importlib.metadata.PackageNotFoundError:
         return None
+    if _editable_install_of(distribution, package.parent):
+        return None  # `pip install -e .` of this very checkout: its finder maps pygeo._C from the build folder
+    files = distribution.files or []
     for file in files:  # an editable install lists no pygeo/_C file: its finder maps the build folder instead
         if file.parts[:1] == ("pygeo",) and file.name.startswith("_C."):
             installed = Path(file.locate()).resolve().parent
             if installed != package and installed.joinpath(file.name).exists():
                 return str(installed)
     return None
+
+
+def _editable_install_of(distribution, checkout) -> bool:
+    """True when the installed distribution is an editable install (PEP 660 direct_url.json) of the folder checkout."""
+    import json
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    read_text = getattr(distribution, "read_text", None)
+    try:
+        direct_url = json.loads((read_text and read_text("direct_url.json")) or "{}")
+    except ValueError:
+        return False
+    if not direct_url.get("dir_info", {}).get("editable"):
+        return False
+    return Path(unquote(urlparse(direct_url.get("url", "")).path)).resolve() == Path(checkout).resolve()
 
 
 def shadowing_warning() -> Optional[str]:

@@ -68,3 +68,16 @@ def test_missing_extra_names_the_extra(monkeypatch, capsys):
     assert "[demo]" in message and "mlxtend" in message and 'pip install "pygeo-latent[demo]"' in message
     assert main(["demo", "--quick"]) == 2
     assert "[demo] extra" in capsys.readouterr().err
+
+
+def test_no_warning_for_an_editable_install_of_this_checkout(layout):
+    """`pip install -e .` lists pygeo/_C in its RECORD (in site-packages) while the package is the checkout's."""
+    checkout, site = layout
+    distribution = importlib.metadata.distribution("pygeo-latent")
+    distribution.read_text = staticmethod(
+        lambda name: f'{{"url": "file://{checkout}", "dir_info": {{"editable": true}}}}' if name == "direct_url.json" else None)
+    assert _backend.shadowed_build() is None
+    distribution.read_text = staticmethod(
+        lambda name: f'{{"url": "file://{site}", "dir_info": {{"editable": true}}}}' if name == "direct_url.json" else None)
+    _backend.shadowed_build.cache_clear()
+    assert _backend.shadowed_build() == str(site.resolve() / "pygeo")

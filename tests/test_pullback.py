@@ -283,7 +283,7 @@ def test_every_backend(backend, device, case, fused):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: pygeo.PullbackMetric(mlp(), "poisson"), "likelihood must be one of"),
+    (lambda: pygeo.PullbackMetric(mlp(), "student-t"), "likelihood must be one of"),
     (lambda: pygeo.PullbackMetric(mlp(), "euclidean", sigma=1.0), "sigma is only used"),
     (lambda: pygeo.PullbackMetric(mlp(), "gaussian", sigma=-1.0), "sigma must be finite and positive"),
     (lambda: pygeo.PullbackMetric(mlp(), "gaussian", sigma="1"), "sigma must be a positive float"),

@@ -3,7 +3,6 @@ graph (method="energy"), or shortest paths on a metric-weighted grid graph alone
 checkpoint folder and shardable over a torch.distributed process group."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import itertools
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks, _distributed
 from .._files import atomic_write
-from ..metrics.pullback import _over_tangents
+from ..metrics.pullback import PullbackMetric, _over_tangents
 from .curvature import uses_flat_coordinates
 from .geodesic import _default_tol, _energy_converged, _minimise_energy, curve_energy
 
@@ -211,6 +210,10 @@ def _flat_jet(metric, points: torch.Tensor):
     A, T, d = points.shape
     flat = points.reshape(A * T, d)
     fused = _mlp_flat_jet(metric, flat)
+    if fused is None and type(metric) is PullbackMetric and metric.has_flat_coordinates:
+        # tangents of the decoder's rows (as extra batch rows through an nn.Sequential, else vmapped jvps), then
+        # d phi / d rows in closed form
+        fused = metric._phi_and_tangents_of_rows(*metric._rows_and_tangents(metric._flatten(flat)[0]))
     if fused is not None:
         phi, Jt = fused
         return phi.reshape(A, T, -1), Jt.reshape(A, T, d, -1)
@@ -221,9 +224,10 @@ def _flat_jet(metric, points: torch.Tensor):
 
 def _mlp_flat_jet(metric, flat: torch.Tensor):
     """(phi [B, D], J_phi^T [B, d, D]) for a PullbackMetric whose decoder is an MLP with a linear output layer and a
-    diagonal Fisher weight w (euclidean, fixed-sigma gaussian, bernoulli), else None. The basis tangents go through
-    the hidden layers as rows of the same GEMMs as the points (as in PullbackMetric._fused_geodesic_acceleration),
-    J_out = rows W_L^T, and J_phi = sqrt(w) J_out since d phi / d out = sqrt(w) elementwise (MATH.md section 1)."""
+    flat-coordinate likelihood, else None. The basis tangents go through the hidden layers as rows of the same GEMMs
+    as the points (as in PullbackMetric._fused_geodesic_acceleration), J_out = rows W_L^T, and J_phi = (d phi / d out)
+    J_out in closed form (sqrt(w) elementwise for a diagonal Fisher weight w, MATH.md section 1; per position for the
+    categorical likelihood)."""
     from ..metrics.pullback import PullbackMetric
 
     if type(metric) is not PullbackMetric or metric.learned_std:
@@ -246,20 +250,9 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
         rows = slope.unsqueeze(1) * rows
     last = mlp.linears[-1]
     output = last(a)
-    metric._check_rows(output)
+    output = metric._rows_of_output(output, B)  # checked; the categories of categorical logits
     Jt = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)
-    weight = metric._weight(output)
-    if weight is not None:
-        Jt = Jt * weight.sqrt().unsqueeze(-2)  # [B, D] (bernoulli) or [D] (fixed sigma) against [B, d, D]
-    return _output_flat_coordinates(metric)(output), Jt
-
-
-def _output_flat_coordinates(metric):
-    """phi as a function of the decoder's output rows (the same formula as metric.flat_coordinates, whose decoder
-    is swapped for the identity), so that the fused jet does not decode twice."""
-    on_outputs = copy.copy(metric)
-    on_outputs.decoder, on_outputs._mlp = torch.nn.Identity(), None
-    return on_outputs.flat_coordinates
+    return metric._phi_and_tangents_of_rows(output, Jt)  # d phi / d output in closed form, per likelihood
 
 
 def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):

@@ -7,6 +7,8 @@ and elementwise activations go through the fused op pygeo.ops.mlp_metric instead
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from typing import Callable, Optional, Union
 
 import torch
@@ -14,9 +16,13 @@ import torch
 from .. import _backend, _checks, _linalg
 from ..ops.jtj import jtj
 from ..ops.mlp_metric import MLPDecoder, mlp_metric
+from . import _forward_tangents
 from .base import Metric, value_and_gradient
 
-LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
+LIKELIHOODS = ("euclidean", "gaussian", "bernoulli", "categorical", "poisson")
+# The likelihoods whose Fisher weight is one number per output (the fused op pygeo.ops.mlp_metric knows these three).
+_FUSED_LIKELIHOODS = ("euclidean", "gaussian", "bernoulli")
+DEFAULT_MAX_MEMORY = 256 * 2 ** 20
 # The two metrics of a decoder returning (mean, std) (docs/MATH.md section 1): "fisher", the Fisher information of
 # N(mean, diag(std^2)), and "expected", the Euclidean pullback of (mean, std), the expected metric of a decoder with
 # observation noise (Arvanitidis, Hansen & Hauberg, ICLR 2018).
@@ -28,7 +34,8 @@ class PullbackMetric(Metric):
 
     Args:
         decoder: nn.Module or callable z [B, d] -> output [B, ...] (trailing dims are flattened to D). With
-            likelihood="gaussian" and sigma=None it must return a pair (mean [B, ...], std [B, ...]).
+            likelihood="gaussian" and sigma=None it must return a pair (mean [B, ...], std [B, ...]). A decoder that
+            returns a Mapping or an object (pythae's ModelOutput) is read through `output_key`.
         likelihood:
             "euclidean":  G = J^T J (plain pullback of R^D).
             "gaussian":   with sigma (a float, or a tensor of D elements / of the output's trailing shape):
@@ -41,22 +48,45 @@ class PullbackMetric(Metric):
                                 rises, away from the data (pygeo.models.UncertaintyDecoder).
             "bernoulli":  the decoder returns logits l; G = J_l^T diag(p (1 - p)) J_l, p = sigmoid(l) clamped into
                           [eps, 1 - eps] (so that saturated outputs keep G positive definite).
+            "categorical": the decoder returns logits l [B, ..., C], the C >= 2 categories on the last dim, one
+                          distribution per position; p = softmax(l) over the last dim and
+                          G = sum over positions J_l^T (diag p - p p^T) J_l, computed as Gram reductions of J (no
+                          C x C matrix is formed). p is clamped into [eps, 1 - eps] in the flat coordinates
+                          2 sqrt(p) and, consistently, in G (docs/MATH.md "Categorical"): G is the exact Fisher
+                          metric wherever every p lies in [eps, 1 - eps].
+            "poisson":    the decoder returns log-rates l; G = J_l^T diag(exp l) J_l.
         sigma: the fixed standard deviation of the gaussian likelihood (only there).
-        eps: the clamp of the Bernoulli probabilities.
+        eps: the clamp of the Bernoulli and categorical probabilities.
         backend: "auto", "torch", "cpp", "cuda" or "triton" for the kernels (pygeo.ops.jtj / pygeo.ops.mlp_metric).
         form: "fisher" or "expected", only for likelihood="gaussian" with sigma=None (see above).
+        output_key: None (the decoder returns the tensor, or the (mean, std) pair, itself) or the key / attribute of
+            the decoder's output that holds it: a Mapping is indexed (output[output_key]), any other object read as an
+            attribute (pythae decoders: output_key="reconstruction").
+        max_memory: bytes (default 256 MiB; None = no limit) that the Jacobian and its tangents may take on the
+            generic forward-mode path: the batch goes through in chunks of points whose d tangents of the widest
+            layer (found once from one point) fit the budget. Results equal one call up to rounding (a layer may
+            pick another kernel for another batch size). It does not bound the decoder's own value pass.
 
     Decoders that are an nn.Sequential of nn.Linear and elementwise activations (ReLU, LeakyReLU, ELU, SiLU, Softplus,
-    Tanh, Sigmoid, Identity) use the fused op pygeo.ops.mlp_metric for `metric(z)` (and so for `log_volume(z)`); other
-    decoders, and the learned-std gaussian, go through forward-mode Jacobians and pygeo.ops.jtj. Both give the same G.
+    Tanh, Sigmoid, Identity) use the fused op pygeo.ops.mlp_metric for `metric(z)` (and so for `log_volume(z)`) with
+    the euclidean, gaussian and bernoulli likelihoods. Other nn.Sequential decoders (nested ones too) built of Linear,
+    Conv*d, ConvTranspose*d, eval-mode BatchNorm, LayerNorm, Flatten, Unflatten, Upsample, Identity, eval-mode Dropout
+    and elementwise activations, and MLPs with the categorical and poisson likelihoods, push the d basis tangents
+    through the layers as extra batch rows (one batched call per layer, activation slopes from the value pass); any
+    other decoder, and the learned-std gaussian, goes through vmap(jvp). All give the same G.
     The expected form has a fused path too, for a decoder with a `mean` attribute that is such an MLP and a method
     `std_and_jacobian(z) -> (std [B, D], d std / dz [B, D, d])` (pygeo.models.UncertaintyDecoder): J_mean^T J_mean by
     pygeo.ops.mlp_metric plus J_std^T J_std from the closed-form std Jacobian.
+
+    Raises (at call time): ValueError when a BatchNorm or Dropout module of the decoder is in training mode (call
+    decoder.eval(): a metric must not depend on the batch or on random masks), when the decoder's output does not
+    match the likelihood (shape, missing output_key, NaN / Inf, a non-positive std), TypeError for a dtype mismatch.
     """
 
     def __init__(self, decoder: Callable[[torch.Tensor], object], likelihood: str = "euclidean",
                  sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6, backend: str = "auto",
-                 form: str = "fisher"):
+                 form: str = "fisher", output_key: Optional[str] = None,
+                 max_memory: Optional[int] = DEFAULT_MAX_MEMORY):
         if not callable(decoder):
             raise TypeError(f"decoder must be an nn.Module or a callable z -> output, got {type(decoder).__name__}")
         if likelihood not in LIKELIHOODS:
@@ -79,7 +109,19 @@ class PullbackMetric(Metric):
                              f"(mean, std)), got likelihood={likelihood!r}" + (" with a fixed sigma" if sigma is not None
                                                                                else ""))
         self.form = form
-        self._mlp = None if self.learned_std else MLPDecoder.recognise(decoder)
+        if output_key is not None and not isinstance(output_key, str):
+            raise TypeError(f"output_key must be None or a str (a key / attribute of the decoder's output), got "
+                            f"{type(output_key).__name__}")
+        self.output_key = output_key
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real)
+                                       or not math.isfinite(max_memory) or max_memory <= 0):
+            raise ValueError(f"max_memory must be None (no limit) or a positive number of bytes, got {max_memory!r}")
+        self.max_memory = None if max_memory is None else int(max_memory)
+        self._widest = {}  # (d, dtype, device) -> elements per point of the widest layer output (chunk sizing)
+        self._categories = None  # C of the categorical likelihood, read from the decoder's output shape
+        self._mlp = None if self.learned_std or output_key is not None else MLPDecoder.recognise(decoder)
+        self._layers = None if self.learned_std or output_key is not None else \
+            _forward_tangents.sequential_layers(decoder)
         # The expected form's fused path: the decoder's mean MLP and its closed-form std Jacobian.
         self._mean_mlp = None
         if form == "expected" and callable(getattr(decoder, "std_and_jacobian", None)):
@@ -107,7 +149,7 @@ class PullbackMetric(Metric):
 
     def _metric(self, z: torch.Tensor, detach_parameters: bool) -> torch.Tensor:
         flat, batch_shape = self._flatten(z)
-        mlp = self._fused_mlp(flat)
+        mlp = self._fused_mlp(flat) if self.likelihood in _FUSED_LIKELIHOODS else None
         mean_mlp = self._fused_mean_mlp(flat)
         if mean_mlp is not None:
             G = self._fused_expected_metric(flat, mean_mlp, detach_parameters)
@@ -119,31 +161,40 @@ class PullbackMetric(Metric):
                            mlp.activations, likelihood=self.likelihood,
                            sigma=parameter(self._sigma_for(flat, mlp.out_features)), eps=self.eps, backend=self.backend)
         else:
-            rows, J = self._rows_and_jacobian(flat)
-            G = jtj(J, self._weight(rows), backend=self.backend)
+            G = self._in_chunks(flat, flat.shape[-1], lambda part: (self._gram(*self._rows_and_tangents(part)),))[0]
         return G.reshape(*batch_shape, *G.shape[-2:])
 
     def metric_and_derivative(self, z: torch.Tensor):
         """(G [..., d, d], dG [..., d, d, d]) with dG[..., k, i, j] = d G[i, j] / d z_k.
 
         Forward over forward mode: the d(d+1)/2 second directional derivatives f''[e_k, e_i] give
-        dG[k] = H[k]^T W J + J^T W H[k] + J^T diag(dw/dz_k) J (the last term for the point-dependent Bernoulli and
-        learned-std weights).
+        dG[k] = H[k]^T W J + J^T W H[k] + J^T diag(dw/dz_k) J (the last term for the point-dependent Bernoulli,
+        poisson and learned-std weights). The categorical likelihood, whose weight is not diagonal, differentiates its
+        flat coordinates instead: dG[k] = H_phi[k]^T J_phi + J_phi^T H_phi[k]. The batch goes through in chunks
+        under max_memory (the second tangents count d(d+1)/2 per point).
         """
         flat, batch_shape = self._flatten(z)
         d = flat.shape[-1]
-        mlp = self._fused_mlp(flat)
+        mlp = self._fused_mlp(flat) if self.likelihood != "categorical" else None
         if mlp is not None and mlp.activation_modules[-1] is None:  # the output layer is linear
             G, dG = self._mlp_metric_and_derivative(flat)
             return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+        G, dG = self._in_chunks(flat, d * (d + 3) // 2, self._generic_metric_and_derivative)
+        return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+
+    def _generic_metric_and_derivative(self, flat: torch.Tensor):
+        if self.likelihood == "categorical":
+            _, J, H = self._rows_jacobian_hessian(flat, lambda point: self._phi_of_rows(self._decode(point)))
+            G = jtj(J, None, backend=self.backend)
+            half = torch.einsum("brki,brj->bkij", H, J)
+            return G, half + half.transpose(-1, -2)
         rows, J, H = self._rows_jacobian_hessian(flat)  # [B, R], [B, R, d], [B, R, d(k), d(i)]
         weight = self._weight(rows)
         G = jtj(J, weight, backend=self.backend)
         WJ = J if weight is None else J * weight.unsqueeze(-1)
         half = torch.einsum("brki,brj->bkij", H, WJ)
         dG = half + half.transpose(-1, -2)
-        dG = dG + self._weight_derivative_term(rows, J)
-        return G.reshape(*batch_shape, d, d), dG.reshape(*batch_shape, d, d, d)
+        return G, dG + self._weight_derivative_term(rows, J)
 
     def _fused_mean_mlp(self, flat: torch.Tensor) -> Optional[MLPDecoder]:
         """The mean MLP of a (mean, std) decoder where the expected form's fused path applies, else None (same
@@ -237,7 +288,8 @@ class PullbackMetric(Metric):
         through the hidden layers together, one GEMM per layer, instead of forward-mode AD over forward-mode AD of
         the decoder (whose per-operation overhead dominates at sampler and solver batch sizes)."""
         mlp = self._fused_mlp(z)
-        if mlp is None or mlp.activation_modules[-1] is not None or self.likelihood == "bernoulli":
+        if mlp is None or mlp.activation_modules[-1] is not None or self.likelihood in ("bernoulli", "categorical",
+                                                                                          "poisson"):
             return None
         B, d = z.shape
         a = z
@@ -278,26 +330,83 @@ class PullbackMetric(Metric):
         euclidean: phi = f; gaussian with fixed sigma: phi = f / sigma; gaussian with a learned std and
         form="expected": phi = (mean, std) [..., 2D]; bernoulli (logits l): phi = 2 arcsin sqrt(p),
         computed as 2 atan(exp(l / 2)), and continued linearly with slope sqrt(eps (1 - eps)) where p is clamped, so
-        that d phi / d l = sqrt(p (1 - p)) with the same clamped p as metric(z). Raises NotImplementedError for the
-        Fisher form of the gaussian with a learned std, which has no flat coordinates.
+        that d phi / d l = sqrt(p (1 - p)) with the same clamped p as metric(z); poisson (log-rates l):
+        phi = 2 exp(l / 2); categorical (logits [..., C]): phi = 2 sqrt(p), the embedding of the simplex in the sphere
+        of radius 2, with p = softmax(l) clamped into q = [eps, 1 - eps] and phi continued linearly in p beyond the
+        clamp (phi = 2 sqrt(q) + (p - q) / sqrt(q)), so that d phi / d l = diag(1/sqrt q) (diag p - p p^T) as in
+        metric(z). Raises NotImplementedError for the Fisher form of the gaussian with a learned std, which has no
+        flat coordinates.
         """
         if not self.has_flat_coordinates:
             raise NotImplementedError("the Fisher form of the gaussian likelihood with a learned std (sigma=None) has no "
                                       "flat coordinates; use metric(z) / metric_and_derivative(z)")
         flat, batch_shape = self._flatten(z)
-        output = self._decode(flat)
-        if self.learned_std:  # the expected form: the rows (mean, std) themselves
-            self._check_rows(output)
-            phi = output
-        elif self.likelihood == "euclidean":
-            phi = output
-        elif self.likelihood == "gaussian":
-            phi = output / self._sigma_for(output, output.shape[-1])
-        else:
-            lo = math.log(self.eps) - math.log1p(-self.eps)  # logit(eps)
-            inside = output.clamp(lo, -lo)
-            phi = 2.0 * torch.atan(torch.exp(0.5 * inside)) + math.sqrt(self.eps * (1 - self.eps)) * (output - inside)
+        phi = self._phi_of_rows(self._decode(flat))
         return phi.reshape(*batch_shape, phi.shape[-1])
+
+    def _phi_of_rows(self, output: torch.Tensor) -> torch.Tensor:
+        """The flat coordinates as a function of the decoder's output rows [B, R] -> phi [B, R] (flat_coordinates
+        without the decoder; pygeo.geometry.distances uses it on rows it has decoded already)."""
+        self._check_rows(output)
+        if self.learned_std or self.likelihood == "euclidean":  # the expected form: the rows (mean, std) themselves
+            return output
+        if self.likelihood == "gaussian":
+            return output / self._sigma_for(output, output.shape[-1])
+        if self.likelihood == "poisson":
+            return 2.0 * torch.exp(0.5 * output)
+        if self.likelihood == "categorical":
+            p, q = self._categorical_probabilities(output)
+            root = q.sqrt()
+            return (2.0 * root + (p - q) / root).reshape(output.shape)
+        lo = math.log(self.eps) - math.log1p(-self.eps)  # logit(eps)
+        inside = output.clamp(lo, -lo)
+        return 2.0 * torch.atan(torch.exp(0.5 * inside)) + math.sqrt(self.eps * (1 - self.eps)) * (output - inside)
+
+    def _phi_and_tangents_of_rows(self, output: torch.Tensor, Jt: torch.Tensor):
+        """(phi [B, R], its tangents J_phi^T [B, d, R]) from the output rows [B, R] and their tangents Jt [B, d, R]
+        (Jt[:, i] = d rows / d z_i), in closed form: d phi / d rows is sqrt(w) elementwise for the diagonal Fisher
+        weights w, and diag(1/sqrt q) (diag p - p p^T) per position for the categorical likelihood."""
+        phi = self._phi_of_rows(output)
+        if self.likelihood == "categorical":
+            B, d = Jt.shape[:2]
+            C = self._categories
+            p, q = self._categorical_probabilities(output)  # [B, P, C]
+            t = Jt.reshape(B, d, -1, C)
+            dp = p.unsqueeze(1) * (t - (p.unsqueeze(1) * t).sum(-1, keepdim=True))
+            return phi, (dp / q.sqrt().unsqueeze(1)).reshape(Jt.shape)
+        weight = self._weight(output)
+        if weight is not None:
+            Jt = Jt * weight.sqrt().unsqueeze(-2)  # [B, R] or [R] against [B, d, R]
+        return phi, Jt
+
+    def _categorical_probabilities(self, output: torch.Tensor):
+        """(p, q) [B, P, C] from logit rows [B, P C]: p = softmax over the categories, q = p clamped into
+        [eps, 1 - eps]."""
+        logits = output.reshape(output.shape[0], -1, self._categories)
+        p = torch.softmax(logits, dim=-1)
+        return p, p.clamp(self.eps, 1 - self.eps)
+
+    def _gram(self, rows: torch.Tensor, Jt: torch.Tensor) -> torch.Tensor:
+        """G [B, d, d] from the output rows [B, R] and their tangents Jt [B, d, R] (Jt[:, i] = d rows / d z_i).
+
+        Categorical (MATH.md "Categorical"): with r = p / q (1 where the clamp is inactive), per position
+        u = J^T p, v = J^T (p r), s = sum p r: G = J^T diag(p r) J - u v^T - v u^T + s u u^T, which is
+        J_phi^T J_phi of the flat coordinates and J^T (diag p - p p^T) J when no clamp is active; a few GEMMs over
+        [B, d, P] and [B, d, P C], never a C x C matrix."""
+        if self.likelihood != "categorical":
+            return jtj(Jt.transpose(1, 2), self._weight(rows), backend=self.backend)
+        B, d = Jt.shape[:2]
+        p, q = self._categorical_probabilities(rows)
+        pr = p * p / q
+        t = Jt.reshape(B, d, -1, self._categories)  # [B, d, P, C]
+        u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
+        v = torch.matmul(t.transpose(1, 2), pr.unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        s = pr.sum(-1)  # [B, P]
+        weighted = Jt * pr.reshape(B, 1, -1)
+        G = torch.bmm(weighted, Jt.transpose(1, 2))
+        cross = torch.bmm(v, u.transpose(1, 2))
+        G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
+        return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric (two GEMM orders need not round alike)
 
     # --------------------------------------------------------------------------------------------------- helpers
     def _flatten(self, z: torch.Tensor):
@@ -308,6 +417,7 @@ class PullbackMetric(Metric):
         if parameter is not None and parameter.is_floating_point() and parameter.dtype != z.dtype:
             raise TypeError(f"z has dtype {z.dtype} but the decoder's parameters are {parameter.dtype}: convert z "
                             f"(z.to({parameter.dtype})) or the decoder (decoder.to({z.dtype}))")
+        _refuse_training_mode(self.decoder)
         mlp = self._mlp if self._mlp is not None else self._mean_mlp
         if mlp is not None and z.shape[-1] != mlp.in_features:
             raise ValueError(f"z must have shape [..., {mlp.in_features}] (the decoder's input width), "
@@ -316,8 +426,34 @@ class PullbackMetric(Metric):
 
     def _decode(self, flat: torch.Tensor) -> torch.Tensor:
         """The decoder's output(s) flattened to rows [B, R]: R = D, or 2D (mean then std) for the learned-std gaussian."""
-        output = self.decoder(flat)
-        B = flat.shape[0]
+        if _backend.under_function_transform(flat):  # second-order forward mode: exact norms (ComposedNorms)
+            with _forward_tangents.ComposedNorms():
+                output = self.decoder(flat)
+        else:
+            output = self.decoder(flat)
+        return self._rows_of_output(output, flat.shape[0])
+
+    def _select_output(self, output):
+        """The decoder's output itself, or its `output_key` entry / attribute."""
+        key = self.output_key
+        if key is None:
+            if isinstance(output, Mapping) or (not isinstance(output, (torch.Tensor, tuple, list))
+                                               and hasattr(output, "__dict__")):
+                raise ValueError(f"the decoder returned {_describe_output(output)}: pass output_key=... to say which "
+                                 f"entry holds the output (pythae decoders: output_key='reconstruction')")
+            return output
+        if isinstance(output, Mapping):
+            if key not in output:
+                raise ValueError(f"output_key={key!r} is not a key of the decoder's output (keys: {list(output.keys())})")
+            return output[key]
+        if isinstance(output, torch.Tensor) or not hasattr(output, key):
+            raise ValueError(f"output_key={key!r}: the decoder returned {_describe_output(output)}, which has no key or "
+                             f"attribute {key!r}")
+        return getattr(output, key)
+
+    def _rows_of_output(self, output, B: int) -> torch.Tensor:
+        """The (selected) decoder output checked against the likelihood and flattened to rows [B, R]."""
+        output = self._select_output(output)
         if self.learned_std:
             if not (isinstance(output, (tuple, list)) and len(output) == 2):
                 raise ValueError("likelihood='gaussian' with sigma=None needs a decoder returning (mean, std); got "
@@ -336,7 +472,71 @@ class PullbackMetric(Metric):
                              f"{_describe_output(output)}{extra}")
         if output.dim() < 1 or output.shape[0] != B:
             raise ValueError(f"decoder must return a tensor [B, ...] with B={B}, got shape {tuple(output.shape)}")
+        if self.likelihood == "categorical":
+            if output.dim() < 2 or output.shape[-1] < 2:
+                raise ValueError(f"likelihood='categorical' needs logits [B, ..., C] with the C >= 2 categories on the "
+                                 f"last dim, got shape {tuple(output.shape)}")
+            self._categories = output.shape[-1]
         return _rows_of(output)
+
+    def _rows_and_tangents(self, flat: torch.Tensor):
+        """rows [B, R] and their tangents Jt [B, d, R] (Jt[:, i] = d rows / d z_i): pushed through the layers as extra
+        batch rows for a recognised nn.Sequential (pygeo.metrics._forward_tangents), else by d forward-mode jvps,
+        vmapped over the basis tangents."""
+        layers = self._tangent_layers(flat)
+        if layers is None:
+            rows, J = self._rows_and_jacobian(flat)
+            return rows, J.transpose(1, 2)
+        output, tangents = _forward_tangents.value_and_tangents(layers, flat)
+        rows = self._rows_of_output(output, flat.shape[0])
+        self._check_rows(rows)
+        return rows, tangents.reshape(*tangents.shape[:2], rows.shape[-1])
+
+    def _tangent_layers(self, flat: torch.Tensor):
+        """The decoder's layers where the tangent-rows path applies, else None: not with hooks (it would bypass
+        them), nor inside a torch.func transform (it is written for plain tensors)."""
+        if self._layers is None or _forward_tangents.hooked(self.decoder) or _backend.under_function_transform(flat):
+            return None
+        return self._layers
+
+    def _in_chunks(self, flat: torch.Tensor, n_tangents: int, fn):
+        """fn(part) -> tuple of tensors [b, ...] over chunks of the points flat [B, d], concatenated: each chunk's
+        n_tangents tangents of the widest layer output (and the working copies of a layer step, counted as 3) fit
+        max_memory. One chunk without a budget, for B <= 1, and inside torch.func transforms."""
+        B = flat.shape[0]
+        if self.max_memory is None or B <= 1 or _backend.under_function_transform(flat):
+            return fn(flat)
+        per_point = 3 * (n_tangents + 1) * self._widest_row(flat) * flat.element_size()
+        chunk = max(1, self.max_memory // per_point)
+        if chunk >= B:
+            return fn(flat)
+        parts = [fn(part) for part in flat.split(chunk)]
+        return tuple(torch.cat(pieces) for pieces in zip(*parts))
+
+    def _widest_row(self, flat: torch.Tensor) -> int:
+        """Elements per point of the decoder's widest layer output (its output included), measured once per
+        (d, dtype, device) from one point: forward hooks on the submodules of an nn.Module, the output alone for other
+        callables."""
+        key = (flat.shape[-1], flat.dtype, flat.device)
+        if key not in self._widest:
+            point = flat[:1].detach()
+            widest = [point[0].numel()]
+
+            def record(module, inputs, output):
+                if isinstance(output, torch.Tensor) and output.dim() >= 1 and output.shape[0] == 1:
+                    widest.append(output[0].numel())
+
+            handles = []
+            if isinstance(self.decoder, torch.nn.Module):
+                handles = [m.register_forward_hook(record) for m in self.decoder.modules()]
+            try:
+                with torch.no_grad():
+                    widest.append(self._decode(point).shape[-1])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._widest[key] = max(widest)
+        return self._widest[key]
 
     def _rows_and_jacobian(self, flat: torch.Tensor):
         """rows [B, R] and J [B, R, d] by d forward-mode jvps, vmapped over the basis tangents."""
@@ -346,9 +546,10 @@ class PullbackMetric(Metric):
         self._check_rows(rows)
         return rows, columns.permute(1, 2, 0)
 
-    def _rows_jacobian_hessian(self, flat: torch.Tensor):
+    def _rows_jacobian_hessian(self, flat: torch.Tensor, function=None):
         """rows [B, R], J [B, R, d], H [B, R, d, d] (H[..., k, i] = d^2 rows / dz_k dz_i) from the d(d+1)/2 second
-        directional derivatives (jvp of jvp over the pairs k <= i)."""
+        directional derivatives (jvp of jvp over the pairs k <= i); rows = function(z) (default: the decoded rows)."""
+        function = self._decode if function is None else function
         B, d = flat.shape
         pairs_k, pairs_i = torch.triu_indices(d, d, device=flat.device)
         eye = torch.eye(d, dtype=flat.dtype, device=flat.device)
@@ -357,7 +558,7 @@ class PullbackMetric(Metric):
 
         def second(outer_tangent, inner_tangent):
             def first(point):
-                return torch.func.jvp(self._decode, (point,), (inner_tangent,))
+                return torch.func.jvp(function, (point,), (inner_tangent,))
 
             (rows, column), (_, curvature) = torch.func.jvp(first, (flat,), (outer_tangent,))
             return rows, column, curvature
@@ -397,6 +598,14 @@ class PullbackMetric(Metric):
         if self.likelihood == "bernoulli":
             p = torch.sigmoid(rows).clamp(self.eps, 1 - self.eps)
             return p * (1 - p)
+        if self.likelihood == "poisson":
+            rate = torch.exp(rows)
+            if not _checks._is_fake(rate) and rate.numel() and not _checks.all_finite(rate):
+                raise ValueError(f"likelihood='poisson': the decoder's log-rates reach {rows.max().item():.4g}, whose "
+                                 f"rate exp(l) overflows {rows.dtype}")
+            return rate
+        if self.likelihood == "categorical":
+            raise AssertionError("the categorical Fisher weight is not diagonal: use _gram / the flat coordinates")
         if not self.learned_std:
             return self._sigma_for(rows, rows.shape[-1]).pow(-2)
         if self.form == "expected":
@@ -416,6 +625,24 @@ class PullbackMetric(Metric):
             return torch.func.jvp(weight_of_rows, (rows,), (column,))[1]
 
         return torch.func.vmap(along, in_dims=2, out_dims=2)(J)
+
+
+def _refuse_training_mode(decoder) -> None:
+    """ValueError for a BatchNorm or Dropout module in training mode (or a BatchNorm without running statistics):
+    the metric would depend on the batch or on random masks, and functorch cannot take BatchNorm's in-place update."""
+    if not isinstance(decoder, torch.nn.Module):
+        return
+    for name, module in decoder.named_modules():
+        batch_norm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        if module.training and (batch_norm or isinstance(module, torch.nn.modules.dropout._DropoutNd)):
+            where = f"decoder.{name}" if name else "the decoder"
+            raise ValueError(f"{where} ({type(module).__name__}) is in training mode: call decoder.eval() before "
+                             f"computing its metric (a training-mode {type(module).__name__} makes the output depend on "
+                             f"the batch or on random masks)")
+        if batch_norm and module.running_var is None:
+            raise ValueError(f"decoder.{name} ({type(module).__name__}) has no running statistics "
+                             f"(track_running_stats=False) and normalises with batch statistics even after "
+                             f"decoder.eval(): the metric would depend on the batch")
 
 
 def _rows_of(output: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,20 @@ def hooked(decoder: torch.nn.Module) -> bool:
 
 def value_and_tangents(layers: List[torch.nn.Module], z: torch.Tensor):
     """(output [B, ...], tangents [B, d, ...]) of the layers at z [B, d]: tangents[b, i] = d output_b / d z_i.
-    Differentiable (plain autograd operations throughout)."""
+    Differentiable (plain autograd operations throughout).
+
+    Up to the first layer whose derivative depends on the point (an activation, LayerNorm) the tangents are the same
+    for every point: they go through those layers as d rows, not B d (for a Linear -> ConvTranspose decoder, the
+    first transposed convolution runs on d rows), and are broadcast over the batch at that layer."""
     B, d = z.shape
     x = z
-    tangents = torch.eye(d, dtype=z.dtype, device=z.device).repeat(B, 1)  # [B d, d], row b d + i = e_i
+    tangents = torch.eye(d, dtype=z.dtype, device=z.device)  # [n d, d] with n = 1 (shared) or B; row b d + i
+    n = 1
     for layer in layers:
-        x, tangents = _push(layer, x, tangents, B, d)
-    return x, tangents.reshape(B, d, *x.shape[1:])
+        x, tangents = _push(layer, x, tangents, n, d)
+        n = tangents.shape[0] // d
+    tangents = tangents.reshape(n, d, *x.shape[1:])
+    return x, (tangents if n == B else tangents.expand(B, *tangents.shape[1:]))
 
 
 def widest_row(layers: List[torch.nn.Module], point: torch.Tensor) -> int:
@@ -82,8 +89,9 @@ def widest_row(layers: List[torch.nn.Module], point: torch.Tensor) -> int:
     return widest
 
 
-def _push(layer: torch.nn.Module, x: torch.Tensor, tangents: torch.Tensor, B: int, d: int):
-    """One layer: (its output at x [B, ...], the tangents [B d, ...] mapped by its derivative at x)."""
+def _push(layer: torch.nn.Module, x: torch.Tensor, tangents: torch.Tensor, n: int, d: int):
+    """One layer: (its output at x [B, ...], the tangents [n d, ...] mapped by its derivative at x: [n d, ...] for
+    a layer whose derivative is the same at every point, else [B d, ...]; n = 1 while the tangents are shared)."""
     kind = type(layer)
     if kind in _AFFINE:
         return layer(x), _linear_part(layer, tangents)
@@ -93,12 +101,11 @@ def _push(layer: torch.nn.Module, x: torch.Tensor, tangents: torch.Tensor, B: in
     if isinstance(layer, _LINEAR_SHAPE):  # linear, without offset: the layer itself maps the tangents
         return layer(x), layer(tangents)
     if kind is torch.nn.LayerNorm:
-        return layer(x), _layer_norm_tangents(layer, x, tangents, B, d)
+        return layer(x), _layer_norm_tangents(layer, x, tangents, n, d)
     # An elementwise activation: (s(h), s'(h)) by one forward-mode pass with a unit tangent, exact for the module as
     # configured; the module gets a copy of h so that in-place activations mutate nothing the transform captured.
     value, slope = torch.func.jvp(lambda h: layer(h.clone()), (x,), (torch.ones_like(x),))
-    shape = tangents.shape
-    return value, (tangents.reshape(B, d, *x.shape[1:]) * slope.unsqueeze(1)).reshape(shape)
+    return value, (tangents.reshape(n, d, *x.shape[1:]) * slope.unsqueeze(1)).reshape(-1, *x.shape[1:])
 
 
 def _linear_part(layer: torch.nn.Module, tangents: torch.Tensor) -> torch.Tensor:
@@ -123,19 +130,19 @@ def _batch_norm_scale(layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (x.dim() - 2))).to(x.dtype)
 
 
-def _layer_norm_tangents(layer: torch.nn.LayerNorm, x: torch.Tensor, tangents: torch.Tensor, B: int, d: int):
+def _layer_norm_tangents(layer: torch.nn.LayerNorm, x: torch.Tensor, tangents: torch.Tensor, n: int, d: int):
     """The exact JVP of y = (x - mean) / sqrt(var + eps) * weight over the normalised trailing dims:
     dy = (dt - x_hat mean(x_hat dt)) / sigma * weight, dt = t - mean(t)."""
     dims = tuple(range(-len(layer.normalized_shape), 0))
     mean = x.mean(dims, keepdim=True)
     sigma = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + layer.eps)
     x_hat = ((x - mean) / sigma).unsqueeze(1)  # [B, 1, ...]
-    t = tangents.reshape(B, d, *x.shape[1:])
+    t = tangents.reshape(n, d, *x.shape[1:])
     centred = t - t.mean(dims, keepdim=True)
-    out = (centred - x_hat * (x_hat * centred).mean(dims, keepdim=True)) / sigma.unsqueeze(1)
+    out = (centred - x_hat * (x_hat * centred).mean(dims, keepdim=True)) / sigma.unsqueeze(1)  # [B, d, ...]
     if layer.weight is not None:
         out = out * layer.weight
-    return out.reshape(tangents.shape)
+    return out.reshape(-1, *x.shape[1:])
 
 
 class ComposedNorms(torch.overrides.TorchFunctionMode):

@@ -206,3 +206,26 @@ def test_geodesic_kmedoids_refuses_bad_arguments_before_solving(args, options, e
     with pytest.raises(error, match=message):
         geodesic_kmedoids(metric, *args, progress=False, **options)
     assert metric.calls == 0
+
+
+class InterruptingMetric(CountingMetric):
+    """Raises KeyboardInterrupt (Ctrl-C) once the distance solver has called it `limit` times."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def metric(self, z):
+        if self.calls >= self.limit:
+            raise KeyboardInterrupt
+        return super().metric(z)
+
+
+@pytest.mark.parametrize("method, limit", [("energy", 3), ("graph", 0)])
+def test_ctrl_c_in_the_distances_stops_geodesic_kmedoids(method, limit):
+    """geodesic_distances returns NaN for the pairs it did not solve (energy) or re-raises (graph): either way no
+    clustering of a partial matrix comes back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(KeyboardInterrupt):
+            geodesic_kmedoids(InterruptingMetric(limit), two_columns(n=5), 2, seed=0, method=method, progress=False)

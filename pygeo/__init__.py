@@ -5,6 +5,7 @@ Public names (DESIGN.md, "Public names"); everything else lives in submodules.
 import warnings as _warnings
 
 from . import _backend, diagnostics, evaluate, ops, optim, sample
+from . import cluster
 from ._backend import BackendUnavailableError, backends
 from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
 from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, LSEKahlerMetric, Metric, PullbackMetric
@@ -16,7 +17,7 @@ if _backend.shadowing_warning():
     _warnings.warn(_backend.shadowing_warning(), RuntimeWarning, stacklevel=2)
 
 __all__ = [
-    "ops", "sample", "optim", "diagnostics", "evaluate", "backends", "BackendUnavailableError",
+    "ops", "sample", "optim", "diagnostics", "evaluate", "backends", "BackendUnavailableError", "cluster",
     "Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric", "ComplexGaussianFisherMetric",
     "christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances",
 ]

@@ -6,8 +6,8 @@ Backends:
   cuda   - CUDA C++ kernels in pygeo._C, when it was built with nvcc, CUDA tensors.
   triton - Triton kernels (pygeo.triton_kernels), CUDA tensors; CPU tensors too when TRITON_INTERPRET=1.
 
-backend="auto" picks, for CUDA tensors, the op's measured-faster GPU backend among those available, and for CPU
-tensors cpp when compiled, else torch. PYGEO_BACKEND=<name> overrides "auto" everywhere. A backend that is asked for
+backend="auto" picks, for CUDA tensors, the backend measured fastest for the op and its shapes (GPU_RULES, applied by
+gpu_backend) among those available, and for CPU tensors cpp when compiled, else torch. PYGEO_BACKEND=<name> overrides "auto" everywhere. A backend that is asked for
 by name but cannot run raises BackendUnavailableError saying why.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Collection, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -199,23 +200,112 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return False
 
 
+Sizes = Mapping[str, Union[int, bool]]
+
+
+@dataclass(frozen=True)
+class GpuRule:
+    """For CUDA tensors of `op` whose sizes satisfy `applies`: try `preference` in order (first available wins;
+    "torch", the plain-PyTorch reference, is always available). `evidence`: the measurement behind the rule."""
+    op: str
+    shapes: str  # the condition in words (what `applies` tests)
+    applies: Callable[[Sizes], bool]
+    preference: Tuple[str, ...]
+    evidence: str
+
+
+_H100 = "bench/RESULTS.md, 'GPU: NVIDIA H100 80GB HBM3, 2026-11-23, float32'"
+
+# "auto" on CUDA tensors, per op and shape range. No GPU was lent while this table was written: every rule comes from
+# the H100 figures recorded in bench/RESULTS.md (float32, pytest-benchmark medians, baselines in the same run), not
+# from a new measurement; sizes between two measured points take the rule of the nearer measured loss (the kernel is
+# kept only where it was measured winning). Rules of one op are tried in order: the first that applies decides. An op
+# with no rule that applies takes DEFAULT_GPU_PREFERENCE.
+GPU_RULES: Tuple[GpuRule, ...] = (
+    GpuRule("jtj", "any d", lambda s: True, ("triton", "cuda"),
+            f"{_H100}: B=8192, D=784, d=2/16/64: Triton 0.225/0.631/1.768 ms, CUDA C++ 1.05/1.53/7.24 ms, einsum "
+            f"0.693/1.005/3.007 ms"),
+    GpuRule("mlp_metric", "any MLP", lambda s: True, ("triton", "cuda"),
+            f"{_H100}: 784-512-16 MLP, B=8192: fused Triton 1.65 ms (euclidean) / 3.66 ms (bernoulli) against "
+            f"vmap(jacfwd)+einsum 5.42 / 6.21 ms; the fused CUDA C++ kernel 36-240 ms"),
+    GpuRule("latent_metric", "full precisions [N, d, d]", lambda s: bool(s.get("full", False)), ("torch",),
+            f"{_H100}: full, N=1000, d=16, B=65536: Triton 7.76 ms against the two-GEMM torch form 3.03 ms (Triton "
+            f"2.6x slower)"),
+    GpuRule("latent_metric", "diagonal precisions [N, d]", lambda s: True, ("triton", "cuda"),
+            f"{_H100}: diagonal, B=65536: N=1000 d=16 Triton 0.817 ms, CUDA C++ 6.19 ms, two-GEMM torch 1.79 ms; "
+            f"N=10000 d=16 2.47 vs 14.9 ms; N=1000 d=2/64 1.07/2.07 vs 1.54/4.37 ms"),
+    GpuRule("langevin_step", "d > 16", lambda s: s["d"] > 16, ("torch",),
+            f"{_H100}: simplified, B=65536, d=64: plain torch (batched cuSOLVER) 16.3 ms, Triton 61.6 ms, CUDA C++ "
+            f"52.3 ms"),
+    GpuRule("langevin_step", "d <= 2, without dG", lambda s: s["d"] <= 2 and not s.get("derivative", False),
+            ("cuda", "triton"),
+            f"{_H100}: simplified, B=65536, d=2: CUDA C++ 0.566 ms, Triton 0.675 ms, plain torch 2.03 ms"),
+    GpuRule("langevin_step", "d <= 16", lambda s: True, ("triton", "cuda"),
+            f"{_H100}: B=65536, simplified d=16: Triton 1.513 ms, CUDA C++ 2.31 ms, plain torch 2.76 ms; with dG, "
+            f"d=2/16: Triton 1.19/1.97 ms against plain torch 3.62/5.19 ms (CUDA C++ not timed with dG)"),
+    GpuRule("lse_kahler_metric", "n <= 8", lambda s: s["n"] <= 8, ("triton", "cuda"),
+            f"{_H100}: n=8, K=256, B=16384, full: Triton 1.96 ms, CUDA C++ 15.6 ms, closed form (torch) 2.74 ms"),
+    GpuRule("lse_kahler_metric", "n > 8", lambda s: True, ("torch",),
+            f"{_H100}: n=32, K=1024, B=16384, full: closed form (torch) 30.7 ms, Triton 163 ms (5x slower), CUDA "
+            f"C++ 305 ms; n between 9 and 31 not measured"),
+    GpuRule("christoffel", "any d", lambda s: True, ("triton", "cuda"),
+            f"{_H100}: not timed per backend; the Christoffel symbols of a softplus-MLP PullbackMetric (float64, "
+            f"B=256/4096) take 3.82/11.1 ms with Triton inside against 9.84/53.6 ms for nested jacfwd"),
+)
+
+DEFAULT_GPU_PREFERENCE: Tuple[str, ...] = ("triton", "cuda")
+
+
+def gpu_rule(op: str, sizes: Optional[Sizes] = None) -> Optional[GpuRule]:
+    """The rule of GPU_RULES that decides `op` at these sizes, or None (no rule: DEFAULT_GPU_PREFERENCE)."""
+    sizes = sizes or {}
+    for rule in GPU_RULES:
+        if rule.op == op:
+            try:
+                if rule.applies(sizes):
+                    return rule
+            except KeyError as missing:
+                raise ValueError(f"GPU rule for op {op!r} ({rule.shapes}) needs size {missing} in sizes, got "
+                                 f"{dict(sizes)}") from None
+    return None
+
+
+def gpu_backend(op: str, sizes: Optional[Sizes], available: Collection[str]) -> str:
+    """The backend "auto" runs for CUDA tensors of `op` with these sizes (e.g. {"d": 16, "derivative": True}), given
+    the backends that are implemented and available: the first of its rule's preference in `available`, else torch.
+    A pure function of its arguments (no device query), so that the rules can be tested without a GPU."""
+    rule = gpu_rule(op, sizes)
+    for name in rule.preference if rule is not None else DEFAULT_GPU_PREFERENCE:
+        if name == "torch" or name in available:
+            return name
+    return "torch"
+
+
+def _mark_constant(function):
+    """torch.compile treats function's result as a constant of the traced graph (torch._dynamo.assume_constant_result).
+    Importing torch._dynamo costs about as much as importing torch itself; when it is not loaded yet, set the mark it
+    would set (tests/test_backend.py checks that the decorator still sets exactly this)."""
+    if "torch._dynamo" in sys.modules:
+        return torch._dynamo.assume_constant_result(function)
+    function._dynamo_marked_constant = True
+    return function
+
+
 # Under torch.compile the choice is made once at trace time and baked into the graph as a constant.
-@torch._dynamo.assume_constant_result
+@_mark_constant
 def resolve(op: str, device: torch.device, backend: Optional[str], implemented: Sequence[str],
-            gpu_preference: Sequence[str] = ("triton", "cuda")) -> str:
+            sizes: Optional[Sizes] = None) -> str:
     """Turn backend='auto' (or None) into a concrete backend for `op` on `device`, or raise saying why not.
 
-    implemented: the backends this op has; gpu_preference: its GPU backends, fastest (by measurement) first.
+    implemented: the backends this op has; sizes: the shapes GPU_RULES distinguish for this op (see gpu_backend).
     """
     explicit = backend not in (None, "auto")
     requested = backend if explicit else (os.environ.get("PYGEO_BACKEND") or "auto")  # empty = unset
     source = f"backend={requested!r}" if explicit else f"PYGEO_BACKEND={requested!r} (environment variable)"
     if requested == "auto":
         if device.type == "cuda":
-            for name in gpu_preference:
-                if name in implemented and status(name).available:
-                    return name
-            return "torch"
+            available = [name for name in implemented if name != "torch" and status(name).available]
+            return gpu_backend(op, sizes, available)
         if "cpp" in implemented and status("cpp").available:
             return "cpp"
         return "torch"

@@ -1,6 +1,7 @@
 """distributed=True on both samplers: 2 gloo processes on the CPU (spawned by the test, bounded in time) return the
 same chains as one process with the same seed and n_chains, step-size adaptation included; per-chain random streams
-make a chain's path independent of n_chains; without a process group distributed=True is refused."""
+make a chain's path independent of n_chains; a rank left without a block of chains (n_chains = 8 on 2 ranks) runs
+nothing and returns the same result; without a process group distributed=True is refused."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,13 +34,16 @@ def _langevin(distributed):
                                progress=False, distributed=distributed)
 
 
+def _few_chains(distributed):
+    """8 chains: one block, so rank 1 of 2 has none (issue 24: this used to be refused)."""
+    settings = dict(n_chains=8, n_steps=4, warmup=4, seed=3, progress=False, distributed=distributed)
+    return (riemannian_uniform(_metric(), 16, n_leapfrog=2, **settings),
+            riemannian_langevin(_metric(), 16, **settings))
+
+
 def _sampling_job(rank, world):
     hmc, langevin, unseeded = _hmc(True), _langevin(True), _hmc(True, seed=None)
-    try:
-        riemannian_uniform(_metric(), 10, n_chains=CHAIN_BLOCK, n_steps=2, progress=False, distributed=True)
-        too_few = None
-    except ValueError as error:
-        too_few = str(error)
+    few = _few_chains(True)
     # Ctrl-C in a distributed run is re-raised on the rank (no partial gather across ranks that may be mid-collective).
     try:
         riemannian_uniform(_metric(), N_CHAINS, n_chains=N_CHAINS, n_steps=4, n_leapfrog=2, warmup=2, seed=0,
@@ -47,13 +51,14 @@ def _sampling_job(rank, world):
         reraised = False
     except KeyboardInterrupt:
         reraised = True
-    return hmc, langevin, unseeded.chains, too_few, reraised
+    return hmc, langevin, unseeded.chains, few, reraised
 
 
 def test_two_processes_return_the_single_process_result():
     results = run_on_ranks(_sampling_job)
     hmc, langevin = _hmc(False), _langevin(False)
-    for rank_hmc, rank_langevin, unseeded, too_few, reraised in results:
+    few_hmc, few_langevin = _few_chains(False)
+    for rank_hmc, rank_langevin, unseeded, (rank_few_hmc, rank_few_langevin), reraised in results:
         assert rank_hmc.chains.shape == (2, N_CHAINS, 2)
         assert torch.equal(rank_hmc.chains, hmc.chains) and torch.equal(rank_hmc.samples, hmc.samples)
         assert rank_hmc.step_size == hmc.step_size  # the adaptation statistic is world-size independent
@@ -64,7 +69,12 @@ def test_two_processes_return_the_single_process_result():
         assert rank_langevin.n_failed == langevin.n_failed
         # seed=None: rank 0's random seed is shared, so the ranks still agree with each other.
         assert torch.equal(unseeded, results[0][2])
-        assert too_few is not None and "fewer than the 2 ranks" in too_few
+        assert rank_few_hmc.chains.shape == few_hmc.chains.shape == (2, 8, 2)
+        assert torch.equal(rank_few_hmc.chains, few_hmc.chains) and rank_few_hmc.step_size == few_hmc.step_size
+        assert torch.equal(rank_few_hmc.acceptance, few_hmc.acceptance)
+        assert torch.equal(rank_few_langevin.chains, few_langevin.chains)
+        assert rank_few_langevin.step_size == few_langevin.step_size
+        assert rank_few_langevin.n_failed == few_langevin.n_failed
         assert reraised
     assert not torch.equal(results[0][2], hmc.chains)
 

@@ -129,11 +129,9 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()) or (
             isinstance(step_size, torch.Tensor) and step_size.requires_grad and torch.is_grad_enabled()):
         raise ValueError("langevin_step is not differentiable (a sampler step): detach its inputs or use torch.no_grad()")
-    # Measured on an H100 (bench/RESULTS.md): the fused kernels lead up to d = 16, but their factorisation of each
-    # chain's G in registers loses to batched cuSOLVER at d = 64 (62 and 52 ms against 16 ms), so there "auto" on a GPU
-    # takes the plain-PyTorch step.
-    gpu_preference = ("triton", "cuda") if d <= 16 else ("torch",)
-    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED, gpu_preference=gpu_preference)
+    # On a GPU "auto" depends on d (the fused kernels lose to batched cuSOLVER above d = 16): _backend.GPU_RULES.
+    chosen = _backend.resolve("langevin_step", z.device, backend, _IMPLEMENTED,
+                              sizes={"d": d, "derivative": dG is not None})
 
     def flat(value, tail):
         return None if value is None else value.reshape(-1, *tail).contiguous()

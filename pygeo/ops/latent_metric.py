@@ -282,7 +282,8 @@ def latent_metric(z: torch.Tensor, centroids: torch.Tensor, precisions: torch.Te
         raise ValueError("latent_metric is differentiable in z only; detach centroids and precisions")
     if rho is None:
         rho = default_rho(centroids)
-    chosen = _backend.resolve("latent_metric", z.device, backend, _IMPLEMENTED)
+    chosen = _backend.resolve("latent_metric", z.device, backend, _IMPLEMENTED,
+                              sizes={"d": d, "N": centroids.shape[0], "full": precisions.dim() == 3})
     batch_shape = z.shape[:-1]
     flat = z.reshape(-1, d).contiguous()
     G, dG, log_vol, log_vol_grad = _backend.call_op(_latent_metric_op, _compute, flat, centroids.contiguous(),

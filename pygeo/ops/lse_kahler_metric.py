@@ -193,7 +193,7 @@ def lse_kahler_metric(z: torch.Tensor, centers: torch.Tensor, precisions: torch.
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
-    chosen = _backend.resolve("lse_kahler_metric", z.device, backend, _IMPLEMENTED)
+    chosen = _backend.resolve("lse_kahler_metric", z.device, backend, _IMPLEMENTED, sizes={"n": n, "K": K})
     _refuse_unresolved_weights(z.reshape(-1, n), centers, precisions, log_weights, temperature, diagonal)
     batch_shape = z.shape[:-1]
     z_real = torch.view_as_real(z.reshape(-1, n).resolve_conj()).contiguous()

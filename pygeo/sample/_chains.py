@@ -53,18 +53,17 @@ class ChainShard:
     @classmethod
     def create(cls, n_chains: int, distributed: bool, caller: str) -> "ChainShard":
         """All chains without distribution; with it, this rank's share of whole chain blocks (balanced to within one
-        block). Refuses a world larger than the number of blocks, so that no rank is left without chains."""
+        block). With fewer blocks than ranks, the ranks past the last block run no chain: they take part in the
+        collectives (contributing nothing) and return the gathered result like the others."""
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
         if not distributed:
             return cls(n_chains, 0, n_chains, False)
         rank, world = _distributed.require_process_group(f"{caller}(distributed=True)")
         n_blocks = -(-n_chains // CHAIN_BLOCK)
-        if n_blocks < world:
-            raise ValueError(f"{caller}(distributed=True): n_chains={n_chains} makes {n_blocks} block(s) of "
-                             f"{CHAIN_BLOCK} chains (the unit of work of a rank), fewer than the {world} ranks: use "
-                             f"n_chains > {CHAIN_BLOCK * (world - 1)} or fewer ranks")
         blocks = _distributed.rank_share(n_blocks, rank, world)
+        if not blocks:  # no block left for this rank: an empty shard at the end (ranks own chains in rank order)
+            return cls(n_chains, n_chains, n_chains, True, rank)
         return cls(n_chains, blocks.start * CHAIN_BLOCK, min(blocks.stop * CHAIN_BLOCK, n_chains), True, rank)
 
     @property
@@ -122,7 +121,7 @@ class ChainStreams:
     of a chain depend only on (seed, chain index) and on the sequence of calls."""
 
     def __init__(self, seed: int, start: int, stop: int, device: torch.device):
-        if start % CHAIN_BLOCK:
+        if start % CHAIN_BLOCK and start != stop:
             raise ValueError(f"a shard must start at a block boundary, got chain {start}")  # internal invariant
         self.sizes: List[int] = []
         self.generators: List[torch.Generator] = []
@@ -135,6 +134,8 @@ class ChainStreams:
 
     def normal(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """[n_local, dim] standard normal draws."""
+        if not self.generators:  # a rank without chains
+            return torch.empty(0, dim, device=self.device, dtype=dtype)
         # Every block draws a full block of rows, even the last, partial one: torch's samplers order their output by
         # the request size, so a partial draw would give chain c different numbers for another n_chains.
         return torch.cat([torch.randn(CHAIN_BLOCK, dim, generator=generator, device=self.device, dtype=dtype)[:size]
@@ -142,5 +143,7 @@ class ChainStreams:
 
     def uniform(self, dtype: torch.dtype) -> torch.Tensor:
         """[n_local] uniform draws on [0, 1)."""
+        if not self.generators:
+            return torch.empty(0, device=self.device, dtype=dtype)
         return torch.cat([torch.rand(CHAIN_BLOCK, generator=generator, device=self.device, dtype=dtype)[:size]
                           for size, generator in zip(self.sizes, self.generators)])

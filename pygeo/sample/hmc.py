@@ -140,8 +140,8 @@ def riemannian_uniform(metric, n_samples: int, n_chains: Optional[int] = None, n
             torchrun; gloo for CPU tensors, NCCL for CUDA tensors on each rank's local device). Each rank runs whole
             blocks of 64 chains and every rank returns the whole result, the same as one process with the same seed
             and n_chains (up to the batch-size invariance of the metric's own kernels). Every rank must pass the same
-            arguments (init included). Needs n_chains > 64 * (world size - 1). Without an initialised group: a
-            RuntimeError.
+            arguments (init included). A rank left without a block (n_chains <= 64 * (world size - 1)) runs no chain
+            and still returns the whole result. Without an initialised group: a RuntimeError.
     Returns:
         HMCResult(samples [n_samples, d], acceptance [n_chains], step_size, chains, n_divergent, log_volume,
         interrupted, escaped [n_chains], escape_radius).

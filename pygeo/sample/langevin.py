@@ -95,8 +95,9 @@ def riemannian_langevin(metric: Metric, n_samples: int, log_prob: Optional[Calla
             torchrun; gloo for CPU tensors, NCCL for CUDA tensors on each rank's local device). Each rank runs whole
             blocks of 64 chains and every rank returns the whole result, the same as one process with the same seed
             and n_chains (up to the batch-size invariance of the metric's own kernels); n_failed is the total over
-            ranks. Every rank must pass the same arguments (init included). Needs n_chains > 64 * (world size - 1).
-            Without an initialised group: a RuntimeError.
+            ranks. Every rank must pass the same arguments (init included). A rank left without a block (n_chains
+            <= 64 * (world size - 1)) runs no chain and still returns the whole result. Without an initialised group:
+            a RuntimeError.
     Returns:
         LangevinResult: samples [n_samples, d], chains [kept, n_chains, d], acceptance [n_chains], step_size,
         n_failed, interrupted, escaped [n_chains], escape_radius.

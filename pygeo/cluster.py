@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import _checks
+from .metrics.base import Metric
 
 
 class KMedoidsResult(NamedTuple):
@@ -181,7 +182,7 @@ def kmedoids(points: torch.Tensor, k: int, seed: Optional[int] = None, max_iter:
     return KMedoidsResult(medoids[order], relabel[labels], float(distances.sum()), n_iter)
 
 
-def geodesic_kmedoids(metric, x: torch.Tensor, k: int, seed: Optional[int] = None, max_iter: int = 100,
+def geodesic_kmedoids(metric: Metric, x: torch.Tensor, k: int, seed: Optional[int] = None, max_iter: int = 100,
                       **distance_options: Any) -> KMedoidsResult:
     """k medoids of the points x [N, d] under the geodesic distance of `metric`.
 
@@ -190,8 +191,8 @@ def geodesic_kmedoids(metric, x: torch.Tensor, k: int, seed: Optional[int] = Non
     distance_options go to geodesic_distances unchanged: method ("energy" or "graph"), n_points, n_neighbors,
     chunk_size (pairs solved together), tol, resolution, progress, distributed, checkpoint (resumable: an
     interrupted run started again with the same folder solves only the missing blocks). max_iter is kmedoids' own
-    (the solver keeps its default iteration limit). To cluster the same points again (another k or seed), compute the matrix once and
-    call kmedoids(distances, k, precomputed=True).
+    (the solver keeps its default iteration limit). To cluster the same points again (another k or seed), compute
+    the matrix once and call kmedoids(distances, k, precomputed=True).
     Returns KMedoidsResult(indices [k] rows of x, labels [N], cost = the sum of geodesic distances to the medoids,
     n_iter), as kmedoids.
     Raises ValueError / TypeError for bad x, k or options (before any geodesic is solved); KeyboardInterrupt when
@@ -221,7 +222,7 @@ def _check_k(k, n: int) -> int:
 
 
 def _check_distance_matrix(name: str, distances: torch.Tensor) -> torch.Tensor:
-    """A precomputed distance matrix [n, n]: real, finite, non-negative, symmetric with a zero diagonal (to rounding)."""
+    """A distance matrix [n, n]: real, finite, non-negative, symmetric with a zero diagonal (to rounding)."""
     _checks.real_tensor(name, distances, min_dim=2)
     if distances.dim() != 2 or distances.shape[0] != distances.shape[1] or distances.shape[0] == 0:
         raise ValueError(f"{name} (precomputed=True) must be a square distance matrix [n, n] with n >= 1, got shape "

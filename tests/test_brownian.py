@@ -188,7 +188,8 @@ def test_paths_leaving_the_domain_stop_and_are_flagged(dtype):
 
 def test_a_metric_that_turns_indefinite_stops_the_path():
     """G = diag(1, 1 - z_0): finite everywhere, not positive definite for z_0 >= 1."""
-    metric = pygeo.FunctionMetric(lambda z: torch.diag_embed(torch.stack([torch.ones_like(z[..., 0]), 1 - z[..., 0]], -1)))
+    metric = pygeo.FunctionMetric(
+        lambda z: torch.diag_embed(torch.stack([torch.ones_like(z[..., 0]), 1 - z[..., 0]], -1)))
     result = brownian_motion(metric, torch.tensor([0.5, 0.0], dtype=torch.float64), 2.0, 40, n_paths=100, seed=1,
                              progress=False)
     assert result.escaped.any() and (result.paths[..., 0] < 1).all() and torch.isfinite(result.paths).all()

@@ -41,7 +41,7 @@ class BrownianResult:
     interrupted: bool = False  # stopped by Ctrl-C: everything above holds the completed steps
 
 
-def laplace_beltrami_drift(metric, z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def laplace_beltrami_drift(metric: Metric, z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """b(z) = 1/2 Delta_g z = -1/2 G^ij(z) Gamma^k_ij(z) [B, d] at z [B, d]: the drift of Brownian motion in
     coordinates, from metric.metric_and_derivative through the fused Langevin step (zero noise, so the step's mean
     is z + dt b). ValueError where G is not finite and symmetric positive definite (no jitter)."""
@@ -56,7 +56,7 @@ def laplace_beltrami_drift(metric, z: torch.Tensor, backend: str = "auto") -> to
     return step.mean - z
 
 
-def brownian_motion(metric, z0: torch.Tensor, t: float, n_steps: int, n_paths: Optional[int] = None,
+def brownian_motion(metric: Metric, z0: torch.Tensor, t: float, n_steps: int, n_paths: Optional[int] = None,
                     seed: Optional[int] = None, progress: bool = True, *, keep_every: int = 1,
                     backend: str = "auto") -> BrownianResult:
     """Riemannian Brownian motion (generator 1/2 Laplace-Beltrami of the metric) from z0 for time t, n_paths at once.

@@ -397,15 +397,20 @@ class PullbackMetric(Metric):
             return jtj(Jt.transpose(1, 2), self._weight(rows), backend=self.backend)
         B, d = Jt.shape[:2]
         p, q = self._categorical_probabilities(rows)
-        pr = p * p / q
         t = Jt.reshape(B, d, -1, self._categories)  # [B, d, P, C]
-        u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
-        v = torch.matmul(t.transpose(1, 2), pr.unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        s = pr.sum(-1)  # [B, P]
-        weighted = Jt * pr.reshape(B, 1, -1)
-        G = torch.bmm(weighted, Jt.transpose(1, 2))
-        cross = torch.bmm(v, u.transpose(1, 2))
-        G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
+        G = torch.bmm(Jt * p.reshape(B, 1, -1), Jt.transpose(1, 2)) if bool((p == q).all()) else None
+        if G is not None:  # no clamp active: r = 1, v = u, s = 1
+            u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
+            G = G - torch.bmm(u, u.transpose(1, 2))
+        else:
+            pr = p * p / q
+            # u = J^T p and v = J^T (p r) in one pass over J: [B, P, d, C] @ [B, P, C, 2]
+            uv = torch.matmul(t.transpose(1, 2), torch.stack([p, pr], -1)).permute(0, 3, 2, 1)  # [B, 2, d, P]
+            u, v = uv[:, 0], uv[:, 1]
+            s = pr.sum(-1)  # [B, P]
+            G = torch.bmm(Jt * pr.reshape(B, 1, -1), Jt.transpose(1, 2))
+            cross = torch.bmm(v, u.transpose(1, 2))
+            G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
         return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric (two GEMM orders need not round alike)
 
     # --------------------------------------------------------------------------------------------------- helpers

@@ -1,8 +1,11 @@
 """PullbackMetric: the Fisher / pullback metric of a decoder, G(z) = J^T F J (MATH.md section 1).
 
-The Jacobian is computed in forward mode (d Jacobian-vector products, vmapped), never by reverse mode over the D
-outputs; the weighted Gram reduction runs in pygeo.ops.jtj. Decoders that are an nn.Sequential of nn.Linear layers
-and elementwise activations go through the fused op pygeo.ops.mlp_metric instead, which never materialises J.
+The Jacobian is computed in forward mode, never by reverse mode over the D outputs: for an nn.Sequential of known
+layers (conv, transposed conv, upsampling, norms, activations) the d basis tangents go through the layers as extra
+batch rows (pygeo.metrics._forward_tangents), for any other decoder by d Jacobian-vector products, vmapped; both in
+chunks of points under max_memory. The weighted Gram reduction runs in pygeo.ops.jtj (the categorical likelihood's in
+a few GEMMs, PullbackMetric._gram). MLP decoders with the euclidean, gaussian and bernoulli likelihoods go through the
+fused op pygeo.ops.mlp_metric instead, which never materialises J.
 """
 from __future__ import annotations
 

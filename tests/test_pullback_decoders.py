@@ -9,7 +9,6 @@ from collections import OrderedDict
 import pytest
 import torch
 
-import pygeo
 from pygeo.metrics.pullback import PullbackMetric
 
 from conftest import assert_close

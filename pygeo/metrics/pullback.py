@@ -1,8 +1,11 @@
 """PullbackMetric: the Fisher / pullback metric of a decoder, G(z) = J^T F J (MATH.md section 1).
 
-The Jacobian is computed in forward mode (d Jacobian-vector products, vmapped), never by reverse mode over the D
-outputs; the weighted Gram reduction runs in pygeo.ops.jtj. Decoders that are an nn.Sequential of nn.Linear layers
-and elementwise activations go through the fused op pygeo.ops.mlp_metric instead, which never materialises J.
+The Jacobian is computed in forward mode, never by reverse mode over the D outputs: for an nn.Sequential of known
+layers (conv, transposed conv, upsampling, norms, activations) the d basis tangents go through the layers as extra
+batch rows (pygeo.metrics._forward_tangents), for any other decoder by d Jacobian-vector products, vmapped; both in
+chunks of points under max_memory. The weighted Gram reduction runs in pygeo.ops.jtj (the categorical likelihood's in
+a few GEMMs, PullbackMetric._gram). MLP decoders with the euclidean, gaussian and bernoulli likelihoods go through the
+fused op pygeo.ops.mlp_metric instead, which never materialises J.
 """
 from __future__ import annotations
 
@@ -397,15 +400,20 @@ class PullbackMetric(Metric):
             return jtj(Jt.transpose(1, 2), self._weight(rows), backend=self.backend)
         B, d = Jt.shape[:2]
         p, q = self._categorical_probabilities(rows)
-        pr = p * p / q
         t = Jt.reshape(B, d, -1, self._categories)  # [B, d, P, C]
-        u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
-        v = torch.matmul(t.transpose(1, 2), pr.unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        s = pr.sum(-1)  # [B, P]
-        weighted = Jt * pr.reshape(B, 1, -1)
-        G = torch.bmm(weighted, Jt.transpose(1, 2))
-        cross = torch.bmm(v, u.transpose(1, 2))
-        G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
+        G = torch.bmm(Jt * p.reshape(B, 1, -1), Jt.transpose(1, 2)) if bool((p == q).all()) else None
+        if G is not None:  # no clamp active: r = 1, v = u, s = 1
+            u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
+            G = G - torch.bmm(u, u.transpose(1, 2))
+        else:
+            pr = p * p / q
+            # u = J^T p and v = J^T (p r) in one pass over J: [B, P, d, C] @ [B, P, C, 2]
+            uv = torch.matmul(t.transpose(1, 2), torch.stack([p, pr], -1)).permute(0, 3, 2, 1)  # [B, 2, d, P]
+            u, v = uv[:, 0], uv[:, 1]
+            s = pr.sum(-1)  # [B, P]
+            G = torch.bmm(Jt * pr.reshape(B, 1, -1), Jt.transpose(1, 2))
+            cross = torch.bmm(v, u.transpose(1, 2))
+            G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
         return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric (two GEMM orders need not round alike)
 
     # --------------------------------------------------------------------------------------------------- helpers

@@ -81,6 +81,8 @@ def refine_latents(decoder: Callable[[torch.Tensor], object], x: torch.Tensor, z
     last values).
     """
     _check_arguments(decoder, x, z0, steps, method, lr, prior, max_backtracks)
+    if likelihood not in ("euclidean", "gaussian", "bernoulli"):  # PullbackMetric knows more than this objective
+        raise ValueError(f"refine_latents: likelihood must be 'euclidean', 'gaussian' or 'bernoulli', got {likelihood!r}")
     metric = PullbackMetric(decoder, likelihood=likelihood, sigma=sigma, eps=eps, backend=backend)
     if likelihood == "bernoulli" and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"x must hold Bernoulli targets in [0, 1] (likelihood='bernoulli'), got values in "

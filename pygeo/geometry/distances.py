@@ -211,6 +211,8 @@ def _flat_jet(metric, points: torch.Tensor):
     A, T, d = points.shape
     flat = points.reshape(A * T, d)
     fused = _mlp_flat_jet(metric, flat)
+    if fused is None:
+        fused = _ensemble_flat_jet(metric, flat)
     if fused is not None:
         phi, Jt = fused
         return phi.reshape(A, T, -1), Jt.reshape(A, T, d, -1)
@@ -252,6 +254,23 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
     if weight is not None:
         Jt = Jt * weight.sqrt().unsqueeze(-2)  # [B, D] (bernoulli) or [D] (fixed sigma) against [B, d, D]
     return _output_flat_coordinates(metric)(output), Jt
+
+
+def _ensemble_flat_jet(metric, flat: torch.Tensor):
+    """(phi [B, sum_m D_m], J_phi^T [B, d, sum_m D_m]) for an EnsembleMetric whose members all take _mlp_flat_jet:
+    the members' fused jets concatenated and scaled by 1 / sqrt(M), as EnsembleMetric.flat_coordinates; else None."""
+    from ..metrics.ensemble import EnsembleMetric
+
+    if type(metric) is not EnsembleMetric or not metric.has_flat_coordinates:
+        return None
+    parts = []
+    for member in metric.metrics:
+        part = _mlp_flat_jet(member, flat)
+        if part is None:
+            return None
+        parts.append(part)
+    scale = 1.0 / math.sqrt(len(parts))
+    return torch.cat([phi for phi, _ in parts], -1) * scale, torch.cat([Jt for _, Jt in parts], -1) * scale
 
 
 def _output_flat_coordinates(metric):

@@ -82,8 +82,13 @@ class EnsembleMetric(Metric):
 
     # ----------------------------------------------------------------------------------------------- the contract
     def metric(self, z: torch.Tensor) -> torch.Tensor:
-        """z [..., d] -> G [..., d, d] = (1/M) sum_m G_m(z), differentiable in z (and the members' parameters)."""
+        """z [..., d] -> G [..., d, d] = (1/M) sum_m G_m(z), differentiable in z (and the members' parameters).
+        Members that are PullbackMetrics of MLP decoders of one architecture and likelihood, on CPU tensors, go
+        through one call of the fused op pygeo.ops.mlp_ensemble_metric (weights stacked [M, out, in]), not M calls."""
         self._check_point(z)
+        fused = self._fused_metric(z, detach_parameters=False)
+        if fused is not None:
+            return fused
         return self._mean([self._member_metric(index, member, z) for index, member in enumerate(self.metrics)])
 
     def metric_and_derivative(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +110,9 @@ class EnsembleMetric(Metric):
         self._check_point(z)
 
         def log_volume(point):
+            fused = self._fused_metric(point, detach_parameters=True)
+            if fused is not None:
+                return _linalg.half_log_det(fused, name="EnsembleMetric.metric(z)")
             Gs = []
             for index, member in enumerate(self.metrics):
                 detached = getattr(member, "_metric", None)
@@ -126,6 +134,65 @@ class EnsembleMetric(Metric):
         self._check_point(z)
         parts = [member.flat_coordinates(z) for member in self.metrics]
         return torch.cat(parts, dim=-1) / math.sqrt(len(parts))
+
+    # ------------------------------------------------------------------------------------------- the fused path
+    def _fused_members(self, flat: torch.Tensor):
+        """The members' MLPDecoders where one fused ensemble call serves them all, else None: every member a
+        PullbackMetric whose own fused MLP path applies (see PullbackMetric._fused_mlp), with one architecture
+        (layer shapes, activations, which biases exist), likelihood, eps, sigma and backend, on a CPU tensor (the GPU
+        has no fused ensemble kernel; there each member calls its own fused op)."""
+        from .pullback import PullbackMetric
+
+        if len(self.metrics) < 2 or flat.device.type != "cpu":
+            return None
+        first = self.metrics[0]
+        if first.__class__ is not PullbackMetric or first.backend not in ("auto", "cpp", "torch"):
+            return None
+        mlps = []
+        for member in self.metrics:
+            if (member.__class__ is not PullbackMetric or member.learned_std or member._mean_mlp is not None
+                    or (member.likelihood, member.eps, member.backend) != (first.likelihood, first.eps, first.backend)):
+                return None
+            mlp = member._fused_mlp(flat)
+            if mlp is None:
+                return None
+            mlps.append(mlp)
+        shape = [(linear.weight.shape, linear.bias is None) for linear in mlps[0].linears]
+        for mlp in mlps[1:]:
+            if mlp.activations != mlps[0].activations or \
+                    [(linear.weight.shape, linear.bias is None) for linear in mlp.linears] != shape:
+                return None
+        if first.likelihood == "gaussian":
+            D = mlps[0].out_features
+            sigmas = [member._sigma_for(flat, D) for member in self.metrics]
+            if any(not torch.equal(sigma, sigmas[0]) for sigma in sigmas[1:]):
+                return None
+        return mlps
+
+    def _fused_metric(self, z: torch.Tensor, detach_parameters: bool) -> Optional[torch.Tensor]:
+        """G [..., d, d] by one call of pygeo.ops.mlp_ensemble_metric, or None where that path does not apply."""
+        from ..ops.mlp_metric import mlp_ensemble_metric
+
+        flat = z.reshape(-1, z.shape[-1]) if z.dim() >= 1 else z
+        mlps = self._fused_members(flat)
+        if mlps is None:
+            return None
+        for member in self.metrics:
+            member._flatten(z)  # each member's checks of z (dtype against its parameters, width)
+
+        def parameter(tensor):
+            return tensor.detach() if detach_parameters else tensor
+
+        weights, biases = [], []
+        for layer in range(len(mlps[0].linears)):
+            linears = [mlp.linears[layer] for mlp in mlps]
+            weights.append(torch.stack([parameter(linear.weight) for linear in linears]))
+            biases.append(None if linears[0].bias is None else torch.stack([parameter(linear.bias) for linear in linears]))
+        first = self.metrics[0]
+        sigma = first._sigma_for(flat, mlps[0].out_features)
+        G = mlp_ensemble_metric(flat, weights, biases, mlps[0].activations, likelihood=first.likelihood,
+                                sigma=None if sigma is None else parameter(sigma), eps=first.eps, backend=first.backend)
+        return G.reshape(*z.shape[:-1], *G.shape[-2:])
 
     # --------------------------------------------------------------------------------------------------- helpers
     def _check_point(self, z: torch.Tensor) -> None:

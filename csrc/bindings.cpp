@@ -19,6 +19,7 @@ namespace pygeo {
 // --- declarations (definitions in cpu/<op>.cpp and cuda/<op>.cu) ---
 template <typename T> void jtj_cpu(const T* J, const T* w, int64_t w_batch_stride, T* G, int64_t B, int64_t D, int64_t d);
 template <typename T> void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B);
+template <typename T> void mlp_ensemble_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases, const std::vector<int64_t>& widths, const std::vector<int64_t>& codes, const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps, bool last_upper_triangular, T* G, int64_t B, int64_t M);
 template <typename T> void latent_metric_forward_cpu(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, T* G_s, T* scale, T* dG_s, int64_t B, int64_t N, int64_t d);
 template <typename T> void latent_metric_vjp_cpu(const T* z, const T* c, const T* P, bool full, double lam, double tau, double rho, const T* A, const T* scale, T* v, int64_t B, int64_t N, int64_t d);
 #ifdef PYGEO_WITH_CUDA
@@ -88,6 +89,10 @@ PYBIND11_MODULE(_C, m) {
   // params [2 L], output_weight [D] | 0 (null), G [B, d, d]
   m.def("mlp_metric_cpu", [](uintptr_t z, std::vector<uintptr_t> weights, std::vector<uintptr_t> biases, std::vector<int64_t> widths, std::vector<int64_t> codes, std::vector<double> params, uintptr_t output_weight, bool bernoulli, double eps, bool last_upper_triangular, uintptr_t G, int64_t B, std::string dtype) {
     PYGEO_DISPATCH_FLOATING(dtype, pygeo::mlp_metric_cpu<scalar_t>(CP(scalar_t, z), pointer_list<const scalar_t>(weights), pointer_list<const scalar_t>(biases), widths, codes, params, CP(scalar_t, output_weight), bernoulli, eps, last_upper_triangular, P(scalar_t, G), B));
+  }, nogil);
+  // mlp_ensemble_metric: as mlp_metric with M members stacked, weights[l] [M, n_{l+1}, n_l], biases[l] [M, n_{l+1}]
+  m.def("mlp_ensemble_metric_cpu", [](uintptr_t z, std::vector<uintptr_t> weights, std::vector<uintptr_t> biases, std::vector<int64_t> widths, std::vector<int64_t> codes, std::vector<double> params, uintptr_t output_weight, bool bernoulli, double eps, bool last_upper_triangular, uintptr_t G, int64_t B, int64_t M, std::string dtype) {
+    PYGEO_DISPATCH_FLOATING(dtype, pygeo::mlp_ensemble_metric_cpu<scalar_t>(CP(scalar_t, z), pointer_list<const scalar_t>(weights), pointer_list<const scalar_t>(biases), widths, codes, params, CP(scalar_t, output_weight), bernoulli, eps, last_upper_triangular, P(scalar_t, G), B, M));
   }, nogil);
 #ifdef PYGEO_WITH_CUDA
   m.def("jtj_cuda", [](uintptr_t J, uintptr_t w, int64_t ws, uintptr_t G, int64_t B, int64_t D, int64_t d, std::string dtype, uintptr_t stream) {

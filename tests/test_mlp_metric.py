@@ -296,3 +296,86 @@ def test_smooth_activation_values_and_slopes_to_float32_accuracy(backend_device,
     # silu'(x) = s (1 + x (1 - s)): 1 - s is float32-rounded to a multiple of 6e-8 near s = 1, times x (every backend)
     tolerance = 4e-6 if activation == "silu" else 2e-6
     torch.testing.assert_close(G.cpu().double()[:, 0, 0] / scale, expected / scale, rtol=0.0, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "softplus", "silu", "elu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("overflow", ["nan", "inf"])
+def test_overflowing_pre_activations_are_refused_on_every_backend(backend_device, activation, overflow):
+    """Issue 30: float32 pre-activations that overflow (h = 1e20 z_0 -/+ 1e20 z_1 with z ~ 1e20: Inf - Inf = NaN, or
+    Inf) were refused by the torch backend but came out of the C++ kernel as G = 0 (its activations map NaN to finite
+    values: ReLU(NaN) = 0, a saturated tanh gives slope 0). Every backend now refuses such a point the same way
+    (reference.overflowed_points), even where the activation would have hidden it."""
+    backend, device = backend_device
+    sign = -1.0 if overflow == "nan" else 1.0
+    z = torch.tensor([[1e30, 1e30], [0.5, -0.5]], device=device)
+    W1 = torch.tensor([[1e10, sign * 1e10], [1.0, 2.0]], device=device)  # h_0 = 1e40 -/+ 1e40 at the first point
+    W2 = torch.randn(3, 2, device=device)
+    with pytest.raises(ValueError, match=r"G is not finite at 1 of 2 points \(first: index 0\).*overflow"):
+        pygeo.ops.mlp_metric(z, [W1, W2], [None, None], [activation, "identity"], backend=backend)
+    G = pygeo.ops.mlp_metric(z[1:], [W1, W2], [None, None], [activation, "identity"], backend=backend)
+    assert torch.isfinite(G).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "silu", "softplus", "identity"])
+def test_overflowing_bernoulli_logits_are_refused_on_every_backend(backend_device, activation):
+    """The Bernoulli weight p (1 - p) of a NaN logit (f = 1e10 a_0 - 1e10 a_1 with a ~ 1e30: Inf - Inf) was clamped to
+    a finite number by the C++ kernel (min/max of NaN), so G came out finite; the logit enters G, so every backend
+    refuses it. The tangents (~1e10) do not overflow: only the logit does."""
+    backend, device = backend_device
+    z = torch.tensor([[1e30, 1e30], [0.5, -0.5]], device=device)
+    W1 = torch.eye(2, device=device)
+    W2 = torch.tensor([[1e10, -1e10], [0.5, 1.0]], device=device)
+    with pytest.raises(ValueError, match=r"G is not finite at 1 of 2 points \(first: index 0\).*overflow"):
+        pygeo.ops.mlp_metric(z, [W1, W2], [None, None], [activation, "identity"], likelihood="bernoulli",
+                             backend=backend)
+    # with a Euclidean likelihood the identity output does not enter G: not refused, and equal to the reference
+    G = pygeo.ops.mlp_metric(z, [W1, W2], [None, None], [activation, "identity"], backend=backend)
+    expected = pygeo.ops.mlp_metric(z.double().cpu(), [W1.double().cpu(), W2.double().cpu()], [None, None],
+                                    [activation, "identity"], backend="torch")
+    assert_close(G.cpu(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "softplus", "sigmoid", "tanh"])
+def test_saturated_float32_activations_have_exactly_zero_slope(backend_device, activation):
+    """Issue 30: at h = -1e14 these activations' slopes are 0 in float32 (and float64). The C++ kernel's vectorised
+    exp clamped its argument to -87 instead of flushing to 0, so sigmoid(-1e14) came out as 1.6e-38, SiLU's slope
+    s (1 + h (1 - s)) as -1.6e-24, and with first-layer weights of 1e30, G ~ 1e12 where it is 0."""
+    backend, device = backend_device
+    z = -torch.tensor([[1e-16, 2e-16], [3e-16, 1e-16], [5e-16, 4e-16]], device=device)
+    W1 = 1e30 * torch.eye(2, device=device)
+    W2 = torch.randn(4, 2, device=device)
+    G = pygeo.ops.mlp_metric(z, [W1, W2], [None, None], [activation, "identity"], backend=backend)
+    assert float(G.abs().max()) <= torch.finfo(torch.float32).tiny, f"G = {G}"
+    reference_G = pygeo.ops.mlp_metric(z.double().cpu(), [W1.double().cpu(), W2.double().cpu()], [None, None],
+                                       [activation, "identity"], backend="torch")
+    assert float(reference_G.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturating_slopes_keep_their_relative_accuracy(backend_device, activation, dtype):
+    """Issue 30 (b): float64 fuzz inputs had cpp and torch differ by 2.8e-8 against a tolerance of 5.5e-11. The kernels
+    were wrong, not the tolerance: both formed tanh' = 1 - t^2 (and sigmoid' = s (1 - s), silu's 1 - s), which cancel
+    where the activation saturates, so a 1-ulp difference between libm's tanh and torch's became 3e-7 relative at
+    h = 10.9. Every backend now forms the slopes without the cancellation; checked against independent closed forms
+    (sech^2, 1 / (4 cosh^2(h / 2))) to a few roundings, relative to each value."""
+    backend, device = backend_device
+    h = torch.linspace(0.25, 17.0 if dtype == torch.float64 else 8.0, 2001, dtype=F64)
+    h = torch.cat([h, -h]) if activation != "silu" else h  # silu' crosses 0 at h = -1.28: no relative accuracy there
+    h = h.to(dtype).double()  # exactly representable in dtype
+    if activation == "tanh":
+        slope = torch.cosh(h).pow(-2)
+    elif activation == "sigmoid":
+        slope = 0.25 * torch.cosh(0.5 * h).pow(-2)
+    else:
+        slope = torch.sigmoid(h) + h * 0.25 * torch.cosh(0.5 * h).pow(-2)
+    one = torch.ones(1, 1, dtype=dtype, device=device)
+    G = pygeo.ops.mlp_metric(h.to(device=device, dtype=dtype)[:, None], [one, one], [None, None],
+                             [activation, "identity"], backend=backend)[:, 0, 0].cpu().double()
+    # the float32 kernels' vectorised exp carries a few ulps; float64 uses libm
+    tolerance = 64 * torch.finfo(dtype).eps if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(G, slope * slope, rtol=tolerance, atol=0.0)

@@ -35,24 +35,24 @@ def _activate(h, CODE: tl.constexpr, p0, p1):
         negative = p0 * (tl.exp(tl.minimum(h, 0.0)) - 1.0)
         value = tl.where(h > 0, h, negative)
         slope = tl.where(h > 0, 1.0, negative + p0)
-    elif CODE == 4:  # silu
+    elif CODE == 4:  # silu (1 - s as sigmoid(-h): no cancellation where s -> 1, as the reference)
         s = _sigmoid(h)
         value = h * s
-        slope = s * (1.0 + h * (1.0 - s))
+        slope = s * (1.0 + h * _sigmoid(-h))
     elif CODE == 5:  # softplus, beta p0, threshold p1
         scaled = p0 * h
         linear = scaled > p1
         safe = tl.where(linear, 0.0, scaled)
         value = tl.where(linear, h, tl.log(1.0 + tl.exp(safe)) / p0)
         slope = tl.where(linear, 1.0, _sigmoid(safe))
-    elif CODE == 6:  # tanh
+    elif CODE == 6:  # tanh; 1 - t^2 = 4 sigmoid(2h) sigmoid(-2h) without the cancellation
         t = 2.0 * _sigmoid(2.0 * h) - 1.0
         value = t
-        slope = 1.0 - t * t
+        slope = 4.0 * _sigmoid(2.0 * h) * _sigmoid(-2.0 * h)
     elif CODE == 7:  # sigmoid
         s = _sigmoid(h)
         value = s
-        slope = s * (1.0 - s)
+        slope = s * _sigmoid(-h)
     else:  # identity
         value = h
         slope = h * 0.0 + 1.0

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -67,10 +68,13 @@ PYGEO_ALWAYS_INLINE void activate(int64_t code, T p0, T p1, T h, T& value, T& sl
         slope = value + p0;
       }
       return;
+    // silu, tanh, sigmoid: slopes without 1 - s or 1 - t^2, which cancel where the activation saturates (a 1-ulp
+    // difference in tanh became 3e-7 relative in float64, issue 30): 1 - sigmoid(h) = sigmoid(-h),
+    // 1 - tanh(h)^2 = 4 sigmoid(2h) sigmoid(-2h), as pygeo/reference/mlp_metric.py.
     case kSilu: {
       const T s = sigmoid(h);
       value = h * s;
-      slope = s * (T(1) + h * (T(1) - s));
+      slope = s * (T(1) + h * sigmoid(-h));
       return;
     }
     case kSoftplus: {
@@ -85,15 +89,14 @@ PYGEO_ALWAYS_INLINE void activate(int64_t code, T p0, T p1, T h, T& value, T& sl
       return;
     }
     case kTanh: {
-      const T t = std::tanh(h);
-      value = t;
-      slope = T(1) - t * t;
+      value = std::tanh(h);
+      slope = T(4) * sigmoid(T(2) * h) * sigmoid(T(-2) * h);
       return;
     }
     case kSigmoid: {
       const T s = sigmoid(h);
       value = s;
-      slope = s * (T(1) - s);
+      slope = s * sigmoid(-h);
       return;
     }
     default:  // kIdentity
@@ -106,8 +109,10 @@ PYGEO_ALWAYS_INLINE void activate(int64_t code, T p0, T p1, T h, T& value, T& sl
 // the euclidean metric's time): plain arithmetic that `omp simd` loops vectorise, within 2e-7 relative of the libm
 // functions (tests/test_mlp_metric.py checks values and slopes on a dense grid).
 
-// exp(x) with x clamped into [-87, 88] (normal results): Cody-Waite reduction x = n log 2 + r, Taylor polynomial in r,
-// 2^n built in the exponent bits.
+// exp(x) for x <= 88, flushed to 0 below -87 (where exp is subnormal or underflows): Cody-Waite reduction
+// x = n log 2 + r, Taylor polynomial in r, 2^n built in the exponent bits. The flush matters: clamping x to -87 instead
+// would make sigmoid(-1e13) = 1.6e-38 rather than 0, and SiLU's slope s (1 + h (1 - s)) ~ h s then comes out of order
+// 1e-25 instead of 0 (issue 30: G ~ 1e19 where torch gives 0 with weights of 1e20).
 PYGEO_ALWAYS_INLINE float exp_clamped(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
@@ -127,7 +132,7 @@ PYGEO_ALWAYS_INLINE float exp_clamped(float x) {
   const int32_t power_bits = (bits - 0x4B400000 + 127) << 23;
   float power;
   std::memcpy(&power, &power_bits, sizeof(float));
-  return p * power;
+  return x < -87.0f ? 0.0f : p * power;
 }
 
 // log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) in [0, 1/3]: no cancellation; odd series to t^13.
@@ -164,12 +169,12 @@ PYGEO_ALWAYS_INLINE float tanh_fast(float x) {
 PYGEO_SIMD_CLONES void smooth_row(int64_t code, float p0, float p1, const float* bias, float* values, float* slopes,
                                   int64_t n) {
   switch (code) {
-    case kTanh:
+    case kTanh:  // slope 1 - t^2 = 4 e / (1 + e)^2, e = exp(-2 |h|): no cancellation where tanh saturates
 #pragma omp simd
       for (int64_t o = 0; o < n; ++o) {
-        const float t = tanh_fast(values[o] + bias[o]);
-        values[o] = t;
-        slopes[o] = 1.0f - t * t;
+        const float h = values[o] + bias[o], e = exp_clamped(-2.0f * std::fabs(h)), q = 1.0f + e;
+        values[o] = tanh_fast(h);
+        slopes[o] = 4.0f * e / (q * q);
       }
       return;
     case kSoftplus:
@@ -181,20 +186,21 @@ PYGEO_SIMD_CLONES void smooth_row(int64_t code, float p0, float p1, const float*
         slopes[o] = linear ? 1.0f : sigmoid_from(scaled, e);
       }
       return;
-    case kSilu:
+    case kSilu:  // 1 - s = sigmoid(-h), from the same e
 #pragma omp simd
       for (int64_t o = 0; o < n; ++o) {
-        const float h = values[o] + bias[o], s = sigmoid_from(h, exp_clamped(-std::fabs(h)));
+        const float h = values[o] + bias[o], e = exp_clamped(-std::fabs(h));
+        const float s = sigmoid_from(h, e);
         values[o] = h * s;
-        slopes[o] = s * (1.0f + h * (1.0f - s));
+        slopes[o] = s * (1.0f + h * sigmoid_from(-h, e));
       }
       return;
-    default:  // kSigmoid
+    default:  // kSigmoid: s (1 - s) = e / (1 + e)^2 for either sign of h
 #pragma omp simd
       for (int64_t o = 0; o < n; ++o) {
-        const float h = values[o] + bias[o], s = sigmoid_from(h, exp_clamped(-std::fabs(h)));
-        values[o] = s;
-        slopes[o] = s * (1.0f - s);
+        const float h = values[o] + bias[o], e = exp_clamped(-std::fabs(h)), q = 1.0f + e;
+        values[o] = sigmoid_from(h, e);
+        slopes[o] = e / (q * q);
       }
   }
 }
@@ -306,6 +312,17 @@ PYGEO_SIMD_CLONES void gram_update(const double* c, const double* Y, int64_t ldy
   gram_update_impl<double>(c, Y, ldy, d, n, scaled, G);
 }
 
+// True when every pre-activation values[o] + bias[o] is finite: an Inf or NaN there (the layer's products overflow)
+// must refuse the point, as the torch backend does, not be mapped to a finite activation (ReLU(NaN) = 0 here, and a
+// saturated tanh or sigmoid turns an overflow into a zero slope and G = 0). 0 * x is NaN exactly when x is not finite.
+template <typename T>
+PYGEO_SIMD_CLONES bool pre_activations_finite(const T* values, const T* bias, int64_t n) {
+  T probe = T(0);
+#pragma omp simd reduction(+ : probe)
+  for (int64_t o = 0; o < n; ++o) probe += T(0) * (values[o] + bias[o]);
+  return probe == T(0);
+}
+
 // row[o] *= factor[o]: a tangent row times the slopes a'(h) of its layer.
 template <typename T>
 PYGEO_SIMD_CLONES void scale_row(T* row, const T* factor, int64_t n) {
@@ -313,19 +330,21 @@ PYGEO_SIMD_CLONES void scale_row(T* row, const T* factor, int64_t n) {
   for (int64_t o = 0; o < n; ++o) row[o] *= factor[o];
 }
 
-}  // namespace
 
-// z: [B, d]; weights[l]: [n_{l+1}, n_l] row-major (nn.Linear layout) with widths = (n_0 = d, n_1, ..., n_L = D);
-// biases[l]: [n_{l+1}]; codes[l], params[2 l], params[2 l + 1]: the activation after layer l; output_weight: [D] or
-// nullptr (ones), ignored when bernoulli (then w = p (1 - p), p = sigmoid(f) clamped into [eps, 1 - eps]);
-// last_upper_triangular: the last weight matrix is upper triangular (its zeros are skipped); G: [B, d, d].
+// Shared by mlp_metric_cpu (M = 1) and mlp_ensemble_metric_cpu: M members of one architecture, G = (1/M) sum_m G_m.
+// z: [B, d]; weights[l]: [M, n_{l+1}, n_l] row-major (nn.Linear layout, members stacked) with widths = (n_0 = d, n_1,
+// ..., n_L = D); biases[l]: [M, n_{l+1}]; codes[l], params[2 l], params[2 l + 1]: the activation after layer l;
+// output_weight: [D] or nullptr (ones), shared by the members, ignored when bernoulli (then w = p (1 - p),
+// p = sigmoid(f) clamped into [eps, 1 - eps]); last_upper_triangular: every member's last weight matrix is upper
+// triangular (its zeros are skipped); G: [B, d, d]. A point whose pre-activations overflow for some member gets NaN.
 template <typename T>
-void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases,
-                    const std::vector<int64_t>& widths, const std::vector<int64_t>& codes,
-                    const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps,
-                    bool last_upper_triangular, T* G, int64_t B) {
+void mlp_members_metric(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases,
+                        const std::vector<int64_t>& widths, const std::vector<int64_t>& codes,
+                        const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps,
+                        bool last_upper_triangular, T* G, int64_t B, int64_t M) {
   const int64_t L = static_cast<int64_t>(weights.size());
   check_positive(L, "number of layers");
+  check_positive(M, "number of members");
   PYGEO_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(codes.size()) == L &&
                   static_cast<int64_t>(params.size()) == 2 * L && static_cast<int64_t>(widths.size()) == L + 1,
               "mlp_metric: weights, biases, codes (L each), params (2 L) and widths (L + 1) disagree");
@@ -345,22 +364,36 @@ void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std:
   const int64_t points_per_block = std::max<int64_t>(1, kTargetBlockRows / rows_per_point);
   const int64_t block_rows = round_up(points_per_block * rows_per_point, kRowsPerMicroTile);
 
-  // W_l^T packed in panels of NR output columns, [n_{l+1} rounded up to NR / NR][n_l][NR], zero-padded, shared by
-  // every thread.
-  std::vector<std::vector<T>> packed(L);
+  // W_l^T of each member packed in panels of NR output columns, [n_{l+1} rounded up to NR / NR][n_l][NR],
+  // zero-padded, shared by every thread: packed[m * L + l].
+  std::vector<std::vector<T>> packed(M * L);
   std::vector<int64_t> padded(L);
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < L; ++l) padded[l] = round_up(widths[l + 1], NR);
+#pragma omp parallel for schedule(dynamic, 1) if (M * L > 1)
+  for (int64_t item = 0; item < M * L; ++item) {
+    const int64_t m = item / L, l = item % L;
     const int64_t in = widths[l], out = widths[l + 1];
-    padded[l] = round_up(out, NR);
-    packed[l].assign(static_cast<size_t>(in * padded[l]), T(0));
+    const T* W = weights[l] + m * out * in;
+    std::vector<T>& panels = packed[item];
+    panels.assign(static_cast<size_t>(in * padded[l]), T(0));
     for (int64_t o = 0; o < out; ++o)
-      for (int64_t i = 0; i < in; ++i) packed[l][((o / NR) * in + i) * NR + o % NR] = weights[l][o * in + i];
+      for (int64_t i = 0; i < in; ++i) panels[((o / NR) * in + i) * NR + o % NR] = W[o * in + i];
   }
   int64_t state_width = round_up(d, NR);
   for (int64_t l = 0; l + 1 < L; ++l) state_width = std::max(state_width, padded[l]);
   const int64_t tile_columns = std::min(padded[L - 1], kLastLayerTileColumns);  // a multiple of NR
   const T lo = static_cast<T>(eps), hi = static_cast<T>(1.0 - eps);
+  const bool output_enters_metric = bernoulli || codes[L - 1] != kIdentity;
+  PYGEO_CHECK(!(last_upper_triangular && output_enters_metric),
+              "mlp_metric: an upper-triangular (compressed) last layer needs an identity output and a constant weight");
   const int64_t n_blocks = (B + points_per_block - 1) / points_per_block;
+  const int64_t block_values = points_per_block * d * d;
+  // Parallel over (block, member) items when the blocks alone would leave threads idle; each item's Gram goes to its
+  // own slot and the members are summed in member order afterwards, so the result is the same in either schedule.
+  const bool by_member = M > 1 && n_blocks < 2 * static_cast<int64_t>(max_threads());
+  std::vector<T> member_acc(by_member ? static_cast<size_t>(n_blocks * M * block_values) : 0);
+  std::vector<char> member_overflow(by_member ? static_cast<size_t>(n_blocks * M * points_per_block) : 0);
+  const int64_t n_items = by_member ? n_blocks * M : n_blocks;
 
 #pragma omp parallel
   {
@@ -368,12 +401,12 @@ void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std:
     std::vector<T> next(static_cast<size_t>(block_rows * state_width));
     std::vector<T> tile(static_cast<size_t>(block_rows * tile_columns));
     std::vector<T> scale(static_cast<size_t>(tile_columns)), scaled(static_cast<size_t>(tile_columns));
-    std::vector<T> acc(static_cast<size_t>(points_per_block * d * d));
+    std::vector<T> acc(static_cast<size_t>(block_values)), total(static_cast<size_t>(block_values));
     std::vector<T> slopes(static_cast<size_t>(state_width));  // a'(h) of one point's hidden layer
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < n_blocks; ++block) {
-      const int64_t first = block * points_per_block;
-      const int64_t count = std::min(points_per_block, B - first);
+    std::vector<char> overflow(static_cast<size_t>(points_per_block));  // a pre-activation of the point overflowed
+
+    // acc[p] = G_m of the block's points (count from first), overflow[p] |= member m overflowed there.
+    auto member_block = [&](int64_t m, int64_t first, int64_t count, T* acc, char* overflow) {
       // Layer input: primal row z_p and the identity tangents; rows of absent points stay zero.
       std::fill(state.begin(), state.end(), T(0));
       for (int64_t p = 0; p < count; ++p) {
@@ -384,28 +417,36 @@ void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std:
       // Hidden layers: one GEMM for primal and tangents, then a(h) on the primal row, a'(h) on the tangent rows.
       for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t out = widths[l + 1];
-        gemm(state.data(), state_width, packed[l].data(), next.data(), state_width, block_rows, padded[l], widths[l], -1);
+        const T* bias = biases[l] + m * out;
+        gemm(state.data(), state_width, packed[m * L + l].data(), next.data(), state_width, block_rows, padded[l],
+             widths[l], -1);
         const T p0 = static_cast<T>(params[2 * l]), p1 = static_cast<T>(params[2 * l + 1]);
         for (int64_t p = 0; p < count; ++p) {
           T* rows = next.data() + p * rows_per_point * state_width;
-          activate_row(codes[l], p0, p1, biases[l], rows, slopes.data(), out);
+          if (!pre_activations_finite(rows, bias, out)) overflow[p] = 1;
+          activate_row(codes[l], p0, p1, bias, rows, slopes.data(), out);
           for (int64_t k = 1; k <= d; ++k) scale_row(rows + k * state_width, slopes.data(), out);
         }
         std::swap(state, next);
       }
       // Last layer, tile by tile over its outputs, reduced into G straight away.
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc, acc + block_values, T(0));
       const int64_t last = L - 1;
+      const T* bias = biases[last] + m * D;
       const T p0 = static_cast<T>(params[2 * last]), p1 = static_cast<T>(params[2 * last + 1]);
       for (int64_t o0 = 0; o0 < D; o0 += tile_columns) {
         const int64_t width = std::min(tile_columns, D - o0);
-        gemm(state.data(), state_width, packed[last].data() + o0 * widths[last], tile.data(), tile_columns, block_rows,
-             round_up(width, NR), widths[last], last_upper_triangular ? o0 : -1);
+        gemm(state.data(), state_width, packed[m * L + last].data() + o0 * widths[last], tile.data(), tile_columns,
+             block_rows, round_up(width, NR), widths[last], last_upper_triangular ? o0 : -1);
         for (int64_t p = 0; p < count; ++p) {
           const T* rows = tile.data() + p * rows_per_point * tile_columns;
+          // The output's pre-activation enters G only through a non-identity last activation or the Bernoulli
+          // weight (an identity last layer with a constant weight is also the compressed case, whose rows R T hold
+          // no output values).
+          if (output_enters_metric && !pre_activations_finite(rows, bias + o0, width)) overflow[p] = 1;
           for (int64_t o = 0; o < width; ++o) {
             T value, slope;
-            activate(codes[last], p0, p1, rows[o] + biases[last][o0 + o], value, slope);
+            activate(codes[last], p0, p1, rows[o] + bias[o0 + o], value, slope);
             T w = output_weight ? output_weight[o0 + o] : T(1);
             if (bernoulli) {
               const T prob = std::min(std::max(sigmoid(value), lo), hi);
@@ -413,17 +454,83 @@ void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std:
             }
             scale[o] = w * slope * slope;  // J[o, :] = slope * tangent rows
           }
-          gram_update(scale.data(), rows + tile_columns, tile_columns, d, width, scaled.data(), acc.data() + p * d * d);
+          gram_update(scale.data(), rows + tile_columns, tile_columns, d, width, scaled.data(), acc + p * d * d);
         }
       }
+    };
+    // G of the block's points from the members' Grams, summed in member order, then divided by M.
+    auto write_block = [&](int64_t first, int64_t count, const T* sum, const char* refused) {
       for (int64_t p = 0; p < count; ++p) {
-        const T* a = acc.data() + p * d * d;
+        const T* a = sum + p * d * d;
         T* Gp = G + (first + p) * d * d;
+        if (refused[p]) {  // refused in Python ("G is not finite ... overflow"), as on the torch backend
+          std::fill(Gp, Gp + d * d, std::numeric_limits<T>::quiet_NaN());
+          continue;
+        }
         for (int64_t i = 0; i < d; ++i)
-          for (int64_t j = i; j < d; ++j) Gp[i * d + j] = Gp[j * d + i] = a[i * d + j];
+          for (int64_t j = i; j < d; ++j) Gp[i * d + j] = Gp[j * d + i] = a[i * d + j] / static_cast<T>(M);
+      }
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t block = by_member ? item / M : item;
+      const int64_t first = block * points_per_block;
+      const int64_t count = std::min(points_per_block, B - first);
+      if (by_member) {
+        const int64_t m = item % M;
+        char* flags = member_overflow.data() + item * points_per_block;
+        member_block(m, first, count, member_acc.data() + item * block_values, flags);
+        continue;
+      }
+      std::fill(overflow.begin(), overflow.end(), char(0));
+      for (int64_t m = 0; m < M; ++m) {
+        member_block(m, first, count, m == 0 ? total.data() : acc.data(), overflow.data());
+        if (m > 0)
+          for (int64_t v = 0; v < count * d * d; ++v) total[v] += acc[v];
+      }
+      write_block(first, count, total.data(), overflow.data());
+    }
+    if (by_member) {  // the implicit barrier of the loop above: every member's Gram is there
+#pragma omp for schedule(static)
+      for (int64_t block = 0; block < n_blocks; ++block) {
+        const int64_t first = block * points_per_block;
+        const int64_t count = std::min(points_per_block, B - first);
+        const T* base = member_acc.data() + block * M * block_values;
+        std::copy(base, base + count * d * d, total.begin());
+        std::fill(overflow.begin(), overflow.end(), char(0));
+        for (int64_t m = 0; m < M; ++m) {
+          const char* flags = member_overflow.data() + (block * M + m) * points_per_block;
+          for (int64_t p = 0; p < count; ++p) overflow[p] |= flags[p];
+          if (m > 0)
+            for (int64_t v = 0; v < count * d * d; ++v) total[v] += base[m * block_values + v];
+        }
+        write_block(first, count, total.data(), overflow.data());
       }
     }
   }
+}
+
+}  // namespace
+
+// The fused metric of one MLP (weights[l] [n_{l+1}, n_l], biases[l] [n_{l+1}]): the members' kernel with M = 1.
+template <typename T>
+void mlp_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases,
+                    const std::vector<int64_t>& widths, const std::vector<int64_t>& codes,
+                    const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps,
+                    bool last_upper_triangular, T* G, int64_t B) {
+  mlp_members_metric<T>(z, weights, biases, widths, codes, params, output_weight, bernoulli, eps,
+                        last_upper_triangular, G, B, 1);
+}
+
+// The mean metric of M MLPs of one architecture in one launch: weights[l] [M, n_{l+1}, n_l], biases[l] [M, n_{l+1}]
+// (members stacked), the rest as mlp_metric_cpu; G [B, d, d] = (1/M) sum_m G_m.
+template <typename T>
+void mlp_ensemble_metric_cpu(const T* z, const std::vector<const T*>& weights, const std::vector<const T*>& biases,
+                             const std::vector<int64_t>& widths, const std::vector<int64_t>& codes,
+                             const std::vector<double>& params, const T* output_weight, bool bernoulli, double eps,
+                             bool last_upper_triangular, T* G, int64_t B, int64_t M) {
+  mlp_members_metric<T>(z, weights, biases, widths, codes, params, output_weight, bernoulli, eps,
+                        last_upper_triangular, G, B, M);
 }
 
 template void mlp_metric_cpu<float>(const float*, const std::vector<const float*>&, const std::vector<const float*>&,
@@ -433,5 +540,13 @@ template void mlp_metric_cpu<double>(const double*, const std::vector<const doub
                                      const std::vector<const double*>&, const std::vector<int64_t>&,
                                      const std::vector<int64_t>&, const std::vector<double>&, const double*, bool,
                                      double, bool, double*, int64_t);
+template void mlp_ensemble_metric_cpu<float>(const float*, const std::vector<const float*>&,
+                                             const std::vector<const float*>&, const std::vector<int64_t>&,
+                                             const std::vector<int64_t>&, const std::vector<double>&, const float*,
+                                             bool, double, bool, float*, int64_t, int64_t);
+template void mlp_ensemble_metric_cpu<double>(const double*, const std::vector<const double*>&,
+                                              const std::vector<const double*>&, const std::vector<int64_t>&,
+                                              const std::vector<int64_t>&, const std::vector<double>&, const double*,
+                                              bool, double, bool, double*, int64_t, int64_t);
 
 }  // namespace pygeo

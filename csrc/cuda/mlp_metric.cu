@@ -50,7 +50,7 @@ __device__ __forceinline__ void activate(int code, T p0, T p1, T h, T& value, T&
     case 4: {
       const T s = sigmoid(h);
       value = h * s;
-      slope = s * (T(1) + h * (T(1) - s));
+      slope = s * (T(1) + h * sigmoid(-h));  // 1 - s cancels where s -> 1 (as csrc/cpu/mlp_metric.cpp)
       break;
     }
     case 5: {
@@ -65,15 +65,14 @@ __device__ __forceinline__ void activate(int code, T p0, T p1, T h, T& value, T&
       break;
     }
     case 6: {
-      const T t = tanh(h);
-      value = t;
-      slope = T(1) - t * t;
+      value = tanh(h);
+      slope = T(4) * sigmoid(T(2) * h) * sigmoid(T(-2) * h);  // 1 - t^2 without the cancellation
       break;
     }
     case 7: {
       const T s = sigmoid(h);
       value = s;
-      slope = s * (T(1) - s);
+      slope = s * sigmoid(-h);
       break;
     }
     default:

@@ -209,17 +209,25 @@ def _flat_jet(metric, points: torch.Tensor):
     (vmapped where the decoder allows it)."""
     A, T, d = points.shape
     flat = points.reshape(A * T, d)
-    fused = _mlp_flat_jet(metric, flat)
-    if fused is None and type(metric) is PullbackMetric and metric.has_flat_coordinates:
-        # tangents of the decoder's rows (as extra batch rows through an nn.Sequential, else vmapped jvps), then
-        # d phi / d rows in closed form
-        fused = metric._phi_and_tangents_of_rows(*metric._rows_and_tangents(metric._flatten(flat)[0]))
+    fused = _pullback_flat_jet(metric, flat)
+    if fused is None:
+        fused = _ensemble_flat_jet(metric, flat)
     if fused is not None:
         phi, Jt = fused
         return phi.reshape(A, T, -1), Jt.reshape(A, T, d, -1)
     basis = torch.eye(d, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(d, A * T, d)
     phi, columns = _over_tangents(lambda tangent: torch.func.jvp(metric.flat_coordinates, (flat,), (tangent,)), basis)
     return phi.reshape(A, T, -1), columns.transpose(0, 1).reshape(A, T, d, -1)
+
+
+def _pullback_flat_jet(metric, flat: torch.Tensor):
+    """(phi [B, D], J_phi^T [B, d, D]) for a PullbackMetric with flat coordinates, else None: the fused MLP jet where
+    it applies, else the tangents of the decoder's rows (as extra batch rows through an nn.Sequential, else vmapped
+    jvps) and d phi / d rows in closed form."""
+    fused = _mlp_flat_jet(metric, flat)
+    if fused is None and type(metric) is PullbackMetric and metric.has_flat_coordinates:
+        fused = metric._phi_and_tangents_of_rows(*metric._rows_and_tangents(metric._flatten(flat)[0]))
+    return fused
 
 
 def _mlp_flat_jet(metric, flat: torch.Tensor):
@@ -253,6 +261,24 @@ def _mlp_flat_jet(metric, flat: torch.Tensor):
     output = metric._rows_of_output(output, B)  # checked; the categories of categorical logits
     Jt = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, last.out_features)
     return metric._phi_and_tangents_of_rows(output, Jt)  # d phi / d output in closed form, per likelihood
+
+
+def _ensemble_flat_jet(metric, flat: torch.Tensor):
+    """(phi [B, sum_m D_m], J_phi^T [B, d, sum_m D_m]) for an EnsembleMetric whose members are all pullbacks with flat
+    coordinates (_pullback_flat_jet):
+    the members' fused jets concatenated and scaled by 1 / sqrt(M), as EnsembleMetric.flat_coordinates; else None."""
+    from ..metrics.ensemble import EnsembleMetric
+
+    if type(metric) is not EnsembleMetric or not metric.has_flat_coordinates:
+        return None
+    parts = []
+    for member in metric.metrics:
+        part = _pullback_flat_jet(member, flat)
+        if part is None:
+            return None
+        parts.append(part)
+    scale = 1.0 / math.sqrt(len(parts))
+    return torch.cat([phi for phi, _ in parts], -1) * scale, torch.cat([Jt for _, Jt in parts], -1) * scale
 
 
 def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):

@@ -56,26 +56,30 @@ def _run(z, weights, biases, activation_codes, activation_params, output_weight,
         return reference.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps)
     B, d = z.shape
     out = _backend.empty((B, d, d), z)
+    # The C++ kernel flags overflowed pre-activations itself; the GPU kernels do not: the same rule by a primal pass.
+    refused = None if backend == "cpp" else reference.overflow_of_values(z, weights, biases, activation_codes,
+                                                                         activation_params, bernoulli)
     weights, biases, output_weight, upper_triangular = _compress_last_layer(
         B, d, list(weights), list(biases), activation_codes, output_weight, bernoulli)
     if backend == "triton":
         from ..triton_kernels import mlp_metric as triton_mlp_metric
 
-        return triton_mlp_metric.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight,
-                                            bernoulli, eps, upper_triangular, out)
+        out = triton_mlp_metric.mlp_metric(z, weights, biases, activation_codes, activation_params, output_weight,
+                                           bernoulli, eps, upper_triangular, out)
+        return out.masked_fill_(refused[:, None, None], float("nan"))
     widths = [d] + [W.shape[0] for W in weights]
     args = (_backend.ptr(z), [_backend.ptr(W) for W in weights], [_backend.ptr(b) for b in biases], widths,
             list(activation_codes), list(activation_params), _backend.ptr(output_weight), bool(bernoulli), float(eps),
             upper_triangular, _backend.ptr(out), B, _backend.dtype_name(z))
     _backend.run_compiled("mlp_metric", backend, args, z)
-    return out
+    return out if refused is None else out.masked_fill_(refused[:, None, None], float("nan"))
 
 
 # The Cholesky-compressed last layer of recent calls, (shape, dtype, device, no weight?) -> (W, weight, R): repeated
 # calls with an unchanged decoder (geodesics, samplers, plots) skip the Gram + Cholesky. A hit requires W (and the
 # weight) to equal the stored copy exactly (a comparison of D n numbers), so an updated or replaced W is never stale.
 _COMPRESSED: "collections.OrderedDict" = collections.OrderedDict()
-_COMPRESSED_ENTRIES = 8
+_COMPRESSED_ENTRIES = 24  # an ensemble of 8 decoders and a few single ones
 
 
 def _compress_last_layer(B, d, weights, biases, activation_codes, output_weight, bernoulli):
@@ -242,6 +246,168 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     # z, weights and biases were checked finite: a NaN/Inf here is an overflow of the activations or the Jacobian.
     _checks.finite_points(G, "mlp_metric: G", f"the decoder's activations or Jacobian overflow {z.dtype} (weights or "
                           "inputs too large; float64 extends the range)")
+    return G.reshape(*batch_shape, d, d)
+
+
+# ------------------------------------------------------------------------------------- the ensemble of M members
+_ENSEMBLE_IMPLEMENTED = ("torch", "cpp")
+
+
+def _run_ensemble(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend):
+    """z [B, d]; weights[l] [M, n_l, n_{l-1}]; biases[l] [M, n_l]; output_weight [D] or None -> G [B, d, d]."""
+    if backend == "torch":
+        return reference.mlp_ensemble_metric(z, weights, biases, activation_codes, activation_params, output_weight,
+                                             bernoulli, eps)
+    B, d = z.shape
+    M = weights[0].shape[0]
+    out = _backend.empty((B, d, d), z)
+    # Each member's last layer compressed as in mlp_metric (cached per member), all members or none: the kernel
+    # takes one flag.
+    compressed = [_compress_last_layer(B, d, [W[m] for W in weights], [b[m] for b in biases], activation_codes,
+                                       output_weight, bernoulli) for m in range(M)]
+    if all(flag for *_, flag in compressed):
+        weights = list(weights[:-1]) + [torch.stack([member[0][-1] for member in compressed])]
+        biases = list(biases[:-1]) + [z.new_zeros(M, weights[-1].shape[1])]
+        output_weight, upper_triangular = None, True
+    else:
+        upper_triangular = False
+    widths = [d] + [W.shape[1] for W in weights]
+    args = (_backend.ptr(z), [_backend.ptr(W) for W in weights], [_backend.ptr(b) for b in biases], widths,
+            list(activation_codes), list(activation_params), _backend.ptr(output_weight), bool(bernoulli), float(eps),
+            upper_triangular, _backend.ptr(out), B, M, _backend.dtype_name(z))
+    _backend.run_compiled("mlp_ensemble_metric", backend, args, z)
+    return out
+
+
+@torch.library.custom_op("pygeo::mlp_ensemble_metric", mutates_args=())
+def _mlp_ensemble_metric_op(z: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                            activation_codes: List[int], activation_params: List[float],
+                            output_weight: Optional[torch.Tensor], bernoulli: bool, eps: float,
+                            backend: str) -> torch.Tensor:
+    return _run_ensemble(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps,
+                         backend)
+
+
+@_mlp_ensemble_metric_op.register_fake
+def _(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend):
+    B, d = z.shape
+    return z.new_empty((B, d, d))
+
+
+def _ensemble_backward(ctx, grad_G):
+    # As _backward, member by member: G = (1/M) sum_m G_m, so each member's form gets grad_G / M.
+    saved = ctx.saved_tensors
+    L = ctx.layers
+    codes, params, bernoulli, eps = ctx.settings
+    z, weights, biases = saved[0], list(saved[1:1 + L]), list(saved[1 + L:1 + 2 * L])
+    output_weight = saved[1 + 2 * L] if ctx.has_output_weight else None
+    M, D, n = weights[-1].shape
+    by_last_gram = not bernoulli and codes[-1] == reference.IDENTITY and D > n
+
+    def metric(z, weights, biases, output_weight):
+        if not by_last_gram:
+            return reference.mlp_ensemble_metric(z, weights, biases, codes, params, output_weight, bernoulli, eps)
+        total = None
+        for m in range(M):
+            G = reference.mlp_metric_by_last_gram(z, [W[m] for W in weights], [b[m] for b in biases], codes, params,
+                                                  output_weight)
+            total = G if total is None else total + G
+        return total / M
+
+    needs = ctx.needs_input_grad
+    if by_last_gram and needs[0] and not (any(needs[1]) or any(needs[2]) or needs[5]) and not torch.is_grad_enabled():
+        grad_z = None
+        for m in range(M):
+            part = reference.mlp_metric_grad_z_by_last_gram(z, [W[m] for W in weights], [b[m] for b in biases], codes,
+                                                            params, output_weight, grad_G / M)
+            grad_z = part if grad_z is None else grad_z + part
+        return grad_z, [None] * L, [None] * L, None, None, None, None, None, None
+    grad_z, grad_weights, grad_biases, grad_output_weight = _backend.vjp_where_needed(
+        metric, (z, weights, biases, output_weight), (needs[0], any(needs[1]), any(needs[2]), needs[5]), grad_G)
+    as_list = lambda grads: [None] * L if grads is None else list(grads)
+    return grad_z, as_list(grad_weights), as_list(grad_biases), None, None, grad_output_weight, None, None, None
+
+
+_mlp_ensemble_metric_op.register_autograd(_ensemble_backward, setup_context=_setup_context)
+
+
+def mlp_ensemble_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                        activations: Sequence[Activation], *, likelihood: str = "euclidean",
+                        sigma: Optional[Union[float, torch.Tensor]] = None, eps: float = 1e-6,
+                        backend: str = "auto") -> torch.Tensor:
+    """The mean metric G = (1/M) sum_m J_m^T diag(w_m) J_m of M MLP decoders of one architecture, fused: one kernel
+    launch for all members (the C++ kernel runs over points and members in parallel and accumulates the mean), J_m
+    never materialised. The expected metric of a decoder ensemble (Syrota et al. 2024; pygeo.metrics.EnsembleMetric).
+
+    Args:
+        z: [..., d] latent points.
+        weights: L tensors W_l [M, n_l, n_{l-1}], the members' nn.Linear weights stacked (n_0 = d, n_L = D).
+        biases: L tensors b_l [M, n_l] or None.
+        activations, likelihood, sigma, eps: as pygeo.ops.mlp_metric, shared by the members (sigma a float or [D]).
+        backend: "auto" (cpp for CPU tensors when built, else torch), "torch" or "cpp". The GPU has no fused
+            ensemble kernel: on CUDA tensors "auto" runs the torch form (EnsembleMetric then calls
+            pygeo.ops.mlp_metric once per member instead).
+    Returns:
+        G: [..., d, d], exactly symmetric; differentiable in z, the weights, the biases and sigma.
+    Raises:
+        ValueError / TypeError for shapes, dtypes or devices that disagree (naming the argument), and ValueError where
+        the activations overflow (as pygeo.ops.mlp_metric).
+    """
+    _checks.real_tensor("z", z, min_dim=1)
+    batch_shape, d = z.shape[:-1], z.shape[-1]
+    if d == 0:
+        raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
+    weights, biases, activations = list(weights), list(biases), list(activations)
+    L = len(weights)
+    if L == 0:
+        raise ValueError("weights must hold at least one layer tensor W_l [M, n_l, n_{l-1}]")
+    if len(biases) != L or len(activations) != L:
+        raise ValueError(f"weights, biases and activations must have one entry per layer, got {L}, {len(biases)} and "
+                         f"{len(activations)}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if (sigma is None) != (likelihood != "gaussian"):
+        raise ValueError("sigma is required by likelihood='gaussian' and only used there")
+    if not (0.0 < eps < 0.5):
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    width, M = d, None
+    for layer, W in enumerate(weights):
+        _checks.real_tensor(f"weights[{layer}]", W, min_dim=3, parameter=True)
+        if M is None:
+            M = W.shape[0]
+            if M == 0:
+                raise ValueError(f"weights[0] must have shape [M, n_1, {d}] with M >= 1 members, got {tuple(W.shape)}")
+        if W.dim() != 3 or W.shape[0] != M or W.shape[2] != width or W.shape[1] == 0:
+            raise ValueError(f"weights[{layer}] must have shape [M={M}, n_{layer + 1}, {width}] (M members, layer input "
+                             f"width {width}), got {tuple(W.shape)}")
+        width = W.shape[1]
+        if biases[layer] is None:
+            biases[layer] = W.new_zeros(M, W.shape[1])
+        _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=2, parameter=True)
+        if tuple(biases[layer].shape) != (M, W.shape[1]):
+            raise ValueError(f"biases[{layer}] must have shape [{M}, {W.shape[1]}], got {tuple(biases[layer].shape)}")
+    D = width
+    output_weight = None
+    if likelihood == "gaussian":
+        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
+        _checks.real_tensor("sigma", sigma, parameter=True)
+        if sigma.numel() not in (1, D):
+            raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
+        _checks.positive_parameter("sigma", sigma)
+        output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
+    encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
+    codes = [code for code, _, _ in encoded]
+    params = [p for _, p0, p1 in encoded for p in (p0, p1)]
+    tensors = dict(z=z, **{f"weights[{l}]": W for l, W in enumerate(weights)},
+                   **{f"biases[{l}]": b for l, b in enumerate(biases)}, sigma=output_weight)
+    _checks.same_device(**tensors)
+    _checks.same_dtype(**tensors)
+    chosen = _backend.resolve("mlp_ensemble_metric", z.device, backend, _ENSEMBLE_IMPLEMENTED)
+    G = _backend.call_op(_mlp_ensemble_metric_op, _run_ensemble, z.reshape(-1, d).contiguous(),
+                         [W.contiguous() for W in weights], [b.contiguous() for b in biases], codes, params,
+                         output_weight, likelihood == "bernoulli", float(eps), chosen)
+    _checks.finite_points(G, "mlp_ensemble_metric: G", f"the decoders' activations or Jacobians overflow {z.dtype} "
+                          "(weights or inputs too large; float64 extends the range)")
     return G.reshape(*batch_shape, d, d)
 
 

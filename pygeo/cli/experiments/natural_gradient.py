@@ -70,7 +70,7 @@ FULL = Settings(n_train=10000, n_test=1000, latent_dim=8, hidden=(256, 64), batc
                 steps=(3000, 700, 250), evaluations=100, adam_lrs=(1e-3, 3e-3, 1e-2), natural_lr=0.3,
                 natural_damping=0.1, natural_kl_clips=(3e-3, 1e-2, 3e-2), curvature_every=10,
                 refine_points=256, natural_refine_steps=15, other_refine_steps=150, refine_adam_lrs=(0.03, 0.1),
-                elbo_samples=16, workers=3)
+                elbo_samples=16, workers=4)
 QUICK = Settings(n_train=1500, n_test=300, latent_dim=8, hidden=(256, 64), batch_sizes=(64, 256), steps=(40, 20),
                  evaluations=4, adam_lrs=(1e-3, 3e-3), natural_lr=0.3, natural_damping=0.1, natural_kl_clips=(1e-2,),
                  curvature_every=10, refine_points=64, natural_refine_steps=6, other_refine_steps=30,
@@ -140,69 +140,139 @@ def run(ctx: ExperimentContext) -> str:
 
 def sweep(ctx: ExperimentContext, settings: Settings, train_images: torch.Tensor,
           test_images: torch.Tensor) -> List[BatchResult]:
-    """batch_sweep at every batch size, in up to settings.workers processes (spawned, one torch thread each: the
-    batch sizes share the machine's load alike, which keeps the wall-time ratios within a batch size fair)."""
-    jobs = list(zip(settings.batch_sizes, settings.steps))
-    workers = min(settings.workers, len(jobs))
-    if workers <= 1 or ctx.device.type != "cpu":
-        return [batch_sweep(ctx, settings, batch_size, steps, train_images, test_images) for batch_size, steps in jobs]
+    """Every batch size's runs, in up to settings.workers processes (spawned, one torch thread each).
+
+    Per batch size, in order: Adam's grid on the first seed (full budget, chosen by the final test ELBO); tuned Adam
+    on the other seeds, which fixes both targets; K-FAC's grid on the first seed; K-FAC on the other seeds and K-FAC
+    with the geodesic correction on every seed. Each K-FAC run stops once it has reached both of its seed's targets
+    (the rest of its budget cannot change a time to a target); K-FAC's setting is chosen by the fewest steps to the
+    first seed's target 2 (the final ELBO when no setting reaches it). Independent runs (of every batch size) share
+    the pool; every run is timed alone in its process, so the load of a shared machine hits the methods alike."""
+    plans = [_BatchPlan(settings, batch_size, steps, ctx.seeds)
+             for batch_size, steps in zip(settings.batch_sizes, settings.steps)]
+    workers = settings.workers if ctx.device.type == "cpu" else 1
+    if workers <= 1:
+        for plan in plans:
+            while not plan.finished:
+                plan.record([_run_job(ctx, settings, job, train_images, test_images) for job in plan.next_jobs()])
+        return [plan.result() for plan in plans]
+    import dataclasses
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from tqdm.auto import tqdm
+
+    quiet = dataclasses.replace(ctx, show_progress=False)  # one bar over the runs, none per run in the workers
+
+    pending: Dict[object, Tuple[_BatchPlan, int]] = {}
+    outcomes: Dict[int, Dict[int, TrainingRun]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_batch_sweep_worker, ctx, settings, batch_size, steps, train_images, test_images)
-                   for batch_size, steps in jobs]
-        return [future.result() for future in futures]
+        def submit(plan: _BatchPlan) -> None:
+            jobs = plan.next_jobs()
+            while not jobs and not plan.finished:  # a stage without runs (a single seed)
+                plan.record([])
+                jobs = plan.next_jobs()
+            outcomes[id(plan)] = {}
+            plan.waiting = len(jobs)
+            for index, job in enumerate(jobs):
+                future = pool.submit(_train_worker, quiet, settings, job, train_images, test_images)
+                pending[future] = (plan, index)
+
+        for plan in plans:
+            submit(plan)
+        with tqdm(total=sum(plan.total_runs for plan in plans), desc="training runs",
+                  disable=not ctx.show_progress) as bar:
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for future in done:
+                    plan, index = pending.pop(future)
+                    outcomes[id(plan)][index] = future.result()
+                    bar.update(1)
+                    plan.waiting -= 1
+                    if plan.waiting == 0:
+                        batch = outcomes[id(plan)]
+                        plan.record([batch[i] for i in range(len(batch))])
+                        if not plan.finished:
+                            submit(plan)
+    return [plan.result() for plan in plans]
 
 
-def _batch_sweep_worker(ctx: ExperimentContext, settings: Settings, batch_size: int, steps: int,
-                        train_images: torch.Tensor, test_images: torch.Tensor) -> BatchResult:
+def _train_worker(ctx: ExperimentContext, settings: Settings, job: tuple, train_images: torch.Tensor,
+                  test_images: torch.Tensor) -> TrainingRun:
     torch.set_num_threads(1)
-    return batch_sweep(ctx, settings, batch_size, steps, train_images, test_images)
+    return _run_job(ctx, settings, job, train_images, test_images)
 
 
-def batch_sweep(ctx: ExperimentContext, settings: Settings, batch_size: int, steps: int, train_images: torch.Tensor,
-                test_images: torch.Tensor) -> BatchResult:
-    """At one batch size: Adam's grid on the first seed (full budget, chosen by the final test ELBO), tuned Adam on
-    the other seeds (which fixes both targets), then K-FAC's grid on the first seed and K-FAC with and without the
-    geodesic correction on every seed, each K-FAC run stopped once it has reached both of its seed's targets (the
-    rest of its budget cannot change a time to a target); K-FAC's setting chosen by the fewest steps to the first
-    seed's target 2 (the final ELBO when no setting reaches it)."""
-    first = ctx.seeds[0]
-    adam_grid = [dict(lr=lr) for lr in settings.adam_lrs]
-    natural_grid = [dict(lr=settings.natural_lr, damping=settings.natural_damping, kl_clip=clip)
-                    for clip in settings.natural_kl_clips]
-    tuning = [train(ctx, settings, "adam", config, first, batch_size, steps, train_images, test_images)
-              for config in ctx.progress(adam_grid, desc=f"batch {batch_size}: tuning adam")]
-    best = {"adam": max(tuning, key=lambda r: r.final)}
-    runs: Dict[str, List[TrainingRun]] = {method: [] for method in METHODS}
-    for seed in ctx.seeds:
-        runs["adam"].append(best["adam"] if seed == first else train(
-            ctx, settings, "adam", best["adam"].config, seed, batch_size, steps, train_images, test_images))
-    half = max(step for step in runs["adam"][0].steps if step <= steps // 2)
-    target = sum(r.elbo[r.steps.index(half)] for r in runs["adam"]) / len(runs["adam"])
-    stop = {adam.seed: max(target, adam.final) for adam in runs["adam"]}
+def _run_job(ctx: ExperimentContext, settings: Settings, job: tuple, train_images: torch.Tensor,
+             test_images: torch.Tensor) -> TrainingRun:
+    """job = (method, config, seed, batch size, step budget[, stop_at])."""
+    method, config, seed, batch_size, budget, *stop = job
+    return train(ctx, settings, method, config, seed, batch_size, budget, train_images, test_images,
+                 stop_at=stop[0] if stop else None)
 
-    natural_tuning = [train(ctx, settings, "natural", config, first, batch_size, steps, train_images, test_images,
-                            stop_at=stop[first])
-                      for config in ctx.progress(natural_grid, desc=f"batch {batch_size}: tuning natural")]
-    first_adam = runs["adam"][0]
 
-    def speed(run: TrainingRun) -> Tuple[float, float]:
-        reached, _ = run.reach(first_adam.final)
-        return (-reached if reached is not None else -math.inf, run.final)
-    best["natural"] = max(natural_tuning, key=speed)
-    best["geodesic"] = best["natural"]  # the correction is added to the tuned K-FAC, not tuned separately
-    tuning += natural_tuning
-    # seed by seed, K-FAC and K-FAC + correction back to back (similar load on a shared machine)
-    for seed in ctx.progress(ctx.seeds, desc=f"batch {batch_size}: seeds"):
-        for method in ("natural", "geodesic"):
-            if seed == first and method == "natural":
-                runs[method].append(best["natural"])
-                continue
-            runs[method].append(train(ctx, settings, method, best["natural"].config, seed, batch_size, steps,
-                                      train_images, test_images, stop_at=stop[seed]))
-    return BatchResult(batch_size, steps, tuning, best, runs, half, target)
+class _BatchPlan:
+    """The stages of one batch size's runs: next_jobs() gives the runs that can start now, record() takes their
+    results (in the same order), result() the BatchResult when no jobs are left."""
+
+    def __init__(self, settings: Settings, batch_size: int, steps: int, seeds: Sequence[int]):
+        self.settings, self.batch_size, self.steps, self.seeds = settings, batch_size, steps, list(seeds)
+        self.stage = 0
+        self.waiting = 0
+        self.tuning: List[TrainingRun] = []
+        self.best: Dict[str, TrainingRun] = {}
+        self.runs: Dict[str, List[TrainingRun]] = {method: [] for method in METHODS}
+        self.stop: Dict[int, float] = {}
+        self.total_runs = (len(settings.adam_lrs) + len(settings.natural_kl_clips) + 3 * len(self.seeds) - 2)
+        self._queued: List[Tuple[str, int]] = []
+
+    def next_jobs(self) -> List[tuple]:
+        s, first, b = self.settings, self.seeds[0], self.batch_size
+        if self.stage == 0:
+            return [("adam", dict(lr=lr), first, b, self.steps) for lr in s.adam_lrs]
+        if self.stage == 1:
+            return [("adam", self.best["adam"].config, seed, b, self.steps) for seed in self.seeds[1:]]
+        if self.stage == 2:
+            return [("natural", dict(lr=s.natural_lr, damping=s.natural_damping, kl_clip=clip), first, b,
+                     self.steps, self.stop[first]) for clip in s.natural_kl_clips]
+        if self.stage == 3:
+            self._queued = [("natural", seed) for seed in self.seeds[1:]] + [("geodesic", seed) for seed in self.seeds]
+            return [(method, self.best["natural"].config, seed, b, self.steps, self.stop[seed])
+                    for method, seed in self._queued]
+        return []
+
+    def record(self, runs: List[TrainingRun]) -> None:
+        first = self.seeds[0]
+        if self.stage == 0:
+            self.tuning += runs
+            self.best["adam"] = max(runs, key=lambda r: r.final)
+            self.runs["adam"].append(self.best["adam"])
+        elif self.stage == 1:
+            self.runs["adam"] += runs
+            self.half = max(step for step in self.runs["adam"][0].steps if step <= self.steps // 2)
+            self.target = sum(r.elbo[r.steps.index(self.half)] for r in self.runs["adam"]) / len(self.runs["adam"])
+            self.stop = {adam.seed: max(self.target, adam.final) for adam in self.runs["adam"]}
+        elif self.stage == 2:
+            self.tuning += runs
+            first_adam = self.runs["adam"][0]
+
+            def speed(run: TrainingRun) -> Tuple[float, float]:
+                reached, _ = run.reach(first_adam.final)
+                return (-reached if reached is not None else -math.inf, run.final)
+            self.best["natural"] = max(runs, key=speed)
+            self.best["geodesic"] = self.best["natural"]  # the correction runs with K-FAC's tuned setting
+            self.runs["natural"].append(self.best["natural"])
+        elif self.stage == 3:
+            for (method, _), run in zip(self._queued, runs):
+                self.runs[method].append(run)
+        self.stage += 1
+
+    @property
+    def finished(self) -> bool:
+        return self.stage > 3
+
+    def result(self) -> BatchResult:
+        return BatchResult(self.batch_size, self.steps, self.tuning, self.best, self.runs, self.half, self.target)
 
 
 # ------------------------------------------------------------------------------------------------------- training

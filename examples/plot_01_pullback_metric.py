@@ -19,7 +19,7 @@ from pygeo.models import VAE, train_vae
 torch.manual_seed(0)
 images, labels = load_digits(limit=2000)                 # [2000, 784] in [0, 1], no download
 vae = VAE(data_dim=784, latent_dim=2, hidden=(256, 64))
-train_vae(vae, images, epochs=10, seed=0, progress=False)
+train_vae(vae, images, epochs=15, lr=2e-3, seed=0, progress=False)
 
 # %%
 # The metric of the decoder. ``likelihood="bernoulli"``: the decoder returns logits.
@@ -36,7 +36,7 @@ x_axis, y_axis = volume.axes
 
 fig, ax = plt.subplots(figsize=(6.4, 5.2))
 image = ax.pcolormesh(x_axis, y_axis, volume.log_volume.T, cmap="viridis", shading="auto")
-fig.colorbar(image, ax=ax, label=r"$\frac{1}{2}\log\det G(z)$")
+fig.colorbar(image, ax=ax, label="1/2 log det G(z)")
 ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=3)
 ax.set(title="Volume element of the decoder's Fisher metric", xlabel="$z_1$", ylabel="$z_2$")
 fig.tight_layout()

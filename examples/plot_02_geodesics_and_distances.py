@@ -16,7 +16,7 @@ from pygeo.models import VAE, train_vae
 torch.manual_seed(0)
 images, labels = load_digits(limit=2000)
 vae = VAE(data_dim=784, latent_dim=2, hidden=(256, 64))
-train_vae(vae, images, epochs=10, seed=0, progress=False)
+train_vae(vae, images, epochs=15, lr=2e-3, seed=0, progress=False)
 metric = vae.pullback_metric()            # PullbackMetric(vae.decoder, likelihood="bernoulli")
 z = vae.encode_means(images)              # [2000, 2]
 

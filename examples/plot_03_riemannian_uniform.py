@@ -16,7 +16,7 @@ from pygeo.models import VAE, train_vae
 torch.manual_seed(0)
 images, labels = load_digits(limit=2000)
 vae = VAE(data_dim=784, latent_dim=2, hidden=(256, 64))
-train_vae(vae, images, epochs=10, seed=0, progress=False)
+train_vae(vae, images, epochs=15, lr=2e-3, seed=0, progress=False)
 
 # %%
 # The latent metric: 100 centroids chosen among the encoded means by k-medoids, each with its posterior precision.

@@ -17,7 +17,7 @@ from pygeo.models import VAE, train_vae
 torch.manual_seed(0)
 images, labels = load_digits(limit=2000)
 vae = VAE(data_dim=784, latent_dim=2, hidden=(256, 64))
-train_vae(vae, images, epochs=10, seed=0, progress=False)
+train_vae(vae, images, epochs=15, lr=2e-3, seed=0, progress=False)
 metric = vae.pullback_metric()
 z = vae.encode_means(images)                  # [2000, 2]: the chains start at random encoded digits
 
@@ -33,11 +33,12 @@ print(f"acceptance {result.acceptance.mean():.2f}, step size h = {result.step_si
 
 # %%
 # The samples over the volume element, and the path of one chain.
-volume = pygeo.geometry.volume_map(metric, (z.min(0).values - 1).tolist(), (z.max(0).values + 1).tolist(),
+every = torch.cat([z, result.samples])            # the map covers the data and the samples
+volume = pygeo.geometry.volume_map(metric, (every.min(0).values - 0.5).tolist(), (every.max(0).values + 0.5).tolist(),
                                    resolution=100, progress=False)
 fig, ax = plt.subplots(figsize=(6.4, 5.2))
 image = ax.pcolormesh(*volume.axes, volume.log_volume.T, cmap="viridis", shading="auto")
-fig.colorbar(image, ax=ax, label=r"$\frac{1}{2}\log\det G(z)$")
+fig.colorbar(image, ax=ax, label="1/2 log det G(z)")
 ax.scatter(result.samples[:, 0], result.samples[:, 1], s=5, c="white", label="samples")
 ax.plot(result.chains[:, 0, 0], result.chains[:, 0, 1], c="crimson", lw=1, label="one chain")
 ax.set(title="Riemannian Langevin (MMALA) samples", xlabel="$z_1$", ylabel="$z_2$")

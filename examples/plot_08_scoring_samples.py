@@ -28,7 +28,7 @@ torch.manual_seed(0)
 images, labels = load_digits(limit=4000)
 train, held_out = images[:2000], images[2000:3000]
 vae = VAE(data_dim=784, latent_dim=2, hidden=(256, 64))
-train_vae(vae, train, epochs=10, seed=0, progress=False)
+train_vae(vae, train, epochs=15, lr=2e-3, seed=0, progress=False)
 
 
 class SmallClassifier(nn.Module):

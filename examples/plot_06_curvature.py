@@ -40,7 +40,7 @@ print("K from the scalar curvature:", gaussian.reshape(-1)[:5])
 print("K from sectional_curvature:  ", sectional)
 
 # %%
-# The curvature is signed (red positive, blue negative); the colour scale is clipped at the 98th percentile of |K|.
+# The curvature is signed (red positive, blue negative); the colour scale is clipped at the 98th percentile of abs(K).
 fig, ax = plt.subplots(figsize=(6.4, 5.2))
 limit = float(gaussian.abs().quantile(0.98))
 image = ax.pcolormesh(x_axis, y_axis, gaussian, cmap="RdBu_r", shading="auto", vmin=-limit, vmax=limit)

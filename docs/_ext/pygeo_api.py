@@ -93,7 +93,8 @@ def _directive(name: str, value) -> str:
     if inspect.isclass(value):
         if issubclass(value, BaseException):
             return f".. autoexception:: {name}\n"
-        return f".. autoclass:: {name}\n   :members:\n   :show-inheritance:\n"
+        # undoc-members: the fields of the result classes (HMCResult.samples, ...) have annotations, not docstrings
+        return f".. autoclass:: {name}\n   :members:\n   :undoc-members:\n   :show-inheritance:\n"
     if inspect.isfunction(value) or inspect.isbuiltin(value) or callable(value):
         return f".. autofunction:: {name}\n"
     return f".. autodata:: {name}\n   :annotation:\n"

@@ -22,15 +22,21 @@ class Metric:
     """
 
     def metric(self, z: torch.Tensor) -> torch.Tensor:
+        """G(z) [..., d, d], symmetric positive definite, at z [..., d]."""
         raise NotImplementedError
 
     def metric_and_derivative(self, z: torch.Tensor):
+        """(G [..., d, d], dG [..., d, d, d]) at z [..., d], dG[..., k, i, j] = d G[i, j] / d z_k (by autograd unless
+        a subclass has a closed form or a fused kernel)."""
         return metric_and_derivative_by_autograd(self.metric, z)
 
     def log_volume(self, z: torch.Tensor) -> torch.Tensor:
+        """1/2 log det G(z) [...] at z [..., d], differentiable in z (log det G for a Hermitian metric)."""
         return _linalg.half_log_det(self.metric(z), name=f"{type(self).__name__}.metric(z)")
 
     def log_volume_and_grad(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(1/2 log det G [...], its gradient in z [..., d]), detached: what the samplers need, without the gradients
+        of a decoder's or a metric's own parameters."""
         return value_and_gradient(self.log_volume, z)
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -293,6 +293,7 @@ def test_fuzz_langevin_step(seed, scale, dtype, B, d, step, with_derivative):
 @fuzz_settings(25)
 @given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-3, 1.0, 1e3]), dtype=real_dtypes, B=sizes, d=dims,
        likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli"]), mlp=st.booleans())
+@example(seed=0, scale=10.0, weight_scale=0.001, dtype=torch.float64, B=1, d=3, likelihood="euclidean", mlp=False)
 def test_fuzz_pullback_and_function_metrics(seed, scale, weight_scale, dtype, B, d, likelihood, mlp):
     """The contract of PullbackMetric (the fused MLP path and a generic decoder) and FunctionMetric."""
     z = random((B, d), seed, scale, dtype)

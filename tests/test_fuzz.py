@@ -280,6 +280,7 @@ def test_fuzz_christoffel(seed, scale, derivative_scale, dtype, B, d, condition)
 @FUZZ
 @given(seed=seeds, scale=scales, dtype=real_dtypes, B=sizes, d=dims, step=st.sampled_from([1e-8, 0.01, 1.0, 1e4]),
        with_derivative=st.booleans())
+@example(seed=0, scale=1e8, dtype=torch.float32, B=1, d=1, step=1e-8, with_derivative=False)  # campaign 2026-12-04
 def test_fuzz_langevin_step(seed, scale, dtype, B, d, step, with_derivative):
     z = random((B, d), seed, scale, dtype)
     A = random((B, d, d), seed + 1, 1.0, torch.float64)

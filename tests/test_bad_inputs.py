@@ -332,3 +332,36 @@ def test_inner_product_overflow_is_refused():
     z = torch.tensor([[1.5e19], [1.0]])  # |z|^2 = 2.3e38 is a float32 number, 100 |z|^2 is not
     with pytest.raises(ValueError, match=r"inner\(z, u, v\) is not finite at 1 of 2 points \(first: index 0\)"):
         metric.inner(z, z, z)
+
+
+def test_log_volume_gradient_of_an_underflowing_metric_is_refused_not_nan():
+    """Fuzz campaign 2026-12-04 (issue 30): FunctionMetric G = exp(-|z|^2) I at |z|^2 = 721, float64: G's entries
+    are denormal (9e-314), the log-volume -(d/2)|z|^2 is fine, but reverse mode carries G^-1 (1e313, past float64's
+    range) and the gradient came out NaN from finite input. Now a ValueError that says why; where G is in range the
+    gradient is the closed form -d z."""
+    metric = pygeo.FunctionMetric(lambda x: torch.eye(x.shape[-1], dtype=x.dtype)
+                                  * torch.exp(-(x * x).sum(-1))[..., None, None])
+    far = torch.tensor([[15.41, -2.9343, -21.7879]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="G\\^-1 overflows"):
+        metric.log_volume_and_grad(far)
+    near = torch.randn(5, 3, dtype=torch.float64)
+    value, grad = metric.log_volume_and_grad(near)
+    torch.testing.assert_close(value, -1.5 * (near * near).sum(-1))
+    torch.testing.assert_close(grad, -3 * near)
+
+
+def test_kahler_metric_derivative_far_from_the_centres_is_finite():
+    """Fuzz campaign 2026-12-04 (issue 30): LSEKahlerMetric in complex64 at |z| ~ 8e18, torch backend: the closed-form
+    vjp weighed a component of weight 0 by its e_i (~ |y_i - y_dominant|^2), which overflowed, so 0 * inf made dG
+    and the log-volume gradient NaN while the C++ backend returned the exact 0 (G is constant there, P_dominant)."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.tensor([[7.5824e18 + 3.0872e18j]], dtype=torch.complex64)
+    centers = torch.randn(3, 1, generator=generator, dtype=torch.complex64)
+    precisions = torch.tensor([[0.35], [0.84], [1.0]])
+    metric = pygeo.LSEKahlerMetric(centers, precisions, temperature=1.0, backend="torch")
+    G, dG = metric.metric_and_derivative(z)
+    _, grad = metric.log_volume_and_grad(z)
+    assert bool(torch.isfinite(dG).all()) and bool(torch.isfinite(grad).all())
+    dominant = int(torch.argmax(((z - centers.T).abs() ** 2 * precisions.T).real))  # the largest u_i wins
+    torch.testing.assert_close(G.real, precisions[dominant].reshape(1, 1, 1))
+    assert float(dG.abs().max()) == 0.0 and float(grad.abs().max()) == 0.0

@@ -239,7 +239,7 @@ def test_checkpoint_resumes_after_an_interrupt_and_equals_an_uninterrupted_run(t
     done_metric = Interrupting(metric_inner)
     assert torch.equal(pygeo.geodesic_distances(done_metric, x, chunk_size=5, checkpoint=tmp_path / "run",
                                                 progress=False), full)
-    assert done_metric.calls == 0
+    assert done_metric.calls == 1  # the fingerprint's one evaluation at its probe points: no solve
 
 
 @pytest.mark.parametrize("change", ["points", "option", "weights"])
@@ -256,6 +256,53 @@ def test_a_checkpoint_for_other_inputs_is_refused(tmp_path, change):
         decoder = small_decoder(seed=1)
     with pytest.raises(ValueError, match="made for other inputs or options"):
         pygeo.geodesic_distances(pygeo.PullbackMetric(decoder), x, checkpoint=tmp_path, progress=False, **options)
+
+
+class PublicCounter:
+    """A wrapper as users write them: it counts its calls in a public attribute (issue 24: the fingerprint used to
+    hash every public attribute, so the counter made a checkpoint refuse to resume)."""
+
+    def __init__(self, metric):
+        self.inner, self.calls, self.has_flat_coordinates = metric, 0, getattr(metric, "has_flat_coordinates", False)
+
+    def flat_coordinates(self, z):
+        self.calls += 1
+        return self.inner.flat_coordinates(z)
+
+    def metric(self, z):
+        self.calls += 1
+        return self.inner.metric(z)
+
+
+def test_checkpoint_resumes_although_a_wrapper_counter_changed(tmp_path):
+    wrapper = PublicCounter(pygeo.PullbackMetric(small_decoder(), likelihood="bernoulli"))
+    x = latent_points(5)
+    first = pygeo.geodesic_distances(wrapper, x, chunk_size=4, checkpoint=tmp_path, progress=False)
+    assert wrapper.calls > 1
+    calls = wrapper.calls
+    again = pygeo.geodesic_distances(wrapper, x, chunk_size=4, checkpoint=tmp_path, progress=False)
+    assert torch.equal(again, first)
+    assert wrapper.calls == calls + 1  # resumed: only the fingerprint's probe evaluation, no block solved again
+
+
+def test_checkpoint_refuses_a_metric_whose_weights_or_values_changed(tmp_path):
+    decoder = small_decoder()
+    wrapper = PublicCounter(pygeo.PullbackMetric(decoder))
+    x = latent_points(4)
+    pygeo.geodesic_distances(wrapper, x, checkpoint=tmp_path / "pullback", progress=False)
+    with torch.no_grad():
+        decoder[-1].weight.mul_(1.01)  # the same objects, other weights
+    with pytest.raises(ValueError, match="made for other inputs or options"):
+        pygeo.geodesic_distances(wrapper, x, checkpoint=tmp_path / "pullback", progress=False)
+    # No module to hash: the values at the probe points tell the metrics apart.
+    centroids = torch.randn(3, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    latent = pygeo.LatentMetric(centroids, torch.ones(3, 2, dtype=torch.float64), lam=0.1, rho=1.0)
+    pygeo.geodesic_distances(latent, x, checkpoint=tmp_path / "latent", progress=False)
+    assert torch.equal(pygeo.geodesic_distances(latent, x, checkpoint=tmp_path / "latent", progress=False),
+                       pygeo.geodesic_distances(latent, x, progress=False))
+    moved = pygeo.LatentMetric(centroids + 1e-3, torch.ones(3, 2, dtype=torch.float64), lam=0.1, rho=1.0)
+    with pytest.raises(ValueError, match="made for other inputs or options"):
+        pygeo.geodesic_distances(moved, x, checkpoint=tmp_path / "latent", progress=False)
 
 
 def test_checkpoint_must_be_a_folder(tmp_path):

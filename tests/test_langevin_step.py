@@ -213,3 +213,28 @@ def test_langevin_step_normalising_constant():
     variance = 0.5 / 2.0
     expected = -0.5 * math.log(2 * math.pi * variance) - (1.1 - mean) ** 2 / (2 * variance)
     assert abs(float(result.log_q_target) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("B", [1, 67])  # the C++ kernel's per-chain code (B = 1) and its SIMD lanes plus a tail
+def test_log_q_target_keeps_its_digits_at_a_tiny_step_far_from_the_origin(backend_device, B):
+    """The MALA reverse density log q(z | z*) at a small step: the residual r = z - mean(z*) is ~ sqrt(h), while
+    mean = z* + (h/2) drift is ~ |z*|. Formed as target - mean it loses up to half an ulp of |z*| to the rounding of
+    mean (where the drift term (h/2) drift is about an ulp of z*), an error of about 2 |C^T r| |C| ulp(z*) / h in
+    log q (~0.1 here: float32, h = 1e-8, |z*| = 100, |grad| = 1e3); formed as (target - z*) - (h/2) drift, exact
+    when the two points are close, it keeps float32's precision. Issue 30's at-the-edge langevin_step finding
+    (float32 at step 1e-8): the kernels were wrong, not the fuzz tolerance: two backends whose drifts differ in the
+    last bit rounded mean to neighbouring floats, and target - mean magnified that to the size of r."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(3)
+    d, h = 2, 1e-8
+    A = torch.randn(B, d, d, generator=generator, dtype=torch.float64)
+    z_star = (100 + torch.randn(B, d, generator=generator, dtype=torch.float64)).float().double()
+    inputs = dict(z=z_star, G=(A @ A.mT / d + 0.5 * torch.eye(d, dtype=torch.float64)).float().double(),
+                  grad_log_prob=(1e3 * torch.randn(B, d, generator=generator, dtype=torch.float64)).float().double(),
+                  step_size=torch.full((B,), h, dtype=torch.float64).float().double(),
+                  noise=torch.randn(B, d, generator=generator, dtype=torch.float64).float().double())
+    inputs["target"] = (z_star + h**0.5 * torch.randn(B, d, generator=generator, dtype=torch.float64)).float().double()
+    expected = reference(inputs)  # float64 on the float32 inputs: exact to far below float32's precision here
+    result = run(inputs, backend, device, torch.float32)
+    assert_close(result.log_q_target.cpu(), expected.log_q_target, torch.float32)

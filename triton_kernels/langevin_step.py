@@ -130,7 +130,9 @@ def _langevin_step_kernel(
     tl.store(half_log_det_ptr + chains, tl.where(ok, half_log_det, 0.0), mask=chain_mask)
     tl.store(log_q_proposal_ptr + chains, tl.where(ok, log_q_proposal, 0.0), mask=chain_mask)
     if HAS_TARGET:
-        residual = tl.load(target_ptr + vec_offsets, mask=vec_mask, other=0.0) - mean
+        # (target - z) - (h/2) drift, not target - mean: mean carries an ulp of z, far more than a residual ~ sqrt(h)
+        # can take (the MALA reverse move at a small step).
+        residual = (tl.load(target_ptr + vec_offsets, mask=vec_mask, other=0.0) - z) - 0.5 * h[:, None] * drift
         whitened_residual = tl.sum(C * residual[:, :, None], axis=1)  # C^T r: |C^T r|^2 = r^T (G + jitter I) r
         quadratic = tl.sum(whitened_residual * whitened_residual, axis=1)
         log_q_target = log_norm - 0.5 * quadratic / h

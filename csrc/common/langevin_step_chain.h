@@ -71,7 +71,9 @@ PYGEO_HOST_DEVICE bool langevin_step_chain(const T* z, const T* G, const T* grad
   const T log_norm = T(-0.5) * T(d) * std::log(T(2.0 * 3.14159265358979323846) * h) + hld;
   *log_q_proposal = log_norm - T(0.5) * noise_sq;
   if (target) {
-    for (int i = 0; i < d; ++i) spread[i] = target[i] - mean[i];
+    // (target - z) - (h/2) drift, not target - mean: mean carries an ulp of z, far more than a residual ~ sqrt(h)
+    // can take (the MALA reverse move at a small step); target - z is exact where the points are close.
+    for (int i = 0; i < d; ++i) spread[i] = (target[i] - z[i]) - half_h * (force[i] + (div_Ginv ? div_Ginv[i] : T(0)));
     *log_q_target = log_norm - T(0.5) * small::quadratic_form(C, spread, work, d) / h;
   }
   return true;

@@ -195,7 +195,9 @@ void lane_block(const StepPointers<T>& p, int64_t b0, T* scratch, T* chain_scrat
       const T m = p.z[b * d + i] + half_h * drift;
       p.mean[b * d + i] = m;
       p.proposal[b * d + i] = m + root_h * spread[at(i) + l];
-      if (p.target) residual[at(i) + l] = p.target[b * d + i] - m;
+      // (target - z) - (h/2) drift, not target - m: m carries an ulp of z, far more than a residual ~ sqrt(h) can
+      // take; target - z is exact where the points are close (the MALA reverse move).
+      if (p.target) residual[at(i) + l] = (p.target[b * d + i] - p.z[b * d + i]) - half_h * drift;
     }
     const T log_norm = T(-0.5) * T(d) * (log_2pi + std::log(h[l])) + hld[l];
     p.half_log_det[b] = hld[l];

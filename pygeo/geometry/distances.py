@@ -69,9 +69,10 @@ def geodesic_distances(metric, x: torch.Tensor, y: Optional[torch.Tensor] = None
       group (contiguous, balanced); every rank returns the whole matrix, bit-identical to one process. CPU tensors
       are gathered over gloo, CUDA tensors over NCCL on each rank's current device. Launch with torchrun.
     checkpoint=PATH: a folder; each finished block is written there atomically (temporary file, then os.replace)
-      with a fingerprint of x, y, the metric's tensors and the options. Calling again with the same PATH solves only
-      the missing blocks and returns the same matrix; a folder made for other inputs or options is refused with a
-      ValueError. With distributed=True, PATH must be on a file system every rank sees.
+      with a fingerprint of x, y, the options and the metric (its values at probe points derived from x and y, and
+      the state_dicts of the modules it holds; not the counters or caches of a wrapper). Calling again with the
+      same PATH solves only the missing blocks and returns the same matrix; a folder made for other inputs, options
+      or metric is refused with a ValueError. With distributed=True, PATH must be on a file system every rank sees.
     Ctrl-C: stops within about a second; the pairs not solved are NaN in the returned matrix and a warning says how
       many (finished blocks stay in the checkpoint). Pairs whose solve did not converge keep their best length, and
       a warning says how many there were.
@@ -577,44 +578,83 @@ def _gather_blocks(solved, lengths, failed_per_block, chunk: int, dtype):
     return lengths, failed_per_block
 
 
+# Probe points of a checkpoint's fingerprint (at most, plus as many midpoints) and the mantissa bits kept of the
+# metric's values there: coarser than rounding, so that another thread count or rank rounding G differently in its
+# last bits still resumes, fine enough that a changed metric does not (2^-12 relative in float32, 2^-32 in float64).
+_PROBES = 64
+_PROBE_BITS = {torch.float16: 6, torch.bfloat16: 4, torch.float32: 12, torch.float64: 32}
+
+
+def _probe_points(x, y) -> torch.Tensor:
+    """[P, d]: up to _PROBES points of x and y (evenly strided, first and last included) and the midpoints of the
+    pairs (p_i, p_{P-1-i}), so that the metric is also probed between the points: a function of x and y only."""
+    points = x if y is None else torch.cat([x, y])
+    n = points.shape[0]
+    picked = points[torch.linspace(0, n - 1, min(n, _PROBES)).round().long().unique()]
+    return torch.cat([picked, (picked + picked.flip(0)) / 2])
+
+
+def _modules_held(value, found, seen, depth=0) -> None:
+    """Append to found every nn.Module that value holds, in a fixed order (attributes sorted by name, public and
+    private; lists, tuples and dicts looked into), each once; a module's own submodules are in its state_dict."""
+    if id(value) in seen or depth > 4:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _modules_held(item, found, seen, depth + 1)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            _modules_held(value[key], found, seen, depth + 1)
+    elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.Tensor)) and not inspect.isroutine(value):
+        for name in sorted(vars(value)):
+            _modules_held(vars(value)[name], found, seen, depth + 1)
+
+
 def _fingerprint(metric, x, y, method, options) -> str:
-    """sha256 of the inputs, the options and the metric's state: its public attributes, recursively (tensors by
-    value, nn.Modules by their state_dict, numbers and strings by value; a plain function by its qualified name
-    only, so a checkpoint cannot tell two versions of one function apart)."""
+    """sha256 of what defines the result: the options, x and y (by value), and the metric by what defines it: its
+    class, its values G at probe points derived from x and y (_probe_points; rounded to _PROBE_BITS mantissa bits
+    relative to each point's largest entry), and the state_dicts of the nn.Modules it holds. Counters, caches and
+    other attributes of a metric or of a wrapper around it do not count. A change to the metric smaller than the
+    rounding at the probe points, in a part it holds outside a module (a tensor captured by a closure), goes
+    unnoticed."""
     digest = hashlib.sha256()
 
-    def add(value, depth=0):
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"tensor{tuple(tensor.shape)}{tensor.dtype}".encode())
-            if tensor.numel():
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, torch.nn.Module):
-            digest.update(type(value).__qualname__.encode())
-            for name, tensor in value.state_dict().items():
-                digest.update(name.encode())
-                add(tensor)
-        elif isinstance(value, (str, int, float, bool, type(None))):
-            digest.update(repr(value).encode())
-        elif isinstance(value, (list, tuple)) and depth < 3:
-            for item in value:
-                add(item, depth + 1)
-        elif inspect.isroutine(value) or isinstance(value, type):
-            digest.update(getattr(value, "__qualname__", repr(value)).encode())
-        elif hasattr(value, "__dict__") and depth < 3:  # the metric itself and the objects it holds
-            digest.update(type(value).__qualname__.encode())
-            for name, item in sorted(vars(value).items()):
-                if not name.startswith("_"):  # private attributes are caches and counters, not the metric's state
-                    digest.update(name.encode())
-                    add(item, depth + 1)
-        else:
-            digest.update(type(value).__qualname__.encode())
+    def add(tensor):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"tensor{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
     digest.update(f"pygeo geodesic_distances checkpoint format {CHECKPOINT_FORMAT}, method {method}".encode())
     digest.update(json.dumps(options, sort_keys=True).encode())
     add(x)
-    add(y)
-    add(metric)
+    if y is not None:
+        add(y)
+    digest.update(type(metric).__qualname__.encode())
+    modules = []
+    _modules_held(metric, modules, set())
+    for module in modules:
+        digest.update(type(module).__qualname__.encode())
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            add(tensor)
+    try:
+        with torch.no_grad():
+            G = metric.metric(_probe_points(x, y))
+    except Exception as error:  # noqa: BLE001 - the solve itself reports it; here it only marks the fingerprint
+        digest.update(f"metric failed at the probes: {type(error).__qualname__}".encode())
+    else:
+        G = torch.view_as_real(G) if G.is_complex() else G
+        bits = _PROBE_BITS.get(G.dtype, 32)
+        values = G.detach().double().cpu().nan_to_num(nan=0.0, posinf=1e308, neginf=-1e308).flatten(1)  # [P, d*d]
+        size = values.abs().amax(1, keepdim=True)
+        mantissa, exponent = torch.frexp(size)
+        add(torch.round(mantissa * 2**bits).long())
+        add(exponent.long())
+        add(torch.round(values / size.clamp_min(torch.finfo(torch.float64).tiny) * 2**bits).long())
     return digest.hexdigest()
 
 

@@ -181,7 +181,12 @@ def log_volume_and_grad(metric, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
 
 def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
     """(fn(z) [C], d fn / dz [C, d]) for a scalar function of each row of z [C, d], both detached; the gradient is
-    zero where fn does not depend on z (a constant target has no graph at all)."""
+    zero where fn does not depend on z (a constant target has no graph at all).
+
+    Raises ValueError where the value is finite but its gradient is not: reverse mode through a metric carries
+    G^-1, which overflows where G is tiny (entries near the dtype's smallest normal) or near singular, although the
+    gradient itself may be representable (fuzz campaign 2026-12-04: G = exp(-|z|^2) I at |z|^2 = 721 in float64 gave
+    NaN). Rescale such a metric."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if not (z.is_floating_point() or z.is_complex()):
@@ -191,7 +196,15 @@ def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tens
         point = z.detach().requires_grad_(True)
         value = fn(point)
         grad = gradient_or_zero(value.sum(), point, create_graph=False)
-    return value.detach(), grad.detach()
+    value, grad = value.detach(), grad.detach()
+    if value.dim() == z.dim() - 1 and grad.numel():
+        lost = torch.isfinite(value) & ~torch.isfinite(grad).all(-1)
+        if bool(lost.any()):
+            raise ValueError(f"the gradient in z of {getattr(fn, '__qualname__', 'the function')} is not finite at "
+                             f"{int(lost.sum())} point(s) where its value is finite: the metric there is so small or "
+                             f"so ill-conditioned that G^-1 overflows {grad.dtype} in the backward pass; rescale the "
+                             f"metric (or its coordinates)")
+    return value, grad
 
 
 def gradient_or_zero(value: torch.Tensor, point: torch.Tensor, create_graph: bool) -> torch.Tensor:

@@ -73,7 +73,9 @@ def langevin_step(z: torch.Tensor, G: torch.Tensor, grad_log_prob: torch.Tensor,
     log_q_proposal = log_norm - 0.5 * (noise * noise).sum(-1)
     log_q_target = None
     if target is not None:
-        residual = (target - mean).unsqueeze(-1)
+        # (target - z) - (h/2) drift, not target - mean: mean ~ |z| carries an ulp of z, a large error in a residual
+        # ~ sqrt(h) (the MALA reverse move at a small step); target - z is exact where the points are close.
+        residual = ((target - z) - 0.5 * h * drift).unsqueeze(-1)
         whitened = C.transpose(-1, -2) @ residual  # C^T r, |C^T r|^2 = r^T (G + jitter I) r
         log_q_target = log_norm - 0.5 * (whitened * whitened).sum((-1, -2)) / step_size
     zero = torch.zeros_like(half_log_det)

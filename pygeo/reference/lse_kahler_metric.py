@@ -94,6 +94,9 @@ def lse_kahler_metric_vjp_z(z: torch.Tensor, centers: torch.Tensor, precisions: 
     quadratic = (y.conj_physical() * Hy).real.sum(-1)  # [B, K]: y_i^H H y_i
     cross = (H_y_mean.conj_physical().unsqueeze(1) * y).real.sum(-1)  # [B, K]: Re (H ybar)^H y_i
     e = trace_HP + (quadratic - 2 * cross) / temperature
+    # A component of weight 0 contributes nothing, but far from the centres its e (~ |y_i - y_dominant|^2) can
+    # overflow, and 0 * inf would turn the whole gradient into NaN (complex64 at |z| ~ 1e19, found by the fuzz).
+    e = torch.where(p > 0, e, torch.zeros_like(e))
     centred_e = e - (p * e).sum(-1, keepdim=True)
     H_centred = Hy - H_y_mean.unsqueeze(1)  # [B, K, n]: H (y_i - ybar)
     P_H_centred = (precisions.unsqueeze(0) * H_centred if diagonal

@@ -16,4 +16,5 @@ EXPERIMENTS = {
     "natural-gradient": "natural_gradient",
     "collapse": "collapse",
     "sampling": "sampling",
+    "identifiability": "identifiability",
 }

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _checks
-from ..cluster import _init_plus_plus
+from ..cluster import _EuclideanDistances, _init_plus_plus
 
 
 class RBFVariance(nn.Module):
@@ -210,7 +210,7 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, max_iter: int = 100) -> 
     """Lloyd's k-means with k-means++ seeding (pygeo.cluster's): points [N, d] -> (centres [k, d], assignment [N]).
     An emptied cluster keeps its previous centre."""
     generator = torch.Generator().manual_seed(seed)
-    centers = points[_init_plus_plus(points, k, generator)].clone()
+    centers = points[_init_plus_plus(_EuclideanDistances(points), k, generator)].clone()
     assignment: Optional[torch.Tensor] = None
     for _ in range(max_iter):
         new_assignment = torch.cdist(points, centers).argmin(-1)

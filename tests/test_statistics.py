@@ -188,3 +188,17 @@ def test_bad_input():
                                   generator=torch.Generator())
     with pytest.raises(ValueError, match="n must be"):
         statistics.wrapped_normal(metric, mean, torch.eye(2, dtype=torch.float64), -1)
+
+
+# ------------------------------------------------------------------------------------------------ demo section
+def test_the_demo_section_runs_quick_and_its_figures_pass_the_figure_checks(tmp_path):
+    from pygeo.cli.demo import run_demo
+    from test_demo_figures import check_figure
+
+    result = run_demo(tmp_path, quick=True, device="cpu", sections=["statistics"], progress=False)
+    report = (tmp_path / "report.md").read_text()
+    assert not result.failed_sections, report
+    for name in ("statistics_means.png", "statistics_principal_geodesics.png", "statistics_transported_edit.png"):
+        assert name in result.figures and f"]({name})" in report
+        check_figure(result.figures[name], name)
+    assert "Frechet mean" in report and "parallel transport" in report

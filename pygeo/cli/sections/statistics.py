@@ -124,7 +124,7 @@ def _run(ctx: "context.DemoContext") -> str:
     lines += [
         "",
         f"What the numbers show: the Frechet mean is by construction the better centre in the metric (its mean "
-        f"squared geodesic distance is lower by {np.mean(gain):.3f} on average, never higher: "
+        f"squared geodesic distance is lower by {np.mean(gain):.2e} on average; never higher: "
         f"{'yes' if min(gain) >= -1e-4 else 'no'}); as a decoded image it is judged more like its class than the "
         f"Euclidean mean for {better} classes, less for {worse}, equally for {len(classes) - better - worse} "
         f"(mean vote {float(confidence_frechet.mean()):.2f} against {float(confidence_euclidean.mean()):.2f}). "

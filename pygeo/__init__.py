@@ -11,6 +11,7 @@ import warnings as _warnings
 from . import _backend
 from ._backend import BackendUnavailableError, backends
 from .geometry import christoffel, curvature, exp_map, geodesic, geodesic_distances, sectional_curvature
+from .geometry import log_map, parallel_transport
 from .metrics import ComplexGaussianFisherMetric, FunctionMetric, LatentMetric, LSEKahlerMetric, Metric, PullbackMetric
 
 __version__ = "0.1.0"
@@ -51,4 +52,5 @@ __all__ = [
     *(name for name in _SUBPACKAGES if _subpackage_exists(name)), "backends", "BackendUnavailableError",
     "Metric", "FunctionMetric", "PullbackMetric", "LatentMetric", "LSEKahlerMetric", "ComplexGaussianFisherMetric",
     "christoffel", "curvature", "sectional_curvature", "geodesic", "exp_map", "geodesic_distances",
+    "log_map", "parallel_transport",
 ]

@@ -33,6 +33,7 @@ SECTIONS = [
     "langevin",
     "kahler",
     "balls",
+    "statistics",
 ]
 
 DEFAULT_EPOCHS = 20

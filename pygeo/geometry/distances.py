@@ -317,14 +317,15 @@ def _gauss_newton_system(phi: torch.Tensor, Jt: torch.Tensor):
     return energy, length, gradient, H.reshape(A, m * d, m * d)
 
 
-def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_halvings: int = 8):
+def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_halvings: int = 8,
+                  return_points: bool = False):
     """Batched damped Gauss-Newton on the interior points of curves [P, T, d] for a metric with flat coordinates.
 
     Each iteration solves H p = -g (Cholesky of the [n, n] Gauss-Newton matrix, n = (T-2) d, batched over pairs)
     and backtracks on the energy (Armijo) from the full step; the trial point's jet is the next iteration's, so an
     accepted full step costs one forward-mode pass. Pairs that converge (the scaled-gradient test of geodesic(), or
     a Gauss-Newton decrement below tol^2 E) or can no longer decrease the energy leave the batch. Returns
-    (lengths [P], converged [P])."""
+    (lengths [P], converged [P]), and the solved curves [P, T, d] third with return_points=True (pygeo.log_map)."""
     P, T, d = curves.shape
     points = curves.clone()
     span = (points[:, -1] - points[:, 0]).norm(dim=-1)
@@ -378,7 +379,7 @@ def _gauss_newton(metric, curves: torch.Tensor, max_iter: int, tol: float, max_h
     else:
         if active.numel():
             converged[active] = _energy_converged(gradient, energy, span[active], tol)
-    return length, converged
+    return (length, converged, points) if return_points else (length, converged)
 
 
 def _newton_direction(H: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:

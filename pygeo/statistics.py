@@ -1,0 +1,301 @@
+"""Statistics on a Riemannian manifold given by a metric of the contract: the Frechet (Karcher) mean, tangent PCA and
+wrapped normal samples, over pygeo.log_map and pygeo.exp_map (docs/MATH.md, "Log map, parallel transport, Frechet
+mean, tangent PCA")."""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _checks, _linalg
+from .geometry.geodesic import exp_map
+from .geometry.logmap import _integer, check_defined, check_metric, log_map
+
+__all__ = ["FrechetMeanResult", "TangentPCAResult", "frechet_mean", "tangent_pca", "wrapped_normal"]
+
+
+@dataclass
+class FrechetMeanResult:
+    """mean [d]: the weighted Frechet mean found; variance (0-d): sum_i w_i d(mean, x_i)^2 / sum_i w_i (the squared
+    distances are |log_mean(x_i)|^2_G); converged (bool): the gradient criterion was met; n_iter (int): Karcher
+    iterations done; gradient_norm (0-d): |sum_i w_i log_mean(x_i) / sum_i w_i|_G(mean), the Riemannian gradient norm
+    of variance / 2 at the mean; log_maps [N, d]: log_mean(x_i); log_maps_converged [N] (bool): which of those log
+    maps met their own tolerance."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    converged: bool
+    n_iter: int
+    gradient_norm: torch.Tensor
+    log_maps: torch.Tensor
+    log_maps_converged: torch.Tensor
+
+
+@dataclass
+class TangentPCAResult:
+    """mean [d]: the base point; components [k, d]: principal directions, orthonormal in G(mean)
+    (components G components^T = I_k), by decreasing variance; explained_variance [k]: the variance of the scores
+    along each; explained_variance_ratio [k]: its share of total_variance (0-d, the mean squared distance to the
+    mean); scores [N, k]: <log_mean(x_i), component_j>_G(mean); log_maps [N, d]."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance: torch.Tensor
+    explained_variance_ratio: torch.Tensor
+    total_variance: torch.Tensor
+    scores: torch.Tensor
+    log_maps: torch.Tensor
+
+
+def _points(name: str, x) -> torch.Tensor:
+    _checks.real_tensor(name, x, min_dim=2)
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [N, d] with N >= 1 and d >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def _weights(weights, x: torch.Tensor) -> torch.Tensor:
+    """Normalised weights [N] (sum 1), validated: shape [N], finite, non-negative, not all zero."""
+    N = x.shape[0]
+    if weights is None:
+        return x.new_full((N,), 1.0 / N)
+    _checks.real_tensor("weights", weights, min_dim=1)
+    if tuple(weights.shape) != (N,):
+        raise ValueError(f"weights must have shape [N] = [{N}] (one per point of x), got {tuple(weights.shape)}")
+    _checks.same_device(x=x, weights=weights)
+    weights = weights.to(x.dtype)
+    if bool((weights < 0).any()):
+        raise ValueError(f"weights must be non-negative, got a minimum of {float(weights.min()):.3g}")
+    total = weights.sum()
+    if not total > 0:
+        raise ValueError("weights must not all be zero")
+    return weights / total
+
+
+def _tolerance(name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    value = _checks.number(name, value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _start(metric, x: torch.Tensor, weights: torch.Tensor, init) -> torch.Tensor:
+    """init [d] (validated), or the weighted Euclidean mean of x, or where the metric is not defined there the
+    point of x nearest to it."""
+    d = x.shape[1]
+    if init is not None:
+        _checks.real_tensor("init", init, min_dim=1)
+        if tuple(init.shape) != (d,):
+            raise ValueError(f"init must have shape [d] = [{d}], got {tuple(init.shape)}")
+        _checks.same_dtype(x=x, init=init)
+        _checks.same_device(x=x, init=init)
+        check_defined(metric, "init", init[None])
+        return init.clone()
+    euclidean = weights @ x
+    try:
+        check_defined(metric, "the Euclidean mean", euclidean[None])
+        return euclidean
+    except ValueError:
+        return x[((x - euclidean) ** 2).sum(-1).argmin()].clone()
+
+
+def frechet_mean(metric, x: torch.Tensor, weights: Optional[torch.Tensor] = None, init: Optional[torch.Tensor] = None,
+                 *, step: float = 1.0, max_iter: int = 100, tol: Optional[float] = None, n_points: int = 9,
+                 n_steps: int = 32, progress: bool = False, **log_map_options) -> FrechetMeanResult:
+    """Weighted Frechet (Karcher) mean of the points x [N, d]: the minimiser m of
+    F(m) = sum_i w_i d(m, x_i)^2 / (2 sum_i w_i), by the Karcher flow m <- exp_m(step * sum_i w_i log_m(x_i) / sum w).
+
+    weights [N] (default uniform): non-negative, not all zero. init [d]: the starting point (default: the weighted
+    Euclidean mean, or the nearest point of x where the metric is not defined there). Each iteration solves the N log
+    maps log_m(x_i) as one batch (pygeo.log_map with n_points, n_steps and log_map_options), each started from the
+    previous iteration's geodesic to x_i with its start moved to the new m, and takes one exponential-map step
+    along the negative Riemannian gradient of F, sum_i w_i log_m(x_i) / sum w. An iteration that raises F is undone and
+    retried with half the step. Converges (linearly; quickly where the points lie within a region of moderate
+    curvature, where F is convex) when the gradient norm |grad F|_G(m) <= tol * sqrt(2 F(m)), tol defaulting to 1e-8
+    in float64 and 2e-3 in float32 (where the variance's rounding hides smaller steps); it may not converge when the points spread beyond where geodesics from m are
+    unique (then converged is False and a RuntimeWarning says so). max_iter bounds the iterations.
+    Ctrl-C during the iterations returns the last accepted mean (converged False) with a warning.
+
+    Returns a FrechetMeanResult (.mean [d], .variance, .converged, .n_iter, .gradient_norm, .log_maps [N, d]).
+    Raises TypeError / ValueError naming the argument for bad shapes or dtypes, NaN/Inf, negative or all-zero
+    weights, and points where the metric is not defined.
+    """
+    check_metric(metric)
+    x = _points("x", x)
+    w = _weights(weights, x)
+    step = _checks.number("step", step)
+    if not (0 < step <= 2):
+        raise ValueError(f"step must be in (0, 2], got {step!r}")
+    max_iter = _integer("max_iter", max_iter, 0)
+    tol = _tolerance("tol", tol)
+    if tol is None:
+        tol = 1e-8 if x.dtype == torch.float64 else 2e-3
+    check_defined(metric, "x", x)
+    m = _start(metric, x, w, init)
+    with torch.no_grad():
+        return _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progress, log_map_options)
+
+
+def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progress, log_map_options):
+    N, d = x.shape
+
+    def at(point, curves):
+        """(log maps [N, d], their converged [N], curves [N, T, d], variance, gradient [d], gradient norm) at point."""
+        result = log_map(metric, point, x, n_points=n_points, n_steps=n_steps, init=curves, return_result=True,
+                         **log_map_options)
+        logs = result.v
+        G = metric.metric(point[None])[0]
+        squared = torch.einsum("ni,ij,nj->n", logs, G, logs).clamp_min(0)
+        gradient = w @ logs
+        gradient_norm = (gradient @ G @ gradient).clamp_min(0).sqrt()
+        return logs, result.converged, result.points, w @ squared, gradient, gradient_norm
+
+    def moved(curves, shift):  # the geodesics to x_i with their start moved by shift, linearly fading to x_i
+        fade = torch.linspace(1, 0, curves.shape[1], dtype=x.dtype, device=x.device)[None, :, None]
+        return curves + fade * shift
+
+    logs, logs_ok, curves, variance, gradient, gradient_norm = at(m, None)
+    n_iter, converged, interrupted = 0, False, False
+    bar = tqdm(total=max_iter, desc="Frechet mean (Karcher flow)", disable=not progress, leave=False)
+    try:
+        while True:
+            converged = bool(gradient_norm <= tol * (2 * variance).sqrt()) or bool(variance == 0)
+            if converged or n_iter >= max_iter:
+                break
+            n_iter += 1
+            bar.update(1)
+            trial = exp_map(metric, m[None], step * gradient[None], n_steps=n_steps)[0]
+            try:
+                check_defined(metric, "the Karcher step", trial[None])
+                trial_state = at(trial, moved(curves, trial - m))
+                # within rounding of the old variance counts as no increase (float32 near the minimum)
+                accepted = bool(trial_state[3] <= variance * (1 + 1e3 * torch.finfo(x.dtype).eps))
+            except ValueError:  # the step left where the metric is defined
+                accepted = False
+            if accepted:
+                m = trial
+                logs, logs_ok, curves, variance, gradient, gradient_norm = trial_state
+                bar.set_postfix(gradient=f"{float(gradient_norm):.2e}", variance=f"{float(variance):.4g}")
+            else:
+                step *= 0.5
+                if step < 1e-6:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+        converged = False
+    finally:
+        bar.close()
+    if interrupted:
+        warnings.warn(f"frechet_mean interrupted after {n_iter} iterations: the last accepted mean is returned "
+                      f"(converged=False)", RuntimeWarning, stacklevel=3)
+    elif not converged:
+        warnings.warn(f"frechet_mean did not converge in {n_iter} iterations (gradient norm {float(gradient_norm):.3g},"
+                      f" variance {float(variance):.4g}); raise max_iter, or the points spread beyond where the mean "
+                      f"is unique", RuntimeWarning, stacklevel=3)
+    return FrechetMeanResult(mean=m, variance=variance, converged=converged, n_iter=n_iter,
+                             gradient_norm=gradient_norm, log_maps=logs, log_maps_converged=logs_ok)
+
+
+def tangent_pca(metric, x: torch.Tensor, n_components: Optional[int] = None, mean: Optional[torch.Tensor] = None, *,
+                weights: Optional[torch.Tensor] = None, n_points: int = 9, n_steps: int = 32,
+                **frechet_options) -> TangentPCAResult:
+    """Principal component analysis of x [N, d] in the tangent space at the mean, in the metric's inner product.
+
+    mean [d] (default: frechet_mean(metric, x, weights, **frechet_options).mean); the log maps u_i = log_mean(x_i)
+    [N, d] and their weighted second moment C = sum_i w_i u_i u_i^T / sum w (about the mean itself: at the Frechet
+    mean sum_i w_i u_i = 0, so this is the covariance); the components are the G-orthonormal eigenvectors of C G
+    (maximise a^T G C G a subject to a^T G a = 1: with G = L L^T, the eigenvectors y of L^T C L give a = L^{-T} y),
+    explained_variance their eigenvalues (the variance of the scores <u_i, a_j>_G), by decreasing size.
+    n_components (default d) must be an integer in [1, d].
+
+    Returns a TangentPCAResult (.mean, .components [k, d], .explained_variance [k], .explained_variance_ratio [k],
+    .total_variance, .scores [N, k], .log_maps [N, d]). Raises ValueError naming the argument for bad shapes,
+    n_components outside [1, d], bad weights, and points where the metric is not defined.
+    """
+    check_metric(metric)
+    x = _points("x", x)
+    d = x.shape[1]
+    k = d if n_components is None else n_components
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= d:
+        raise ValueError(f"n_components must be an integer in [1, d] = [1, {d}], got {n_components!r}")
+    k = int(k)
+    w = _weights(weights, x)
+    if mean is None:
+        result = frechet_mean(metric, x, weights=w, n_points=n_points, n_steps=n_steps, **frechet_options)
+        mean, logs = result.mean, result.log_maps
+    else:
+        if frechet_options:
+            raise ValueError(f"{sorted(frechet_options)}: Frechet mean options given with an explicit mean")
+        _checks.real_tensor("mean", mean, min_dim=1)
+        if tuple(mean.shape) != (d,):
+            raise ValueError(f"mean must have shape [d] = [{d}], got {tuple(mean.shape)}")
+        _checks.same_dtype(x=x, mean=mean)
+        _checks.same_device(x=x, mean=mean)
+        logs = log_map(metric, mean, x, n_points=n_points, n_steps=n_steps)
+    with torch.no_grad():
+        G = metric.metric(mean[None])[0]
+        L = _linalg.cholesky(G, "metric(mean)")
+        second_moment = torch.einsum("n,ni,nj->ij", w, logs, logs)
+        whitened = L.T @ second_moment @ L
+        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (whitened + whitened.T))
+        order = eigenvalues.flip(0)[:k].clamp_min(0)
+        directions = torch.linalg.solve_triangular(L.T, eigenvectors.flip(1)[:, :k], upper=True)  # [d, k]
+        # A sign convention, so that the result does not depend on the eigensolver: the largest entry is positive.
+        largest = directions.abs().argmax(0)
+        signs = torch.sign(directions[largest, torch.arange(k)])
+        directions = directions * torch.where(signs == 0, 1, signs)
+        scores = logs @ G @ directions
+        total = torch.einsum("ni,ij,nj->n", logs, G, logs).clamp_min(0) @ w
+    ratio = order / total.clamp_min(torch.finfo(x.dtype).tiny)
+    return TangentPCAResult(mean=mean, components=directions.T.contiguous(), explained_variance=order,
+                            explained_variance_ratio=ratio, total_variance=total, scores=scores, log_maps=logs)
+
+
+def wrapped_normal(metric, mean: torch.Tensor, covariance: torch.Tensor, n: int, *, seed: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None, n_steps: int = 32) -> torch.Tensor:
+    """n samples [n, d] of the wrapped normal at mean [d]: exp_mean(v) with tangent vectors v ~ N(0, covariance).
+
+    covariance [d, d] (symmetric positive semi-definite) is that of the tangent vectors' coordinates; for noise that
+    is isotropic in the metric pass s^2 G(mean)^{-1} (then |v|_G^2 / s^2 is chi-square with d degrees of freedom).
+    seed (an int) or generator (a torch.Generator on mean's device) makes the draws reproducible; not both.
+    Raises ValueError naming the argument for bad shapes, a covariance that is not symmetric positive semi-definite,
+    n < 0, and a mean where the metric is not defined.
+    """
+    check_metric(metric)
+    _checks.real_tensor("mean", mean, min_dim=1)
+    if mean.dim() != 1 or mean.shape[0] == 0:
+        raise ValueError(f"mean must have shape [d], got {tuple(mean.shape)}")
+    d = mean.shape[0]
+    _checks.real_tensor("covariance", covariance, min_dim=2)
+    if tuple(covariance.shape) != (d, d):
+        raise ValueError(f"covariance must have shape [d, d] = [{d}, {d}], got {tuple(covariance.shape)}")
+    _checks.same_dtype(mean=mean, covariance=covariance)
+    _checks.same_device(mean=mean, covariance=covariance)
+    n = _integer("n", n, 0)
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        generator = torch.Generator(device=mean.device).manual_seed(int(seed))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    scale = covariance.abs().max().clamp_min(torch.finfo(mean.dtype).tiny)
+    if not bool(((covariance - covariance.T).abs() <= 1e-6 * scale).all()):
+        raise ValueError("covariance must be symmetric")
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (covariance + covariance.T))
+    if bool((eigenvalues < -1e-6 * scale).any()):
+        raise ValueError(f"covariance must be positive semi-definite, got an eigenvalue of {float(eigenvalues.min()):.3g}")
+    check_defined(metric, "mean", mean[None])
+    factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()  # covariance = factor factor^T, also when singular
+    noise = torch.randn(n, d, dtype=mean.dtype, device=mean.device, generator=generator)
+    tangents = noise @ factor.T
+    with torch.no_grad():
+        return exp_map(metric, mean.expand(n, d).contiguous(), tangents, n_steps=n_steps)

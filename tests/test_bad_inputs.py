@@ -365,3 +365,17 @@ def test_kahler_metric_derivative_far_from_the_centres_is_finite():
     dominant = int(torch.argmax(((z - centers.T).abs() ** 2 * precisions.T).real))  # the largest u_i wins
     torch.testing.assert_close(G.real, precisions[dominant].reshape(1, 1, 1))
     assert float(dG.abs().max()) == 0.0 and float(grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", [name for name in ("torch", "cpp") if pygeo._backend.status(name).available])
+def test_latent_metric_with_every_exponent_overflowing_and_no_lam_is_refused(backend):
+    """Fuzz campaign 2026-12-04 (issue 30): float32, |z - c|^2 M / rho^2 = 1.7e42 (past float32) and lam = 0: every
+    weight's exponent is -inf, the log scale -inf, and G, dG and the log-volume came out NaN on both backends. G is 0
+    (singular) there: refused, naming lam."""
+    z = torch.tensor([[1.5145e19]])
+    with pytest.raises(ValueError, match="lam = 0"):
+        pygeo.ops.latent_metric(z, torch.tensor([[1.4833]]), torch.tensor([[0.7294]]), 0.0, 0.0, 0.01,
+                                derivative=True, log_volume=True, backend=backend)
+    G = pygeo.ops.latent_metric(z, torch.tensor([[1.4833]]), torch.tensor([[0.7294]]), 0.01, 0.0, 0.01,
+                                backend=backend).metric
+    torch.testing.assert_close(G, torch.full((1, 1, 1), 0.01))  # with lam the point is simply far: G = lam I

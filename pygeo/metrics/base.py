@@ -37,7 +37,7 @@ class Metric:
     def log_volume_and_grad(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(1/2 log det G [...], its gradient in z [..., d]), detached: what the samplers need, without the gradients
         of a decoder's or a metric's own parameters."""
-        return value_and_gradient(self.log_volume, z)
+        return value_and_gradient(self.log_volume, z, refuse_lost_gradient=True)
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u^T G(z) v [...]: z, u, v [..., d], batch shapes broadcast."""
@@ -174,16 +174,17 @@ def log_volume_and_grad(metric, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     log_volume_and_grad where it has one (fused kernels, no parameter gradients), else autograd through log_volume."""
     own = getattr(metric, "log_volume_and_grad", None)
     if own is None:
-        return value_and_gradient(metric.log_volume, z)
+        return value_and_gradient(metric.log_volume, z, refuse_lost_gradient=True)
     value, grad = own(z)
     return value.detach(), grad.detach()
 
 
-def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):
+def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, refuse_lost_gradient: bool = False):
     """(fn(z) [C], d fn / dz [C, d]) for a scalar function of each row of z [C, d], both detached; the gradient is
     zero where fn does not depend on z (a constant target has no graph at all).
 
-    Raises ValueError where the value is finite but its gradient is not: reverse mode through a metric carries
+    refuse_lost_gradient (the metrics' log_volume_and_grad): raise ValueError where the value is finite but its
+    gradient is not, instead of returning it (samplers reject such points): reverse mode through a metric carries
     G^-1, which overflows where G is tiny (entries near the dtype's smallest normal) or near singular, although the
     gradient itself may be representable (fuzz campaign 2026-12-04: G = exp(-|z|^2) I at |z|^2 = 721 in float64 gave
     NaN). Rescale such a metric."""
@@ -197,7 +198,7 @@ def value_and_gradient(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tens
         value = fn(point)
         grad = gradient_or_zero(value.sum(), point, create_graph=False)
     value, grad = value.detach(), grad.detach()
-    if value.dim() == z.dim() - 1 and grad.numel():
+    if refuse_lost_gradient and value.dim() == z.dim() - 1 and grad.numel():
         lost = torch.isfinite(value) & ~torch.isfinite(grad).all(-1)
         if bool(lost.any()):
             raise ValueError(f"the gradient in z of {getattr(fn, '__qualname__', 'the function')} is not finite at "

@@ -53,7 +53,7 @@ class HermitianMetric:
     def log_volume_and_grad(self, z: torch.Tensor):
         """(log det G(z) [...], its gradient [..., n]), detached; the gradient of a real function at complex z in
         PyTorch's convention, d/dRe z + i d/dIm z (= 2 d/dzbar)."""
-        return value_and_gradient(self.log_volume, z)
+        return value_and_gradient(self.log_volume, z, refuse_lost_gradient=True)
 
     def inner(self, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """h(u, v) = u^H G(z) v [...] (complex; real and >= 0 when u == v)."""

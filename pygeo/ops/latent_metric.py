@@ -83,6 +83,12 @@ def _(z, centroids, precisions, lam, tau, rho, A, scale, backend):
 
 def _compute(z, centroids, precisions, lam, tau, rho, with_derivative, with_log_volume, backend):
     G_s, scale, dG_s = _forward(z, centroids, precisions, lam, tau, rho, with_derivative, backend)
+    if lam == 0 and scale.numel() and not _checks._is_fake(z) and not _checks.all_finite(scale):
+        # Every exponent -(z - c_i)^T M_i (z - c_i) / rho^2 overflowed to -inf (a point astronomically far from every
+        # centroid): with no lam term G is 0 there and every output would be NaN (fuzz campaign 2026-12-04).
+        raise ValueError(f"latent_metric: at {int((~torch.isfinite(scale)).sum())} point(s) of z the exponent "
+                         f"(z - c_i)^T M_i (z - c_i) / rho^2 overflows {z.dtype} for every centroid, so with lam = 0 "
+                         f"G is 0 (singular) there; use lam > 0, a larger rho, or float64")
     diagonal = precisions.dim() == 2
     if not diagonal and backend in ("cuda", "triton"):
         # The GPU kernels compute G_ij and G_ji (and dG's) as separate dot products over the centroids, which need not

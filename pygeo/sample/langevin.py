@@ -244,8 +244,14 @@ class _Evaluator:
                 log_prob = C.diagonal(dim1=-2, dim2=-1).log().sum(-1)
                 grad = 0.5 * torch.einsum("ckij,cji->ck", dG, torch.cholesky_inverse(C))
             else:
-                log_prob, grad = _value_and_grad(self.metric.log_volume, z, ok,
-                                                 value_and_grad=lambda point: log_volume_and_grad(self.metric, point))
+                # where_defined: a trial point where the metric refuses (e.g. G so small that the gradient of its
+                # log-volume overflows) is rejected, as HMC does, not fatal.
+                def metric_value_and_grad(point):
+                    return where_defined(lambda rows: log_volume_and_grad(self.metric, rows), (point,),
+                                         lambda n: (point.new_full((n,), math.nan),
+                                                    point.new_full((n, point.shape[-1]), math.nan)))
+
+                log_prob, grad = _value_and_grad(self.metric.log_volume, z, ok, value_and_grad=metric_value_and_grad)
             if self.base_log_prob is not None:
                 base, base_grad = _value_and_grad(self.base_log_prob, z, ok)
                 log_prob, grad = log_prob + base, grad + base_grad

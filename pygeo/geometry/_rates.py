@@ -1,5 +1,5 @@
 """The right-hand sides of the geodesic and parallel-transport equations, c'' = -Gamma(c)[c', c'] and
-V' = -Gamma(c)[c', V], computed together (docs/MATH.md section 8), and an RK4 geodesic integrator over them."""
+V' = -Gamma(c)[c', V], computed together (docs/MATH.md section 9), and an RK4 geodesic integrator over them."""
 from __future__ import annotations
 
 import math

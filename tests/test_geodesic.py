@@ -213,3 +213,15 @@ def test_geodesic_distances_warns_about_non_converged_pairs():
 def test_geodesic_bad_input(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         bad()
+
+
+def test_exp_map_accepts_expanded_views():
+    """One start point expanded over a batch (z0.expand(B, d)) is an aliased view: the result equals a real copy's."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Softplus(), torch.nn.Linear(16, 5)).double()
+    metric = pygeo.PullbackMetric(decoder, likelihood="bernoulli")
+    z0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    v = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expanded = pygeo.exp_map(metric, z0.expand(5, 2), v)
+    copied = pygeo.exp_map(metric, z0.repeat(5, 1), v)
+    torch.testing.assert_close(expanded, copied)

@@ -275,7 +275,8 @@ def exp_map(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int = 32, *, back
         raise ValueError(f"v must have the shape of z {tuple(z.shape)}, got {tuple(v.shape)}")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-    end, _ = _integrate(metric, z, v, n_steps, record_every=None, backend=backend)
+    # expanded or strided views (z0.expand(B, d)) are copied: forward-mode AD refuses to write into aliased memory
+    end, _ = _integrate(metric, z.contiguous(), v.contiguous(), n_steps, record_every=None, backend=backend)
     return end
 
 

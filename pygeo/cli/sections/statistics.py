@@ -167,7 +167,7 @@ def _principal_geodesic(metric, pca, n: int) -> torch.Tensor:
 
 def _plot_principal_geodesics(volume, shown_codes, shown_labels, frechet, euclidean, classes, pair, curves,
                               start_edit, end_edit) -> Figure:
-    figure = Figure(figsize=(8.4, 6.4), dpi=110)
+    figure = Figure(figsize=(8.4, 8.0), dpi=110, layout="constrained")
     axes = figure.add_subplot()
     xs, ys = (axis.cpu().numpy() for axis in volume.axes)
     heat = axes.imshow(volume.log_volume.T.cpu().numpy(), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
@@ -194,7 +194,8 @@ def _plot_principal_geodesics(volume, shown_codes, shown_labels, frechet, euclid
               label=f"edit a of {pair[0]} transported to {pair[1]}: exp(t P a)")
     axes.plot(copied_path[:, 0], copied_path[:, 1], color="tab:purple", linestyle=":", linewidth=1.5,
               label=f"edit a copied to {pair[1]}: exp(t a)")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.28, 1.0))
+    # below the plot, inside the figure (constrained layout makes room): beside it, the legend ran off the edge
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
     axes.set_xlim(xs[0], xs[-1])
     axes.set_ylim(ys[0], ys[-1])
     axes.set_xlabel("z1")

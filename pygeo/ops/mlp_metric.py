@@ -50,6 +50,28 @@ def _encode_activation(layer: int, spec: Activation) -> Tuple[int, float, float]
 
 
 # --------------------------------------------------------------------------------------------------- the custom op
+
+def _output_weight_and_activation_codes(z, weights, biases, activations, likelihood, sigma, D: int):
+    """The checks and encodings shared by mlp_metric and mlp_ensemble_metric: the Fisher weight 1/sigma^2 [D] of the
+    gaussian likelihood (None otherwise), the activation codes and their parameters, and one device and dtype for all
+    tensors."""
+    output_weight = None
+    if likelihood == "gaussian":
+        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
+        _checks.real_tensor("sigma", sigma, parameter=True)
+        if sigma.numel() not in (1, D):
+            raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
+        _checks.positive_parameter("sigma", sigma)
+        output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
+    encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
+    codes = [code for code, _, _ in encoded]
+    params = [p for _, p0, p1 in encoded for p in (p0, p1)]
+    tensors = dict(z=z, **{f"weights[{l}]": W for l, W in enumerate(weights)},
+                   **{f"biases[{l}]": b for l, b in enumerate(biases)}, sigma=output_weight)
+    _checks.same_device(**tensors)
+    _checks.same_dtype(**tensors)
+    return output_weight, codes, params
+
 def _run(z, weights, biases, activation_codes, activation_params, output_weight, bernoulli, eps, backend):
     """z [B, d]; weights[l] [n_l, n_{l-1}] (n_0 = d); biases[l] [n_l]; output_weight [D] or None -> G [B, d, d]."""
     if backend == "torch":
@@ -223,22 +245,8 @@ def mlp_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
         _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=1, parameter=True)
         if tuple(biases[layer].shape) != (W.shape[0],):
             raise ValueError(f"biases[{layer}] must have shape [{W.shape[0]}], got {tuple(biases[layer].shape)}")
-    D = width
-    output_weight = None
-    if likelihood == "gaussian":
-        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
-        _checks.real_tensor("sigma", sigma, parameter=True)
-        if sigma.numel() not in (1, D):
-            raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
-        _checks.positive_parameter("sigma", sigma)
-        output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
-    encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
-    codes = [code for code, _, _ in encoded]
-    params = [p for _, p0, p1 in encoded for p in (p0, p1)]
-    tensors = dict(z=z, **{f"weights[{l}]": W for l, W in enumerate(weights)},
-                   **{f"biases[{l}]": b for l, b in enumerate(biases)}, sigma=output_weight)
-    _checks.same_device(**tensors)
-    _checks.same_dtype(**tensors)
+    output_weight, codes, params = _output_weight_and_activation_codes(z, weights, biases, activations, likelihood,
+                                                                       sigma, D=width)
     chosen = _backend.resolve("mlp_metric", z.device, backend, _IMPLEMENTED)
     G = _backend.call_op(_mlp_metric_op, _run, z.reshape(-1, d).contiguous(), [W.contiguous() for W in weights],
                          [b.contiguous() for b in biases], codes, params, output_weight, likelihood == "bernoulli",
@@ -386,22 +394,8 @@ def mlp_ensemble_metric(z: torch.Tensor, weights: Sequence[torch.Tensor], biases
         _checks.real_tensor(f"biases[{layer}]", biases[layer], min_dim=2, parameter=True)
         if tuple(biases[layer].shape) != (M, W.shape[1]):
             raise ValueError(f"biases[{layer}] must have shape [{M}, {W.shape[1]}], got {tuple(biases[layer].shape)}")
-    D = width
-    output_weight = None
-    if likelihood == "gaussian":
-        sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device) if not isinstance(sigma, torch.Tensor) else sigma
-        _checks.real_tensor("sigma", sigma, parameter=True)
-        if sigma.numel() not in (1, D):
-            raise ValueError(f"sigma must be a float or have D={D} elements, got shape {tuple(sigma.shape)}")
-        _checks.positive_parameter("sigma", sigma)
-        output_weight = sigma.reshape(-1).expand(D).pow(-2).contiguous()
-    encoded = [_encode_activation(layer, spec) for layer, spec in enumerate(activations)]
-    codes = [code for code, _, _ in encoded]
-    params = [p for _, p0, p1 in encoded for p in (p0, p1)]
-    tensors = dict(z=z, **{f"weights[{l}]": W for l, W in enumerate(weights)},
-                   **{f"biases[{l}]": b for l, b in enumerate(biases)}, sigma=output_weight)
-    _checks.same_device(**tensors)
-    _checks.same_dtype(**tensors)
+    output_weight, codes, params = _output_weight_and_activation_codes(z, weights, biases, activations, likelihood,
+                                                                       sigma, D=width)
     chosen = _backend.resolve("mlp_ensemble_metric", z.device, backend, _ENSEMBLE_IMPLEMENTED)
     G = _backend.call_op(_mlp_ensemble_metric_op, _run_ensemble, z.reshape(-1, d).contiguous(),
                          [W.contiguous() for W in weights], [b.contiguous() for b in biases], codes, params,

@@ -11,7 +11,7 @@ from .. import _linalg
 from ..metrics.base import where_defined
 from ..metrics.pullback import _elementwise_jet
 from .curvature import christoffel, uses_flat_coordinates
-from .geodesic import _integrate
+from .geodesic import _integrate, rk4_geodesic
 
 
 def rates(metric, c: torch.Tensor, w: torch.Tensor, V: Optional[torch.Tensor] = None, backend: str = "auto"
@@ -121,19 +121,4 @@ def integrate(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int, record_eve
         return where_defined(lambda a, b: mlp_rates(metric, a, b)[0], (c, w),
                              lambda count: c.new_full((count, c.shape[-1]), math.nan))
 
-    h = 1.0 / n_steps
-    c, w = z, v
-    path = [c] if record_every else None
-    for step in range(n_steps):
-        a1 = acceleration(c, w)
-        c2, w2 = c + 0.5 * h * w, w + 0.5 * h * a1
-        a2 = acceleration(c2, w2)
-        c3, w3 = c + 0.5 * h * w2, w + 0.5 * h * a2
-        a3 = acceleration(c3, w3)
-        c4, w4 = c + h * w3, w + h * a3
-        a4 = acceleration(c4, w4)
-        c = c + h / 6 * (w + 2 * w2 + 2 * w3 + w4)
-        w = w + h / 6 * (a1 + 2 * a2 + 2 * a3 + a4)
-        if record_every and (step + 1) % record_every == 0:
-            path.append(c)
-    return c, (torch.stack(path, -2) if record_every else None)
+    return rk4_geodesic(acceleration, z, v, n_steps, record_every)

@@ -294,6 +294,13 @@ def _integrate(metric, z, v, n_steps, record_every=None, backend="auto", nan_whe
             return exact_acceleration(c, w)
         return where_defined(exact_acceleration, (c, w), lambda n: c.new_full((n, c.shape[-1]), math.nan))
 
+    return rk4_geodesic(acceleration, z, v, n_steps, record_every)
+
+
+def rk4_geodesic(acceleration, z: torch.Tensor, v: torch.Tensor, n_steps: int, record_every=None):
+    """Classical RK4 on c'' = acceleration(c, c') over t in [0, 1] with n_steps steps from c(0) = z, c'(0) = v [..., d]:
+    (c(1) [..., d], the points every record_every steps [..., K + 1, d] or None). The one integrator of exp_map,
+    shooting geodesics and the log map's fused rates."""
     h = 1.0 / n_steps
     c, w = z, v
     path = [c] if record_every else None

@@ -47,3 +47,20 @@ def test_training_run_reach_and_divergence():
     assert run.reach(-100.0) == (None, None)
     diverged = experiment.TrainingRun("natural", {}, 0, [0, 5], [0.0, 0.5], [-300.0, -math.inf], model=None)
     assert diverged.final == -math.inf
+
+
+def test_speedup_figure_when_no_run_reaches_a_target():
+    # A short (--quick) budget can leave every K-FAC run short of both targets: the figure must still be drawn (an
+    # empty log-scaled axis made matplotlib raise "Data cannot be log-scaled", which failed CI's smoke run).
+    adam = experiment.TrainingRun("adam", {"lr": 1e-3}, 0, [0, 10], [0.0, 1.0], [-300.0, -200.0], model=None)
+    behind = {method: [experiment.TrainingRun(method, {}, 0, [0, 10], [0.0, 1.0], [-300.0, -290.0], model=None)]
+              for method in ("natural", "geodesic")}
+    results = [experiment.BatchResult(batch_size=b, steps=10, tuning=[], best={}, runs={"adam": [adam], **behind},
+                                      half=1, target=-210.0) for b in (64, 256)]
+    for method in ("natural", "geodesic"):
+        for full in (False, True):
+            assert experiment.ratios(results[0], method, full)[1] == []  # the case under test: no time ratio at all
+    figure = experiment.speedup_figure(results)
+    figure.canvas.draw()  # layout and log-scaling happen here
+    texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+    assert texts == ["no run reached this target"] * 2

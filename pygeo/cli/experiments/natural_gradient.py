@@ -474,6 +474,7 @@ def speedup_figure(results: List[BatchResult]):
     batches = [result.batch_size for result in results]
     for axes, full, title in ((first, False, "target 1: tuned Adam's mean ELBO at half budget"),
                               (second, True, "target 2: each seed's Adam ELBO at full budget")):
+        drawn = False
         for offset, method in ((-0.04, "natural"), (0.04, "geodesic")):
             means, halves, xs = [], [], []
             for result in results:
@@ -483,18 +484,27 @@ def speedup_figure(results: List[BatchResult]):
                     means.append(mean)
                     halves.append(half if math.isfinite(half) else 0.0)
                     xs.append(result.batch_size * 2 ** offset)
-            axes.errorbar(xs, means, yerr=halves, marker="o", capsize=4, color=COLOURS[method],
-                          label=f"{NAMES[method]} (mean ± 95 % interval)")
+            if xs:  # a method that reached this target at no batch size has no point to draw
+                axes.errorbar(xs, means, yerr=halves, marker="o", capsize=4, color=COLOURS[method],
+                              label=f"{NAMES[method]} (mean ± 95 % interval)")
+                drawn = True
+        if not drawn:  # a short (--quick) budget may reach no target: say so instead of an empty log axis
+            axes.text(0.5, 0.5, "no run reached this target", transform=axes.transAxes, ha="center", va="center")
         axes.axhline(1.0, color="black", linewidth=1, label="as fast as Adam")
         axes.axhspan(3.0, 5.0, color="tab:green", alpha=0.15, label="claimed 3-5x")
         axes.set_xscale("log", base=2)
+        axes.set_xlim(min(batches) / 1.5, max(batches) * 1.5)  # fixed, so the log axis has limits without data
         axes.set_xticks(batches)
         axes.set_xticklabels([str(b) for b in batches])
         axes.set_xlabel("batch size")
         axes.set_title(title, fontsize=10)
         axes.grid(alpha=0.3)
     first.set_ylabel("wall-time speed-up over tuned Adam (x)")
-    second.legend(fontsize=8, loc="upper left")
+    labelled = {}  # one legend for both panels: a method drawn in only one panel is still named
+    for axes in (first, second):
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    second.legend(labelled.values(), labelled.keys(), fontsize=8, loc="upper left")
     figure.suptitle("Natural gradient against tuned Adam: wall-time speed-up to a test ELBO")
     figure.tight_layout()
     return figure

@@ -214,3 +214,19 @@ def test_bad_outputs_are_refused():
         PullbackMetric(huge, "poisson").metric(z)
     with pytest.raises(ValueError, match="sigma is only used"):
         PullbackMetric(huge, "poisson", sigma=1.0)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "poisson"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch(likelihood, kind):
+    """B = 0 gives empty results of the right shapes on every path (fuzz campaign 2026-12-07: the categorical
+    likelihood's reshape(B, -1, C) could not infer the positions of 0 points, a RuntimeError)."""
+    decoder = make_decoder(kind, d=2).to(F64)
+    metric = PullbackMetric(decoder, likelihood)
+    z = torch.zeros(0, 2, dtype=F64)
+    G, dG = metric.metric_and_derivative(z)
+    assert G.shape == (0, 2, 2) and dG.shape == (0, 2, 2, 2)
+    assert metric.metric(z).shape == (0, 2, 2)
+    value, grad = metric.log_volume_and_grad(z)
+    assert value.shape == (0,) and grad.shape == (0, 2)
+    assert metric.flat_coordinates(z).shape[0] == 0

@@ -374,7 +374,7 @@ class PullbackMetric(Metric):
             B, d = Jt.shape[:2]
             C = self._categories
             p, q = self._categorical_probabilities(output)  # [B, P, C]
-            t = Jt.reshape(B, d, -1, C)
+            t = Jt.reshape(B, d, Jt.shape[-1] // C, C)
             dp = p.unsqueeze(1) * (t - (p.unsqueeze(1) * t).sum(-1, keepdim=True))
             return phi, (dp / q.sqrt().unsqueeze(1)).reshape(Jt.shape)
         weight = self._weight(output)
@@ -385,7 +385,9 @@ class PullbackMetric(Metric):
     def _categorical_probabilities(self, output: torch.Tensor):
         """(p, q) [B, P, C] from logit rows [B, P C]: p = softmax over the categories, q = p clamped into
         [eps, 1 - eps]."""
-        logits = output.reshape(output.shape[0], -1, self._categories)
+        # the positions P spelled out: reshape cannot infer them from 0 points (B = 0)
+        C = self._categories
+        logits = output.reshape(output.shape[0], output.shape[-1] // C, C)
         p = torch.softmax(logits, dim=-1)
         return p, p.clamp(self.eps, 1 - self.eps)
 
@@ -400,8 +402,8 @@ class PullbackMetric(Metric):
             return jtj(Jt.transpose(1, 2), self._weight(rows), backend=self.backend)
         B, d = Jt.shape[:2]
         p, q = self._categorical_probabilities(rows)
-        t = Jt.reshape(B, d, -1, self._categories)  # [B, d, P, C]
-        G = torch.bmm(Jt * p.reshape(B, 1, -1), Jt.transpose(1, 2)) if bool((p == q).all()) else None
+        t = Jt.reshape(B, d, Jt.shape[-1] // self._categories, self._categories)  # [B, d, P, C]
+        G = torch.bmm(Jt * p.reshape(B, 1, Jt.shape[-1]), Jt.transpose(1, 2)) if bool((p == q).all()) else None
         if G is not None:  # no clamp active: r = 1, v = u, s = 1
             u = torch.matmul(t.transpose(1, 2), p.unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, d, P]
             G = G - torch.bmm(u, u.transpose(1, 2))
@@ -411,7 +413,7 @@ class PullbackMetric(Metric):
             uv = torch.matmul(t.transpose(1, 2), torch.stack([p, pr], -1)).permute(0, 3, 2, 1)  # [B, 2, d, P]
             u, v = uv[:, 0], uv[:, 1]
             s = pr.sum(-1)  # [B, P]
-            G = torch.bmm(Jt * pr.reshape(B, 1, -1), Jt.transpose(1, 2))
+            G = torch.bmm(Jt * pr.reshape(B, 1, Jt.shape[-1]), Jt.transpose(1, 2))
             cross = torch.bmm(v, u.transpose(1, 2))
             G = G - cross - cross.transpose(1, 2) + torch.bmm(u * s.unsqueeze(1), u.transpose(1, 2))
         return 0.5 * (G + G.transpose(1, 2))  # exactly symmetric (two GEMM orders need not round alike)

@@ -379,3 +379,24 @@ def test_latent_metric_with_every_exponent_overflowing_and_no_lam_is_refused(bac
     G = pygeo.ops.latent_metric(z, torch.tensor([[1.4833]]), torch.tensor([[0.7294]]), 0.01, 0.0, 0.01,
                                 backend=backend).metric
     torch.testing.assert_close(G, torch.full((1, 1, 1), 0.01))  # with lam the point is simply far: G = lam I
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if _backend.status(b).available])
+def test_pullback_and_ensemble_log_volume_gradient_of_an_underflowing_metric_is_refused_not_nan(ensemble, backend):
+    """Fuzz campaign 2026-12-07 (issue 30): a tanh decoder saturated at |z| ~ 700 (first-layer weights x 1e3) has a
+    denormal G (1e-316, float64); PullbackMetric.log_volume_and_grad and EnsembleMetric.log_volume_and_grad (their own
+    overrides) returned a finite log-volume with a NaN gradient, where every other metric refuses (G^-1 overflows in
+    reverse mode). Now the same ValueError; at an ordinary point the gradient is finite."""
+    torch.manual_seed(1)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        decoder[0].weight.mul_(1e3)
+    metric = pygeo.PullbackMetric(decoder, backend=backend)
+    if ensemble:
+        metric = pygeo.metrics.EnsembleMetric([metric])
+    far = torch.tensor([[661.3522, 266.9241]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="G\\^-1 overflows"):
+        metric.log_volume_and_grad(far)
+    value, grad = metric.log_volume_and_grad(torch.full((1, 2), 1e-4, dtype=torch.float64))
+    assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(grad).all())

@@ -122,7 +122,7 @@ class EnsembleMetric(Metric):
                 Gs.append(G)
             return _linalg.half_log_det(self._mean(Gs), name="EnsembleMetric.metric(z)")
 
-        return value_and_gradient(log_volume, z)
+        return value_and_gradient(log_volume, z, refuse_lost_gradient=True)  # as Metric.log_volume_and_grad
 
     def flat_coordinates(self, z: torch.Tensor) -> torch.Tensor:
         """phi(z) = concat_m(phi_m(z)) / sqrt(M) [..., sum_m D_m], so that G = J_phi^T J_phi exactly. Raises

@@ -148,7 +148,7 @@ class PullbackMetric(Metric):
             G = self._metric(point, detach_parameters=True)
             return _linalg.half_log_det(G, name="PullbackMetric.metric(z)")
 
-        return value_and_gradient(log_volume, z)
+        return value_and_gradient(log_volume, z, refuse_lost_gradient=True)  # as Metric.log_volume_and_grad
 
     def _metric(self, z: torch.Tensor, detach_parameters: bool) -> torch.Tensor:
         flat, batch_shape = self._flatten(z)

@@ -267,6 +267,29 @@ def test_fuzz_mlp_metric(seed, scale, weight_scale, dtype, B, d, hidden, D, acti
 
 
 @FUZZ
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-20, 1.0, 1e3, 1e20]), dtype=real_dtypes, B=sizes,
+       d=dims, hidden=st.integers(1, 6), D=st.integers(1, 8), M=st.integers(1, 3),
+       activation=st.sampled_from(["tanh", "relu", "softplus", "sigmoid", "elu", "silu", "identity"]),
+       likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli"]))
+def test_fuzz_mlp_ensemble_metric(seed, scale, weight_scale, dtype, B, d, hidden, D, M, activation, likelihood):
+    """The fused ensemble op on both backends, and (label "members") the mean of M single-member mlp_metric calls on
+    the first backend: the same metric, so the same outcome (both refuse or both agree)."""
+    z = random((B, d), seed, scale, dtype)
+    weights = [random((M, hidden, d), seed + 1, weight_scale, dtype), random((M, D, hidden), seed + 2, 1.0, dtype)]
+    biases = [random((M, hidden), seed + 3, 1.0, dtype), None]
+    activations = [activation, "identity"]
+    options = dict(likelihood=likelihood, sigma=0.5 if likelihood == "gaussian" else None)
+
+    def call(label):
+        if label == "members":
+            return sum(pygeo.ops.mlp_metric(z, [W[m] for W in weights], [biases[0][m], None], activations,
+                                            backend=BACKENDS[0], **options) / M for m in range(M))
+        return pygeo.ops.mlp_ensemble_metric(z, weights, biases, activations, backend=label, **options)
+
+    check(call, finite(z, *weights, biases[0]), backends=BACKENDS + ["members"])
+
+
+@FUZZ
 @given(seed=seeds, scale=scales, dtype=st.sampled_from([torch.complex64, torch.complex128]), B=sizes,
        K=st.integers(1, 4), n=dims, diagonal=st.booleans(), temperature=st.sampled_from([1e-3, 0.1, 1.0, 100.0]))
 def test_fuzz_lse_kahler_metric(seed, scale, dtype, B, K, n, diagonal, temperature):
@@ -340,6 +363,100 @@ def test_fuzz_pullback_and_function_metrics(seed, scale, weight_scale, dtype, B,
     function = pygeo.FunctionMetric(lambda x: torch.eye(x.shape[-1], dtype=x.dtype) * torch.exp(-(x * x).sum(-1))[..., None, None])
     check(lambda _: (function.metric(z), *function.metric_and_derivative(z), *function.log_volume_and_grad(z)),
           finite(z), backends=["torch"])
+
+
+def pullback_decoder(seed, d, likelihood, C, dtype, weight_scale, kind):
+    """A small decoder for the categorical (logits [B, P, C] or [B, C]) and poisson (log-rates) likelihoods:
+    "mlp" an nn.Sequential of Linear / activations (the fused MLP / tangent-rows path), "positions" the same with an
+    Unflatten to [B, 2, C] (several categorical distributions per point), "callable" a plain function around it (the
+    generic vmap(jvp) path)."""
+    torch.manual_seed(seed)
+    outputs = 2 * C if kind == "positions" else C
+    layers = [torch.nn.Linear(d, 5), torch.nn.Tanh() if seed % 2 else torch.nn.Softplus(), torch.nn.Linear(5, outputs)]
+    if kind == "positions":
+        layers.append(torch.nn.Unflatten(1, (2, C)))
+    decoder = torch.nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        decoder[0].weight.mul_(weight_scale)
+    if kind == "callable":
+        decoder = (lambda module: lambda x: module(x))(decoder)
+    return decoder
+
+
+def metric_condition(metric_for_torch, z):
+    """The condition number of G at z (1 where G is not available): the log-volume gradient goes through G^-1, so
+    its rounding error grows with it (the same argument as in test_fuzz_pullback_and_function_metrics)."""
+    if not (z.numel() and finite(z)):
+        return 1.0
+    try:
+        G = metric_for_torch().metric(z).detach().double()
+    except ValueError:
+        return 1.0
+    if not finite(G):
+        return 1.0
+    condition = float(torch.linalg.cond(G).max())
+    return min(condition, 1e30) if math.isfinite(condition) else 1e30
+
+
+def contract_outputs(metric, z):
+    """Every output of the metric contract, the flat coordinates included where the metric has them."""
+    G, dG = metric.metric_and_derivative(z)
+    out = (metric.metric(z), G, dG, *metric.log_volume_and_grad(z), metric.inner(z, z, z))
+    if getattr(metric, "has_flat_coordinates", False):
+        out = out + (metric.flat_coordinates(z),)
+    return out
+
+
+@fuzz_settings(25)
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-3, 1.0, 1e3]), dtype=real_dtypes, B=sizes, d=dims,
+       likelihood=st.sampled_from(["categorical", "poisson"]), C=st.integers(2, 4),
+       kind=st.sampled_from(["mlp", "positions", "callable"]))
+@example(seed=0, scale=1.0, weight_scale=1.0, dtype=torch.float64, B=0, d=1, likelihood="categorical", C=2,
+         kind="mlp")  # campaign 2026-12-07: B = 0, a RuntimeError from reshape(0, -1, C) (test_pullback_likelihoods.py)
+def test_fuzz_pullback_categorical_and_poisson(seed, scale, weight_scale, dtype, B, d, likelihood, C, kind):
+    """The contract of PullbackMetric with the categorical (logits, categories on the last dim) and poisson
+    (log-rates) likelihoods, through the MLP's tangent-rows path and the generic one, flat coordinates included."""
+    z = random((B, d), seed, scale, dtype)
+    decoder = pullback_decoder(seed, d, likelihood, C, dtype, weight_scale, kind)
+
+    def metric(backend):
+        return pygeo.PullbackMetric(decoder, likelihood=likelihood, backend=backend)
+
+    check(lambda backend: contract_outputs(metric(backend), z), finite(z),
+          condition=metric_condition(lambda: metric("torch"), z))
+
+
+@fuzz_settings(25)
+@given(seed=seeds, scale=scales, weight_scale=st.sampled_from([1e-3, 1.0, 1e3]), dtype=real_dtypes, B=sizes, d=dims,
+       M=st.integers(1, 3), likelihood=st.sampled_from(["euclidean", "gaussian", "bernoulli", "categorical", "poisson"]),
+       kind=st.sampled_from(["mlp", "callable", "mixed"]))
+@example(seed=1, scale=1000.0, weight_scale=1000.0, dtype=torch.float64, B=1, d=2, M=1, likelihood="euclidean",
+         kind="mlp")  # campaign 2026-12-07: denormal G, NaN log-volume gradient: now refused (test_bad_inputs.py)
+def test_fuzz_ensemble_metric(seed, scale, weight_scale, dtype, B, d, M, likelihood, kind):
+    """The contract of EnsembleMetric over M PullbackMetrics (flat coordinates included): "mlp" members of one MLP
+    architecture take the fused pygeo.ops.mlp_ensemble_metric path (euclidean, gaussian, bernoulli), "callable" and
+    "mixed" (the last member a generic callable) the member-by-member path. On the first backend the ensemble's G is
+    also checked against the mean of its members' G (label "members")."""
+    z = random((B, d), seed, scale, dtype)
+    decoders = [pullback_decoder(seed + 7 * m, d, likelihood, 3, dtype, weight_scale,
+                                 "callable" if kind == "callable" or (kind == "mixed" and m == M - 1) else "mlp")
+                for m in range(M)]
+    sigma = 0.5 if likelihood == "gaussian" else None
+
+    def ensemble(backend):
+        return pygeo.metrics.EnsembleMetric([pygeo.PullbackMetric(decoder, likelihood=likelihood, sigma=sigma,
+                                                                  backend=backend) for decoder in decoders])
+
+    check(lambda backend: contract_outputs(ensemble(backend), z), finite(z),
+          condition=metric_condition(lambda: ensemble("torch"), z))
+
+    def metric_of(label):
+        members = ensemble(BACKENDS[0]).metrics
+        if label == "members":
+            return sum(member.metric(z) / M for member in members)
+        return pygeo.metrics.EnsembleMetric(members).metric(z)
+
+    check(metric_of, finite(z), backends=["ensemble", "members"])
 
 
 @fuzz_settings(25)

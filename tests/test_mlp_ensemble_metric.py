@@ -1,6 +1,7 @@
 """pygeo.ops.mlp_ensemble_metric: the mean metric of M MLPs of one architecture in one fused call, and the
 EnsembleMetric path that uses it."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -181,3 +182,31 @@ def test_ensemble_metric_falls_back_when_members_differ(monkeypatch):
     expected = (explicit_metric(decoders[0], z, "gaussian", 0.5) + explicit_metric(decoders[0], z, "gaussian", 0.7)) / 2
     assert_close(mixed.metric(z), expected.detach(), F64)
     assert calls == {"single": 2, "ensemble": 0}
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_mean_in_range_is_not_refused_when_the_members_sum_overflows(backend_device):
+    """Issue 30 (overflow detected the same way everywhere): two float32 members with G_m = 2.5e38 each (finite, and
+    each alone is returned by mlp_metric) have the mean 2.5e38, but their sum overflows: the op refused it and
+    EnsembleMetric's member-by-member path returned G = inf. The mean is now sum_m (G_m / M) on every path (C++,
+    reference, EnsembleMetric), so all of them return it."""
+    backend, device = backend_device
+    w = math.sqrt(2.5e38)
+    z = torch.ones(2, 1, device=device)
+    W = torch.full((2, 1, 1), w, device=device)
+    G = pygeo.ops.mlp_ensemble_metric(z, [W], [None], ["identity"], backend=backend)
+    assert_close(G.cpu(), torch.full((2, 1, 1), 2.5e38, dtype=F64), torch.float32)
+    assert_close(pygeo.ops.mlp_metric(z, [W[0]], [None], ["identity"], backend=backend).cpu(), G.cpu().double(),
+                 torch.float32)
+    if device != "cpu":
+        return
+    decoders = []
+    for _ in range(2):
+        linear = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            linear.weight.fill_(w)
+        decoders.append(torch.nn.Sequential(linear))
+    for wrap in (lambda decoder: decoder, lambda decoder: (lambda x: decoder(x))):  # fused, then member by member
+        ensemble = EnsembleMetric([pygeo.PullbackMetric(wrap(decoder), backend=backend) for decoder in decoders])
+        for G in (ensemble.metric(z), ensemble.metric_and_derivative(z)[0]):
+            assert_close(G, torch.full((2, 1, 1), 2.5e38, dtype=F64), torch.float32)

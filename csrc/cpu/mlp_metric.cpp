@@ -458,7 +458,17 @@ void mlp_members_metric(const T* z, const std::vector<const T*>& weights, const 
         }
       }
     };
-    // G of the block's points from the members' Grams, summed in member order, then divided by M.
+    // G = sum_m (G_m / M) in member order: each member's Gram divided by M before the sum, so that a mean in range
+    // is not lost to an overflowing sum of finite G_m (issue 30); the reference and EnsembleMetric form it alike.
+    const T members = static_cast<T>(M);
+    auto add_member = [&](T* total, const T* member, int64_t n, bool first_member) {
+      if (M == 1) return;  // total is member already (the single-MLP op)
+      if (first_member)
+        for (int64_t v = 0; v < n; ++v) total[v] /= members;
+      else
+        for (int64_t v = 0; v < n; ++v) total[v] += member[v] / members;
+    };
+    // G of the block's points from the members' mean.
     auto write_block = [&](int64_t first, int64_t count, const T* sum, const char* refused) {
       for (int64_t p = 0; p < count; ++p) {
         const T* a = sum + p * d * d;
@@ -468,7 +478,7 @@ void mlp_members_metric(const T* z, const std::vector<const T*>& weights, const 
           continue;
         }
         for (int64_t i = 0; i < d; ++i)
-          for (int64_t j = i; j < d; ++j) Gp[i * d + j] = Gp[j * d + i] = a[i * d + j] / static_cast<T>(M);
+          for (int64_t j = i; j < d; ++j) Gp[i * d + j] = Gp[j * d + i] = a[i * d + j];
       }
     };
 #pragma omp for schedule(dynamic, 1)
@@ -485,8 +495,7 @@ void mlp_members_metric(const T* z, const std::vector<const T*>& weights, const 
       std::fill(overflow.begin(), overflow.end(), char(0));
       for (int64_t m = 0; m < M; ++m) {
         member_block(m, first, count, m == 0 ? total.data() : acc.data(), overflow.data());
-        if (m > 0)
-          for (int64_t v = 0; v < count * d * d; ++v) total[v] += acc[v];
+        add_member(total.data(), acc.data(), count * d * d, m == 0);
       }
       write_block(first, count, total.data(), overflow.data());
     }
@@ -501,8 +510,7 @@ void mlp_members_metric(const T* z, const std::vector<const T*>& weights, const 
         for (int64_t m = 0; m < M; ++m) {
           const char* flags = member_overflow.data() + (block * M + m) * points_per_block;
           for (int64_t p = 0; p < count; ++p) overflow[p] |= flags[p];
-          if (m > 0)
-            for (int64_t v = 0; v < count * d * d; ++v) total[v] += base[m * block_values + v];
+          add_member(total.data(), base + m * block_values, count * d * d, m == 0);
         }
         write_block(first, count, total.data(), overflow.data());
       }

@@ -216,7 +216,10 @@ class EnsembleMetric(Metric):
 
     @staticmethod
     def _mean(values: List[torch.Tensor]) -> torch.Tensor:
-        total = values[0]
+        """sum_m (value_m / M) in member order, as pygeo.ops.mlp_ensemble_metric: divided before the sum, so that a
+        mean in range is not turned into inf by an overflowing sum of finite members (issue 30)."""
+        M = len(values)
+        total = values[0] / M
         for value in values[1:]:
-            total = total + value
-        return total / len(values)
+            total = total + value / M
+        return total

@@ -319,8 +319,8 @@ def _ensemble_backward(ctx, grad_G):
         for m in range(M):
             G = reference.mlp_metric_by_last_gram(z, [W[m] for W in weights], [b[m] for b in biases], codes, params,
                                                   output_weight)
-            total = G if total is None else total + G
-        return total / M
+            total = G / M if total is None else total + G / M  # as the forward: a mean in range stays in range
+        return total
 
     needs = ctx.needs_input_grad
     if by_last_gram and needs[0] and not (any(needs[1]) or any(needs[2]) or needs[5]) and not torch.is_grad_enabled():

@@ -165,11 +165,12 @@ def mlp_ensemble_metric(z: torch.Tensor, weights: List[torch.Tensor], biases: Li
                         activation_codes: List[int], activation_params: List[float],
                         output_weight: Optional[torch.Tensor], bernoulli: bool, eps: float) -> torch.Tensor:
     """G [B, d, d] = (1/M) sum_m G_m: the mean metric of M MLPs of one architecture, weights[l] [M, n_l, n_{l-1}] and
-    biases[l] [M, n_l] stacked over the members (see pygeo.ops.mlp_ensemble_metric); summed in member order."""
+    biases[l] [M, n_l] stacked over the members (see pygeo.ops.mlp_ensemble_metric); sum_m (G_m / M) in member order
+    (divided before the sum, as the C++ kernel: a mean in range is not lost to an overflowing sum of finite G_m)."""
     M = weights[0].shape[0]
     total = None
     for m in range(M):
         G = mlp_metric(z, [W[m] for W in weights], [b[m] for b in biases], activation_codes, activation_params,
                        output_weight, bernoulli, eps)
-        total = G if total is None else total + G
-    return total / M
+        total = G / M if total is None else total + G / M
+    return total

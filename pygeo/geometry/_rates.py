@@ -48,12 +48,15 @@ def flat_rates(metric, c, w, V=None):
 
 def mlp_rates(metric, c, w, V=None):
     """flat_rates for a PullbackMetric of an MLP decoder with a linear output layer (euclidean, gaussian with a fixed
-    sigma, bernoulli), else None. The d basis tangents, w (and V) go through the hidden layers as rows of the same
-    GEMMs as the points, with the second tangents along (w, w) (and (w, V)): for a = s(h),
-    a''[x, y] = s''(h) h'[x] h'[y] + s'(h) h''[x, y]. At the output l the flat coordinates are phi = psi(l)
+    sigma, bernoulli), else None. The d basis tangents go through the hidden layers as rows of the same GEMMs as the
+    points, with the second tangents along (w, w) (and (w, V)); the first tangents along w (and V) are combinations of
+    the basis rows (h'[w] = sum_i w_i h'[e_i]: the activations scale every row alike), not rows of their own: for
+    a = s(h), a''[x, y] = s''(h) h'[x] h'[y] + s'(h) h''[x, y]. At the output l the flat coordinates are phi = psi(l)
     elementwise (psi(l) = l / sigma, or 2 atan(exp(l / 2)) for Bernoulli logits, continued linearly where p is
     clamped), so J_phi = psi'(l) J_l and phi''[x, y] = psi'(l) l''[x, y] + psi''(l) l'[x] l'[y], with psi' = sqrt(w)
-    (the Fisher weight) and psi'' = (1 - 2 p) psi' / 2 for Bernoulli inside the clamp (0 outside and otherwise)."""
+    (the Fisher weight) and psi'' = (1 - 2 p) psi' / 2 for Bernoulli inside the clamp (0 outside and otherwise).
+    So G = J_l^T diag(w) J_l and J_phi^T phi''[x, y] = J_l^T diag(w) (l''[x, y] + q l'[x] l'[y]) with
+    q = psi'' / psi' = (1 - 2 p) / 2 (Bernoulli inside the clamp, else 0)."""
     from ..metrics.pullback import PullbackMetric
 
     if not isinstance(metric, PullbackMetric) or metric.learned_std:
@@ -62,46 +65,77 @@ def mlp_rates(metric, c, w, V=None):
     if mlp is None or mlp.activation_modules[-1] is not None:
         return None
     B, d = c.shape
-    tangents = [w] + ([] if V is None else [V])
-    n = len(tangents)
+    tangents = torch.stack([w] + ([] if V is None else [V]), 1)  # [B, n, d]
+    n = tangents.shape[1]
     a = c
-    basis = torch.eye(d, dtype=c.dtype, device=c.device).expand(B, d, d)
-    rows = torch.cat([basis] + [t.unsqueeze(1) for t in tangents], 1)  # [B, d + n, width]: e_1 .. e_d, w, V
-    second = c.new_zeros(B, n, d)  # a'' along (w, w) and (w, V); zero entering the first layer
+    rows = None  # h'[e_1] .. h'[e_d] [B, d, width]; the first layer's are its weight's columns
+    second = None  # a'' along (w, w) (and (w, V)) [B, n, width]; zero entering the first layer
     for linear, activation in zip(mlp.linears[:-1], mlp.activation_modules[:-1]):
         h = linear(a)
-        rows = (rows.reshape(-1, rows.shape[-1]) @ linear.weight.t()).reshape(B, d + n, linear.out_features)
-        second = (second.reshape(-1, second.shape[-1]) @ linear.weight.t()).reshape(B, n, linear.out_features)
+        width = linear.out_features
+        if rows is None:
+            rows = linear.weight.t().unsqueeze(0).expand(B, d, width)
+        else:
+            rows = (rows.reshape(-1, rows.shape[-1]) @ linear.weight.t()).reshape(B, d, width)
+        if second is not None:
+            second = (second.reshape(-1, second.shape[-1]) @ linear.weight.t()).reshape(B, n, width)
         if activation is None:
             a = h
             continue
-        a, slope, curvature = _elementwise_jet(activation, h)
-        mixed = rows[:, d:d + 1] * rows[:, d:]  # h'[w] h'[w], h'[w] h'[V]
-        second = curvature.unsqueeze(1) * mixed + slope.unsqueeze(1) * second
+        a, slope, curvature = _activation_jet(activation, h)
+        along = _combine(tangents, rows)  # h'[w] (and h'[V]) [B, n, width]
+        mixed = (curvature.unsqueeze(1) * along[:, :1]) * along  # s'' h'[w] h'[w] (and s'' h'[w] h'[V])
+        second = mixed if second is None else torch.addcmul(mixed, slope.unsqueeze(1), second)
         rows = slope.unsqueeze(1) * rows
     last = mlp.linears[-1]
     output = last(a)
     metric._check_rows(output)
     D = last.out_features
-    out_rows = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d + n, D)
-    J_rows, along = out_rows[:, :d], out_rows[:, d:]  # l' along e_i [B, d, D]; along w (and V) [B, n, D]
-    l_second = (second.reshape(-1, second.shape[-1]) @ last.weight.t()).reshape(B, n, D)
-    weight = metric._weight(output)
-    slope_out = None if weight is None else weight.sqrt()  # psi'(l): [D] or [B, D]
-    phi_second = l_second if slope_out is None else slope_out.unsqueeze(-2) * l_second
+    if rows is None:  # a single linear layer
+        J_rows = last.weight.t().unsqueeze(0).expand(B, d, D)
+    else:
+        J_rows = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, D)  # l' along e_i [B, d, D]
+    # l'' along (w, w) (and (w, V)) [B, n, D]; zero through linear layers alone
+    u = None if second is None else (second.reshape(-1, second.shape[-1]) @ last.weight.t()).reshape(B, n, D)
+    weight = metric._weight(output)  # None, [D] or [B, D]
+    weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)  # J_l^T diag(w), as rows
     if metric.likelihood == "bernoulli":
         inside = ((output > math.log(metric.eps) - math.log1p(-metric.eps))
                   & (output < math.log1p(-metric.eps) - math.log(metric.eps)))
-        p = torch.sigmoid(output)
-        psi_second = torch.where(inside, 0.5 * (1 - 2 * p) * slope_out, 0)  # [B, D]
-        phi_second = phi_second + psi_second.unsqueeze(1) * along[:, :1] * along
-    # J_phi^T x = J_l^T (psi' x); G = J_l^T diag(psi'^2) J_l
-    weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)
-    G = weighted @ J_rows.transpose(1, 2)
-    scaled = J_rows if slope_out is None else J_rows * slope_out.unsqueeze(-2)
-    rhs = scaled @ phi_second.transpose(1, 2)  # [B, d, n]
+        q = torch.where(inside, 0.5 - torch.sigmoid(output), 0)  # psi'' / psi' [B, D]
+        along = _combine(tangents, J_rows)  # l'[w] (and l'[V]) [B, n, D]
+        bent = (q.unsqueeze(1) * along[:, :1]) * along
+        u = bent if u is None else u + bent
+    G = torch.bmm(weighted, J_rows.transpose(1, 2))
+    rhs = G.new_zeros(B, d, n) if u is None else torch.bmm(weighted, u.transpose(1, 2))  # [B, d, n]
     solved = -torch.cholesky_solve(rhs, _linalg.cholesky(G, "metric(z)"))
     return solved[..., 0], (None if V is None else solved[..., 1])
+
+
+def _combine(tangents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum_i t_i rows_i [B, n, width] for tangents t [B, n, d] and rows [B, d, width] (d small: axpys, not a bmm of
+    1 x d by d x width matrices)."""
+    out = tangents[:, :, :1] * rows[:, None, 0]
+    for i in range(1, rows.shape[1]):
+        out = torch.addcmul(out, tangents[:, :, i:i + 1], rows[:, None, i])
+    return out
+
+
+def _activation_jet(activation, h: torch.Tensor):
+    """(s(h), s'(h), s''(h)): closed forms for Softplus (the demo decoders' activation: s' = sigmoid(beta h),
+    s'' = beta s' (1 - s'), and the module's linear branch s = h, s' = 1, s'' = 0 above its threshold), else
+    pullback._elementwise_jet (forward mode over forward mode, exact for any elementwise module)."""
+    if type(activation) is torch.nn.Softplus:
+        beta, threshold = float(activation.beta), float(activation.threshold)
+        value = torch.nn.functional.softplus(h, beta, threshold)
+        scaled = h * beta if beta != 1 else h
+        slope = torch.sigmoid(scaled)
+        curvature = slope * (1 - slope)
+        if beta != 1:
+            curvature = curvature * beta
+        linear = scaled > threshold
+        return value, torch.where(linear, 1, slope), torch.where(linear, 0, curvature)
+    return _elementwise_jet(activation, h)
 
 
 def integrate(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int, record_every: Optional[int] = None,

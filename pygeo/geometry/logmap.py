@@ -68,6 +68,28 @@ def log_map(metric, z0: torch.Tensor, z1: torch.Tensor, *, n_points: int = 9, n_
     metric.in_domain(z) when the metric has that method).
     """
     z0, z1, single = _pair_points(metric, z0, z1)
+    result = _solve(metric, z0, z1, n_points=n_points, n_steps=n_steps, max_iter=max_iter, tol=tol, init=init,
+                    energy_max_iter=energy_max_iter, progress=progress, backend=backend)
+    B = z1.shape[0]
+    if single:
+        result = LogMapResult(v=result.v[0], converged=result.converged[0], residual=result.residual[0],
+                              distance=result.distance[0], points=result.points[0], iterations=result.iterations[0])
+    if return_result:
+        return result
+    failed = int((~result.converged).sum())
+    if failed:
+        warnings.warn(f"log_map: {failed} of {B} pairs did not converge (their best v is returned; "
+                      f"return_result=True gives .converged and .residual); raise max_iter, or the pairs lie beyond "
+                      f"where the geodesic from z0 is unique", RuntimeWarning, stacklevel=2)
+    return result.v
+
+
+def _solve(metric, z0: torch.Tensor, z1: torch.Tensor, *, n_points: int = 9, n_steps: int = 32, max_iter: int = 20,
+           tol: Optional[float] = None, init: Optional[torch.Tensor] = None, energy_max_iter: int = 300,
+           progress: bool = False, backend: str = "auto", velocity: Optional[torch.Tensor] = None,
+           jacobian: Optional[torch.Tensor] = None) -> LogMapResult:
+    """log_map's options checked and its solver run on z0, z1 [B, d] (validated points, z0 expanded), with the warm
+    starts of _log_map (velocity [B, d], jacobian [B, d, d]) for callers that solve nearby problems again."""
     n_points = _integer("n_points", n_points, 3)
     n_steps = _integer("n_steps", n_steps, 1)
     max_iter = _integer("max_iter", max_iter, 0)
@@ -85,18 +107,8 @@ def log_map(metric, z0: torch.Tensor, z1: torch.Tensor, *, n_points: int = 9, n_
         _checks.same_dtype(z1=z1, init=init)
         _checks.same_device(z1=z1, init=init)
     with torch.no_grad():
-        result = _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_iter, progress, backend)
-    if single:
-        result = LogMapResult(v=result.v[0], converged=result.converged[0], residual=result.residual[0],
-                              distance=result.distance[0], points=result.points[0], iterations=result.iterations[0])
-    if return_result:
-        return result
-    failed = int((~result.converged).sum())
-    if failed:
-        warnings.warn(f"log_map: {failed} of {B} pairs did not converge (their best v is returned; "
-                      f"return_result=True gives .converged and .residual); raise max_iter, or the pairs lie beyond "
-                      f"where the geodesic from z0 is unique", RuntimeWarning, stacklevel=2)
-    return result.v
+        return _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_iter, progress, backend,
+                        velocity=velocity, jacobian=jacobian)
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -161,7 +173,12 @@ def _pair_points(metric, z0, z1) -> Tuple[torch.Tensor, torch.Tensor, bool]:
 
 
 # ------------------------------------------------------------------------------------------------------ solver
-def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_iter, progress, backend):
+def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_iter, progress, backend,
+             velocity=None, jacobian=None):
+    """The solver of log_map on validated z0, z1 [B, d]. velocity [B, d] (a first guess that replaces the energy
+    stage) and jacobian [B, d, d] (a guess of d exp_z0(v) / dv that replaces the first finite-difference Jacobian) are
+    warm starts for callers that solve nearby problems again (the Karcher flow); the result's .jacobian holds the last
+    Jacobian estimate of each pair for the next such call."""
     B, d = z1.shape
     dtype, device = z1.dtype, z1.device
     if B == 0:
@@ -171,52 +188,87 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
                             iterations=torch.zeros(0, dtype=torch.long, device=device))
     if tol is None:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
-    curves = _energy_curves(metric, z0, z1, n_points, init, energy_max_iter)
-    velocity = _curve_velocity(curves)
-    velocity = torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, z1 - z0)
+    if velocity is None:
+        curves = _energy_curves(metric, z0, z1, n_points, init, energy_max_iter)
+        velocity = _curve_velocity(curves)
+    velocity = torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, z1 - z0).clone()
     floor = 64 * torch.finfo(dtype).eps * (z0.norm(dim=-1) + z1.norm(dim=-1))
     target = tol * (z1 - z0).norm(dim=-1) + floor  # [B]
     eye = torch.eye(d, dtype=dtype, device=device)
     fd_step = math.sqrt(torch.finfo(dtype).eps)
+    substeps = max(1, math.ceil(n_steps / (n_points - 1)))
+    record = substeps if substeps * (n_points - 1) == n_steps else None  # the curve comes with the shots
+    coarse_steps = max(1, n_steps // 4)
 
-    def shoot(start, v):  # end points [A, d], NaN where the path leaves the metric's domain
-        return _integrate(metric, start, v, n_steps, nan_where_undefined=True, backend=backend)[0]
+    def shoot(start, v, steps=n_steps, record_every=None):
+        """(end points [A, d], path or None): NaN where the path leaves the metric's domain."""
+        return _integrate(metric, start, v, steps, record_every=record_every, nan_where_undefined=True,
+                          backend=backend)
 
-    def with_jacobian(start, end_target, v):
-        """(residual [A, d], Jacobian d end / d v [A, d, d]) at v [A, d]: v and its d forward-difference probes in
-        one batched integration."""
+    def fd_jacobian(start, v, steps, base=None):
+        """d exp_start(v) / dv [A, out, in] by forward differences with `steps` RK4 steps: v and its d probes
+        v + h e_k in one batched integration (only the probes where base, the end at v with those steps, is
+        known)."""
         A = v.shape[0]
         h = fd_step * (1 + v.norm(dim=-1))  # [A]
         probes = v[:, None, :] + h[:, None, None] * eye  # [A, d, d], probe k = v + h e_k
-        ends = shoot(start.repeat_interleave(d + 1, 0),
-                     torch.cat([v[:, None, :], probes], 1).reshape(A * (d + 1), d)).reshape(A, d + 1, d)
-        jacobian = ((ends[:, 1:] - ends[:, :1]) / h[:, None, None]).transpose(-1, -2)  # [A, out, in]
-        return ends[:, 0] - end_target, jacobian
+        if base is None:
+            ends = shoot(start.repeat_interleave(d + 1, 0),
+                         torch.cat([v[:, None, :], probes], 1).reshape(A * (d + 1), d), steps)[0].reshape(A, d + 1, d)
+            base, ends = ends[:, 0], ends[:, 1:]
+        else:
+            ends = shoot(start.repeat_interleave(d, 0), probes.reshape(A * d, d), steps)[0].reshape(A, d, d)
+        return ((ends - base[:, None, :]) / h[:, None, None]).transpose(-1, -2)
 
     def size(r):  # residual norms, +inf for a path that failed
         return torch.nan_to_num(r.norm(dim=-1), nan=math.inf)
 
-    residual, jacobian = with_jacobian(z0, z1, velocity)
+    end, points = shoot(z0, velocity, record_every=record)
+    residual = end - z1
     converged = size(residual) <= target
     iterations = torch.zeros(B, dtype=torch.long, device=device)
+    # Jacobian estimates: a guess or a coarse finite-difference one (n_steps / 4 steps: a quarter of the work per
+    # probe), then Broyden's rank-one updates from the accepted steps. A fine finite-difference Jacobian (`fresh`)
+    # replaces them where a step fails, and backtracking is only done from a fresh one.
+    J = eye.expand(B, d, d).clone() if jacobian is None else jacobian.clone()
+    fresh = torch.zeros(B, dtype=torch.bool, device=device)
     bar = tqdm(total=B, desc="log maps (Newton)", disable=not progress, leave=False)
     bar.update(int(converged.sum()))
     try:
         active = (~converged).nonzero().squeeze(-1)
+        if max_iter > 0 and active.numel() and jacobian is None:
+            J[active] = fd_jacobian(z0[active], velocity[active], coarse_steps)
         for _ in range(max_iter):
             if active.numel() == 0:
                 break
             iterations[active] += 1
-            v, r, J, start, end = velocity[active], residual[active], jacobian[active], z0[active], z1[active]
-            newton = _newton_step(J, r)
-            # The full step and the Jacobian there in one integration; backtrack (plain trials) only where it fails.
-            trial_r, trial_J = with_jacobian(start, end, v + newton)
+            v, r, Ja, start, goal = velocity[active], residual[active], J[active], z0[active], z1[active]
+            was_fresh = fresh[active]
+            newton = _newton_step(Ja, r)
+            trial_end, trial_path = shoot(start, v + newton, record_every=record)
+            trial_r = trial_end - goal
             better = size(trial_r) < size(r)
+            # Broyden: J <- J + (dr - J s) s^T / (s^T s) for the accepted steps s
+            change = trial_r - r - (Ja @ newton.unsqueeze(-1)).squeeze(-1)
+            update = change[:, :, None] * newton[:, None, :] / (newton * newton).sum(-1).clamp_min(
+                torch.finfo(dtype).tiny)[:, None, None]
+            broyden = better & torch.isfinite(update).flatten(1).all(-1)
+            new_J = torch.where(broyden[:, None, None], Ja + update, Ja)
+            new_fresh = was_fresh & ~broyden
             new_v = torch.where(better[:, None], v + newton, v)
             new_r = torch.where(better[:, None], trial_r, r)
-            new_J = torch.where(better[:, None, None], trial_J, J)
-            if not bool(better.all()):
-                retry = (~better).nonzero().squeeze(-1)
+            new_points = None
+            if record is not None:
+                new_points = torch.where(better[:, None, None], trial_path, points[active])
+            stuck = torch.zeros_like(better)
+            # A failed step from an estimated Jacobian: the fine finite-difference Jacobian at v, tried next time.
+            refresh = (~better & ~was_fresh).nonzero().squeeze(-1)
+            if refresh.numel():
+                new_J[refresh] = fd_jacobian(start[refresh], v[refresh], n_steps, base=r[refresh] + goal[refresh])
+                new_fresh[refresh] = True
+            # A failed step from a fresh Jacobian: backtrack (plain trials).
+            retry = (~better & was_fresh).nonzero().squeeze(-1)
+            if retry.numel():
                 step = torch.full((retry.numel(),), 0.5, dtype=dtype, device=device)
                 found = torch.zeros(retry.numel(), dtype=torch.bool, device=device)
                 for _ in range(10):
@@ -225,38 +277,39 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
                         break
                     rows = retry[pending]
                     candidate = v[rows] + step[pending, None] * newton[rows]
-                    candidate_r = shoot(start[rows], candidate) - end[rows]
+                    candidate_end, candidate_path = shoot(start[rows], candidate, record_every=record)
+                    candidate_r = candidate_end - goal[rows]
                     ok = size(candidate_r) < size(r[rows])
                     new_v[rows[ok]], new_r[rows[ok]] = candidate[ok], candidate_r[ok]
+                    if record is not None:
+                        new_points[rows[ok]] = candidate_path[ok]
                     found[pending[ok]] = True
                     step[pending[~ok]] *= 0.25
                 moved = retry[found]
                 if moved.numel():
-                    new_r[moved], new_J[moved] = with_jacobian(start[moved], end[moved], new_v[moved])
-                stuck = retry[~found]
-            else:
-                stuck = active[:0]
-            velocity[active], residual[active], jacobian[active] = new_v, new_r, new_J
+                    new_J[moved] = fd_jacobian(start[moved], new_v[moved], n_steps, base=new_r[moved] + goal[moved])
+                    new_fresh[moved] = True
+                stuck[retry[~found]] = True
+            velocity[active], residual[active], J[active], fresh[active] = new_v, new_r, new_J, new_fresh
+            if record is not None:
+                points[active] = new_points
             done = size(new_r) <= target[active]
             converged[active] = done
             bar.update(int(done.sum()))
             # Pairs that can no longer reduce the residual (at the rounding floor, or a failed solve) leave the batch.
-            keep = ~done
-            keep[stuck] = False
-            active = active[keep]
+            active = active[~done & ~stuck]
     finally:  # Ctrl-C propagates (see geodesic._minimise_energy)
         bar.close()
-    substeps = max(1, math.ceil(n_steps / (n_points - 1)))
-    if substeps * (n_points - 1) == n_steps:
-        _, points = _integrate(metric, z0, velocity, n_steps, record_every=substeps, nan_where_undefined=True,
-                               backend=backend)
-    else:  # the recorded curve needs its own step count; the residual stays the one of exp_map's n_steps
-        _, points = _integrate(metric, z0, velocity, substeps * (n_points - 1), record_every=substeps,
-                               nan_where_undefined=True, backend=backend)
+    if record is None:  # the recorded curve needs its own step count; the residual stays the one of n_steps
+        _, points = shoot(z0, velocity, substeps * (n_points - 1), record_every=substeps)
     G0 = metric.metric(z0)
     distance = torch.einsum("bi,bij,bj->b", velocity, G0, velocity).clamp_min(0).sqrt()
-    return LogMapResult(v=velocity, converged=converged, residual=size(residual), distance=distance, points=points,
-                        iterations=iterations)
+    result = LogMapResult(v=velocity, converged=converged, residual=size(residual), distance=distance, points=points,
+                          iterations=iterations)
+    result.jacobian = J
+    # the next Newton step -J^{-1} r: an estimate of each v's remaining error (zero where r is not finite)
+    result.correction = torch.where(torch.isfinite(residual).all(-1, keepdim=True), _newton_step(J, residual), 0)
+    return result
 
 
 def _energy_curves(metric, z0, z1, n_points, init, max_iter) -> torch.Tensor:

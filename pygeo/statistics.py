@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import _checks, _linalg
 from .geometry.geodesic import exp_map
-from .geometry.logmap import _integer, check_defined, check_metric, log_map
+from .geometry.logmap import _curve_velocity, _energy_curves, _integer, _solve, check_defined, check_metric, log_map
 
 __all__ = ["FrechetMeanResult", "TangentPCAResult", "frechet_mean", "tangent_pca", "wrapped_normal"]
 
@@ -144,45 +144,98 @@ def frechet_mean(metric, x: torch.Tensor, weights: Optional[torch.Tensor] = None
 
 
 def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progress, log_map_options):
+    """Two stages (docs/MATH.md section 9). Inexact: each log_m(x_i) is the initial velocity of the minimum-energy
+    curve on 2 (n_points - 1) + 1 points (no shooting), until that gradient meets the criterion or a step fails to
+    lower that variance. Accurate: pygeo.log_map's Newton solution (to its tolerance) at the same m, and from then
+    on at every trial point, started from the energy curve's velocity there plus the difference between the
+    accurate and the energy velocities at the last accepted point, and from that point's Jacobian estimates. The
+    criterion is only met on accurate log maps."""
     N, d = x.shape
+    fine_points = 2 * (n_points - 1) + 1
+    energy_max_iter = log_map_options.get("energy_max_iter", 300)
 
-    def at(point, curves):
-        """(log maps [N, d], their converged [N], curves [N, T, d], variance, gradient [d], gradient norm) at point."""
-        result = log_map(metric, point, x, n_points=n_points, n_steps=n_steps, init=curves, return_result=True,
-                         **log_map_options)
-        logs = result.v
-        G = metric.metric(point[None])[0]
-        squared = torch.einsum("ni,ij,nj->n", logs, G, logs).clamp_min(0)
-        gradient = w @ logs
-        gradient_norm = (gradient @ G @ gradient).clamp_min(0).sqrt()
-        return logs, result.converged, result.points, w @ squared, gradient, gradient_norm
-
-    def moved(curves, shift):  # the geodesics to x_i with their start moved by shift, linearly fading to x_i
+    def moved(curves, shift):  # the curves to x_i with their start moved by shift, linearly fading to x_i
         fade = torch.linspace(1, 0, curves.shape[1], dtype=x.dtype, device=x.device)[None, :, None]
         return curves + fade * shift
 
-    logs, logs_ok, curves, variance, gradient, gradient_norm = at(m, None)
+    def summary(point, logs, error=None):
+        """(variance, gradient [d], gradient norm, the variance's uncertainty) of the log maps logs [N, d] at point,
+        whose errors are about error [N, d] (None: exact)."""
+        G = metric.metric(point[None])[0]
+        squared = torch.einsum("ni,ij,nj->n", logs, G, logs).clamp_min(0)
+        gradient = w @ logs
+        uncertainty = 0
+        if error is not None:  # |v + e|^2 - |v|^2 <= 2 |v| |e| + |e|^2, in G
+            size = torch.einsum("ni,ij,nj->n", error, G, error).clamp_min(0).sqrt()
+            uncertainty = w @ (2 * squared.sqrt() * size + size * size)
+        return w @ squared, gradient, (gradient @ G @ gradient).clamp_min(0).sqrt(), uncertainty
+
+    def energy_velocities(point, curves):
+        """(velocities [N, d], curves [N, fine_points, d]): the minimum-energy curves from point to x_i (from curves
+        or straight lines) and their initial velocities."""
+        start = point.expand(N, d).contiguous()
+        curves = _energy_curves(metric, start, x, fine_points, curves, energy_max_iter)
+        velocity = _curve_velocity(curves)
+        return torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, x - point), curves
+
+    def inexact(point, curves):
+        velocity, curves = energy_velocities(point, curves)
+        return dict(logs=velocity, ok=torch.zeros(N, dtype=torch.bool, device=x.device), curves=curves,
+                    energy=velocity, jacobian=None, exact=False) | _named(summary(point, velocity))
+
+    def accurate(point, state, curves=None):
+        """The accurate log maps at point: from state's energy velocities there (curves None), or from the energy
+        velocities at point (curves: warm starts) shifted by state's accurate - energy difference."""
+        if curves is None:
+            energy, guess, jacobian = state["energy"], state["energy"], None
+        else:
+            energy, curves = energy_velocities(point, curves)
+            guess, jacobian = energy + (state["logs"] - state["energy"]), state["jacobian"]
+        start = point.expand(N, d).contiguous()
+        result = _solve(metric, start, x, n_points=n_points, n_steps=n_steps, velocity=guess, jacobian=jacobian,
+                        **log_map_options)
+        return dict(logs=result.v, ok=result.converged, curves=state["curves"] if curves is None else curves,
+                    energy=energy, jacobian=result.jacobian, exact=True) | _named(summary(point, result.v,
+                                                                                           result.correction))
+
+    # The inexact stage stops where its own gradient is below the energy curves' discretisation error (about h^2
+    # relative, h = 1 / (fine_points - 1); a fraction of it in practice) rather than go on to tol.
+    inexact_tol = max(tol, 0.01 / (fine_points - 1) ** 2)
+
+    def met(state):
+        level = tol if state["exact"] else inexact_tol
+        return bool(state["gradient_norm"] <= level * (2 * state["variance"]).sqrt()) or bool(state["variance"] == 0)
+
+    state = inexact(m, None) if max_iter > 0 else accurate(m, inexact(m, None))
     n_iter, converged, interrupted = 0, False, False
     bar = tqdm(total=max_iter, desc="Frechet mean (Karcher flow)", disable=not progress, leave=False)
     try:
         while True:
-            converged = bool(gradient_norm <= tol * (2 * variance).sqrt()) or bool(variance == 0)
+            converged = met(state)
+            if converged and not state["exact"]:  # confirm with accurate log maps at the same point
+                state = accurate(m, state)
+                continue
             if converged or n_iter >= max_iter:
                 break
             n_iter += 1
             bar.update(1)
-            trial = exp_map(metric, m[None], step * gradient[None], n_steps=n_steps)[0]
+            trial = exp_map(metric, m[None], step * state["gradient"][None], n_steps=n_steps)[0]
             try:
                 check_defined(metric, "the Karcher step", trial[None])
-                trial_state = at(trial, moved(curves, trial - m))
-                # within rounding of the old variance counts as no increase (float32 near the minimum)
-                accepted = bool(trial_state[3] <= variance * (1 + 1e3 * torch.finfo(x.dtype).eps))
+                shifted = moved(state["curves"], trial - m)
+                trial_state = accurate(trial, state, shifted) if state["exact"] else inexact(trial, shifted)
+                # within rounding of the old variance (float32 near the minimum), or within the accuracy of the log
+                # maps behind both variances, counts as no increase
+                accepted = bool(trial_state["variance"] <= state["variance"] * (1 + 1e3 * torch.finfo(x.dtype).eps)
+                                + state["uncertainty"] + trial_state["uncertainty"])
             except ValueError:  # the step left where the metric is defined
                 accepted = False
             if accepted:
-                m = trial
-                logs, logs_ok, curves, variance, gradient, gradient_norm = trial_state
-                bar.set_postfix(gradient=f"{float(gradient_norm):.2e}", variance=f"{float(variance):.4g}")
+                m, state = trial, trial_state
+                bar.set_postfix(gradient=f"{float(state['gradient_norm']):.2e}",
+                                variance=f"{float(state['variance']):.4g}")
+            elif not state["exact"]:  # an inexact variance does not decide step sizes: accurate log maps from here
+                state = accurate(m, state)
             else:
                 step *= 0.5
                 if step < 1e-6:
@@ -192,15 +245,24 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
         converged = False
     finally:
         bar.close()
+    if not interrupted and not state["exact"]:  # max_iter reached in the inexact stage: report accurate log maps
+        state = accurate(m, state)
+        converged = met(state)
     if interrupted:
         warnings.warn(f"frechet_mean interrupted after {n_iter} iterations: the last accepted mean is returned "
                       f"(converged=False)", RuntimeWarning, stacklevel=3)
     elif not converged:
-        warnings.warn(f"frechet_mean did not converge in {n_iter} iterations (gradient norm {float(gradient_norm):.3g},"
-                      f" variance {float(variance):.4g}); raise max_iter, or the points spread beyond where the mean "
-                      f"is unique", RuntimeWarning, stacklevel=3)
-    return FrechetMeanResult(mean=m, variance=variance, converged=converged, n_iter=n_iter,
-                             gradient_norm=gradient_norm, log_maps=logs, log_maps_converged=logs_ok)
+        warnings.warn(f"frechet_mean did not converge in {n_iter} iterations (gradient norm "
+                      f"{float(state['gradient_norm']):.3g}, variance {float(state['variance']):.4g}); raise max_iter, "
+                      f"or the points spread beyond where the mean is unique", RuntimeWarning, stacklevel=3)
+    return FrechetMeanResult(mean=m, variance=state["variance"], converged=converged, n_iter=n_iter,
+                             gradient_norm=state["gradient_norm"], log_maps=state["logs"],
+                             log_maps_converged=state["ok"])
+
+
+def _named(summary):
+    variance, gradient, gradient_norm, uncertainty = summary
+    return dict(variance=variance, gradient=gradient, gradient_norm=gradient_norm, uncertainty=uncertainty)
 
 
 def tangent_pca(metric, x: torch.Tensor, n_components: Optional[int] = None, mean: Optional[torch.Tensor] = None, *,

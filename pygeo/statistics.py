@@ -113,15 +113,22 @@ def frechet_mean(metric, x: torch.Tensor, weights: Optional[torch.Tensor] = None
     F(m) = sum_i w_i d(m, x_i)^2 / (2 sum_i w_i), by the Karcher flow m <- exp_m(step * sum_i w_i log_m(x_i) / sum w).
 
     weights [N] (default uniform): non-negative, not all zero. init [d]: the starting point (default: the weighted
-    Euclidean mean, or the nearest point of x where the metric is not defined there). Each iteration solves the N log
-    maps log_m(x_i) as one batch (pygeo.log_map with n_points, n_steps and log_map_options), each started from the
-    previous iteration's geodesic to x_i with its start moved to the new m, and takes one exponential-map step
-    along the negative Riemannian gradient of F, sum_i w_i log_m(x_i) / sum w. An iteration that raises F is undone and
-    retried with half the step. Converges (linearly; quickly where the points lie within a region of moderate
-    curvature, where F is convex) when the gradient norm |grad F|_G(m) <= tol * sqrt(2 F(m)), tol defaulting to 1e-8
-    in float64 and 2e-3 in float32 (where the variance's rounding hides smaller steps); it may not converge when the points spread beyond where geodesics from m are
-    unique (then converged is False and a RuntimeWarning says so). max_iter bounds the iterations.
-    Ctrl-C during the iterations returns the last accepted mean (converged False) with a warning.
+    Euclidean mean, or the nearest point of x where the metric is not defined there). Each iteration takes one
+    exponential-map step along the negative Riemannian gradient of F, sum_i w_i log_m(x_i) / sum w, with the N log
+    maps as one batch, in two stages: first inexact log maps, the initial velocities of the minimum-energy curves
+    from m to x_i on 2 (n_points - 1) + 1 points (no shooting; each started from the previous iteration's curve with
+    its start moved to the new m), until that gradient is below tol or the curves' discretisation error, or a step
+    fails to lower that variance; then accurate log maps (pygeo.log_map with n_points, n_steps and log_map_options,
+    to its tolerance), each started from the energy velocity at the new m plus the last accurate-minus-energy
+    difference, and from its last Jacobian estimate. An iteration on accurate log maps that raises F (beyond the log
+    maps' accuracy) is undone and retried with half the step. Converges (linearly; quickly where the points lie
+    within a region of moderate curvature, where F is convex) when the gradient norm |grad F|_G(m) <=
+    tol * sqrt(2 F(m)) with accurate log maps (the reported gradient_norm, variance and log_maps are always those),
+    tol defaulting to 1e-8 in float64 and 2e-3 in float32 (where the variance's rounding hides smaller steps); it may
+    not converge when the points spread beyond where geodesics from m are unique (then converged is False and a
+    RuntimeWarning says so). max_iter bounds the iterations.
+    Ctrl-C during the iterations returns the last accepted mean (converged False) with a warning (during the
+    inexact stage with its inexact log maps, log_maps_converged all False).
 
     Returns a FrechetMeanResult (.mean [d], .variance, .converged, .n_iter, .gradient_norm, .log_maps [N, d]).
     Raises TypeError / ValueError naming the argument for bad shapes or dtypes, NaN/Inf, negative or all-zero
@@ -153,6 +160,7 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
     N, d = x.shape
     fine_points = 2 * (n_points - 1) + 1
     energy_max_iter = log_map_options.get("energy_max_iter", 300)
+    energy_tol = _ENERGY_TOL.get(x.dtype)
 
     def moved(curves, shift):  # the curves to x_i with their start moved by shift, linearly fading to x_i
         fade = torch.linspace(1, 0, curves.shape[1], dtype=x.dtype, device=x.device)[None, :, None]
@@ -174,7 +182,7 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
         """(velocities [N, d], curves [N, fine_points, d]): the minimum-energy curves from point to x_i (from curves
         or straight lines) and their initial velocities."""
         start = point.expand(N, d).contiguous()
-        curves = _energy_curves(metric, start, x, fine_points, curves, energy_max_iter)
+        curves = _energy_curves(metric, start, x, fine_points, curves, energy_max_iter, energy_tol)
         velocity = _curve_velocity(curves)
         return torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, x - point), curves
 
@@ -258,6 +266,9 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
     return FrechetMeanResult(mean=m, variance=state["variance"], converged=converged, n_iter=n_iter,
                              gradient_norm=state["gradient_norm"], log_maps=state["logs"],
                              log_maps_converged=state["ok"])
+
+
+_ENERGY_TOL = {torch.float32: 1e-3}
 
 
 def _named(summary):

@@ -50,13 +50,15 @@ def log_map(metric, z0: torch.Tensor, z1: torch.Tensor, *, n_points: int = 9, n_
          Gauss-Newton solver of geodesic_distances; others: geodesic()'s L-BFGS), started from the straight line or
          from init [B, n_points, d] (curves from z0 to z1, e.g. the .points of an earlier result for nearby pairs);
          its velocity at t = 0 (one-sided fourth-order difference) is the first guess;
-      2. Newton's method on the shooting residual r(v) = exp_map(z0, v) - z1 (RK4 with n_steps steps, the same
-         integrator as exp_map), with a forward-difference Jacobian (the d probes are integrated in one batch with
-         the trial step) and backtracking on |r|. So v is accurate to the integrator, not to the curve's
-         discretisation: a pair converges when |r| <= tol |z1 - z0| + 64 eps (|z0| + |z1|), tol defaulting to
-         1e-10 in float64 and 1e-5 in float32; Newton converges quadratically near a solution, so a converged pair
-         usually needs 2-4 iterations. Trial paths that leave the region where the metric is defined are rejected,
-         not fatal.
+      2. a quasi-Newton method on the shooting residual r(v) = exp_map(z0, v) - z1 (RK4 with n_steps steps, the
+         same integrator as exp_map): the first Jacobian dr/dv by forward differences with a quarter of the steps
+         (the d probes in one batch), then Broyden's rank-one updates from the accepted steps; where a step fails to
+         reduce |r|, the forward-difference Jacobian with n_steps steps, then backtracking on |r|. So v is accurate
+         to the integrator, not to the curve's discretisation: a pair converges when
+         |r| <= tol |z1 - z0| + 64 eps (|z0| + |z1|), tol defaulting to 1e-10 in float64 and 1e-5 in float32; a
+         converged pair usually needs 1-2 iterations in float32 and 3-5 in float64, one integration each. Trial
+         paths that leave the region where the metric is defined are rejected, not fatal. The returned curve
+         (.points) is recorded by the final shot itself when n_steps is a multiple of n_points - 1.
     |v|_G(z0) is the length of the geodesic found: the geodesic distance when that geodesic is minimising (the
     energy stage starts Newton on the minimising branch unless the pair lies beyond a cut point).
 
@@ -312,8 +314,9 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
     return result
 
 
-def _energy_curves(metric, z0, z1, n_points, init, max_iter) -> torch.Tensor:
-    """Minimum-energy curves [B, n_points, d] from z0 to z1 (from init or the straight line)."""
+def _energy_curves(metric, z0, z1, n_points, init, max_iter, tol: Optional[float] = None) -> torch.Tensor:
+    """Minimum-energy curves [B, n_points, d] from z0 to z1 (from init or the straight line), to the energy solvers'
+    tolerance tol (default: geodesic()'s)."""
     if init is None:
         weights = torch.linspace(0, 1, n_points, dtype=z0.dtype, device=z0.device)[:, None]
         curves = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
@@ -321,7 +324,7 @@ def _energy_curves(metric, z0, z1, n_points, init, max_iter) -> torch.Tensor:
         curves = torch.cat([z0[:, None], init[:, 1:-1].detach(), z1[:, None]], 1)
     if max_iter == 0:
         return curves
-    tol = _default_tol(z0.dtype, "energy")
+    tol = _default_tol(z0.dtype, "energy") if tol is None else tol
     if uses_flat_coordinates(metric):
         from .distances import _gauss_newton
 

@@ -20,7 +20,12 @@ both libraries; the Frechet means' gradient norm |mean of log_m(x_i)|_G(m) with 
 
 Run: cd bench && python -m pytest bench_statistics.py        (small sizes; geomstats where installed), or the table:
      python bench_statistics.py [--pairs 1000] [--points 200] [--codes 2000] [--geomstats-pairs 10]
-     [--geomstats-points 20]
+     [--geomstats-points 20] [--skip pairs,points,codes,geomstats] [--baseline REV [--baseline-codes-iterations 1]]
+--baseline REV times the log map and the Frechet mean of an earlier git revision too (its pygeo/geometry/logmap.py,
+_rates.py and pygeo/statistics.py, loaded beside the working tree's), each run right before the current one on the
+same data (before/after in one process, interleaved); on the codes its Karcher flow is cut after
+--baseline-codes-iterations iterations (the earlier flow is slow: a lower bound on its time, stated in the output).
+Every line gives wall and CPU (process) time: on a shared machine the wall time overstates the cost.
 geomstats is not a dependency: `python -m pip install "geomstats==2.8.*" torch==2.13.0` (the `compare` extra).
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,6 +51,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distance_setting import demo_setting  # noqa: E402
 
 HAS_GEOMSTATS = importlib.util.find_spec("geomstats") is not None
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def baseline_modules(revision: str):
+    """(log_map, frechet_mean) of an earlier git revision: its logmap.py, _rates.py and statistics.py loaded as
+    modules of their own (pygeo.geometry._baseline_logmap, ...) over the current package's other modules."""
+    import subprocess
+    import tempfile
+
+    def load(name, path, package):
+        text = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPOSITORY, check=True, capture_output=True,
+                              text=True).stdout
+        folder = Path(tempfile.mkdtemp(prefix="pygeo-baseline-"))
+        (folder / Path(path).name).write_text(text)
+        spec = importlib.util.spec_from_file_location(name, folder / Path(path).name)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = package
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    rates = load("pygeo.geometry._baseline_rates", "pygeo/geometry/_rates.py", "pygeo.geometry")
+    logmap = load("pygeo.geometry._baseline_logmap", "pygeo/geometry/logmap.py", "pygeo.geometry")
+    logmap._integrate = rates.integrate
+    stats = load("pygeo._baseline_statistics", "pygeo/statistics.py", "pygeo")
+    stats.log_map = logmap.log_map
+    return logmap.log_map, stats.frechet_mean
 
 
 def float64_setting(n_points: int):
@@ -178,60 +211,97 @@ def main(argv=None):
     parser.add_argument("--codes", type=int, default=2000, help="codes of the large Frechet mean (float32, as the demo)")
     parser.add_argument("--geomstats-pairs", type=int, default=10)
     parser.add_argument("--geomstats-points", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated: geomstats,codes")
+    parser.add_argument("--skip", default="", help="comma-separated: pairs,points,codes,geomstats")
+    parser.add_argument("--baseline", default=None, help="a git revision to time beside the working tree")
+    parser.add_argument("--baseline-codes-iterations", type=int, default=1,
+                        help="Karcher iterations of the baseline on the codes (a lower bound on its time)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     print(f"torch threads: {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     metric, latents = float64_setting(max(args.points, 400))
     z0, z1 = pairs(latents, args.pairs)
+    if args.baseline:
+        baseline_log_map, baseline_frechet_mean = baseline_modules(args.baseline)
+    space = None
 
-    print(f"\n## Log maps of {args.pairs} pairs (demo latent, Bernoulli pullback, float64)")
-    t_log, result = _time(lambda: pygeo_log_maps(metric, z0, z1))
-    residual = relative_residual(metric, z0, z1, result.v)
-    print(f"pygeo log_map:        {t_log:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU)  converged {int(result.converged.sum())}/{args.pairs}, "
-          f"relative residual median {float(residual.median()):.1e} max {float(residual.max()):.1e}, "
-          f"Newton iterations mean {float(result.iterations.double().mean()):.2f}")
-    t_dist, lengths = _time(lambda: pygeo_pair_distances(metric, z0, z1))
-    gap = (result.distance - lengths).abs() / lengths
-    print(f"geodesic distances:   {t_dist:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU)  (energy solver on the same pairs); log map / distances time "
-          f"ratio {t_log / t_dist:.2f}; |v|_G against its lengths: median {float(gap.median()):.1e}, "
-          f"max {float(gap.max()):.1e}")
-    if HAS_GEOMSTATS and "geomstats" not in skip:
-        space = geomstats_space(metric)
-        k = args.geomstats_pairs
-        t_gs, v_gs = _time(lambda: geomstats_log_maps(space, z0[:k], z1[:k]))
-        v_gs = torch.as_tensor(v_gs).reshape(k, 2).to(z0.dtype)
-        residual_gs = relative_residual(metric, z0[:k], z1[:k], v_gs)
-        scaled = t_gs / k * args.pairs
-        print(f"geomstats 2.8 log:    {t_gs:8.2f} s for {k} pairs -> {scaled:.0f} s for {args.pairs} (scaled per pair); "
-              f"relative residual median {float(residual_gs.median()):.1e} max {float(residual_gs.max()):.1e}; "
-              f"pygeo speed-up {scaled / t_log:.0f}x")
+    if "pairs" not in skip:
+        print(f"\n## Log maps of {args.pairs} pairs (demo latent, Bernoulli pullback, float64)")
+        if args.baseline:
+            t_old, old = _time(lambda: baseline_log_map(metric, z0, z1, return_result=True))
+            cpu_old = CPU_SECONDS[-1]
+            residual = relative_residual(metric, z0, z1, old.v)
+            print(f"baseline log_map:     {t_old:8.2f} s ({cpu_old:.2f} s CPU)  converged {int(old.converged.sum())}/"
+                  f"{args.pairs}, relative residual median {float(residual.median()):.1e} max "
+                  f"{float(residual.max()):.1e}, Newton iterations mean {float(old.iterations.double().mean()):.2f}")
+        t_log, result = _time(lambda: pygeo_log_maps(metric, z0, z1))
+        cpu_log = CPU_SECONDS[-1]
+        residual = relative_residual(metric, z0, z1, result.v)
+        print(f"pygeo log_map:        {t_log:8.2f} s ({cpu_log:.2f} s CPU)  converged {int(result.converged.sum())}/"
+              f"{args.pairs}, relative residual median {float(residual.median()):.1e} max {float(residual.max()):.1e}, "
+              f"iterations mean {float(result.iterations.double().mean()):.2f}")
+        if args.baseline:
+            print(f"speed-up over the baseline: {t_old / t_log:.2f}x wall, {cpu_old / cpu_log:.2f}x CPU; "
+                  f"|v - v_baseline| / |v| max {float(((result.v - old.v).norm(dim=-1) / result.v.norm(dim=-1)).max()):.1e}")
+        t_dist, lengths = _time(lambda: pygeo_pair_distances(metric, z0, z1))
+        cpu_dist = CPU_SECONDS[-1]
+        gap = (result.distance - lengths).abs() / lengths
+        print(f"geodesic distances:   {t_dist:8.2f} s ({cpu_dist:.2f} s CPU)  (energy solver on the same pairs); log map / "
+              f"distances time ratio {t_log / t_dist:.2f} wall, {cpu_log / cpu_dist:.2f} CPU"
+              + (f" (baseline {t_old / t_dist:.2f} wall, {cpu_old / cpu_dist:.2f} CPU)" if args.baseline else "")
+              + f"; |v|_G against its lengths: median {float(gap.median()):.1e}, max {float(gap.max()):.1e}")
+        if HAS_GEOMSTATS and "geomstats" not in skip:
+            space = geomstats_space(metric)
+            k = args.geomstats_pairs
+            t_gs, v_gs = _time(lambda: geomstats_log_maps(space, z0[:k], z1[:k]))
+            v_gs = torch.as_tensor(v_gs).reshape(k, 2).to(z0.dtype)
+            residual_gs = relative_residual(metric, z0[:k], z1[:k], v_gs)
+            scaled = t_gs / k * args.pairs
+            print(f"geomstats 2.8 log:    {t_gs:8.2f} s for {k} pairs -> {scaled:.0f} s for {args.pairs} (scaled per pair); "
+                  f"relative residual median {float(residual_gs.median()):.1e} max {float(residual_gs.max()):.1e}; "
+                  f"pygeo speed-up {scaled / t_log:.0f}x")
 
-    print(f"\n## Frechet mean of {args.points} points (float64)")
-    x = latents[:args.points]
-    t_mean, mean = _time(lambda: statistics.frechet_mean(metric, x))
-    print(f"pygeo frechet_mean:   {t_mean:8.2f} s  converged {mean.converged}, {mean.n_iter} iterations, gradient "
-          f"norm {float(mean.gradient_norm):.1e}, variance {float(mean.variance):.4f}")
-    if HAS_GEOMSTATS and "geomstats" not in skip and args.geomstats_points > 0:
-        k = args.geomstats_points
-        t_gs, m_gs = _time(lambda: geomstats_frechet_mean(space, x[:k]))
-        m_gs = torch.as_tensor(m_gs).reshape(2).to(x.dtype)
-        small = statistics.frechet_mean(metric, x[:k])
-        logs = pygeo.log_map(metric, m_gs, x[:k])
-        G = metric.metric(m_gs[None])[0]
-        g = logs.mean(0)
-        scaled = t_gs / k * args.points
-        print(f"geomstats FrechetMean: {t_gs:8.2f} s for {k} points -> {scaled:.0f} s for {args.points} (scaled per "
-              f"point); its gradient norm {float((g @ G @ g).sqrt()):.1e} (pygeo on the same {k}: "
-              f"{float(small.gradient_norm):.1e}, |mean difference| {float((small.mean - m_gs).norm()):.1e}); "
-              f"pygeo speed-up {scaled / t_mean:.0f}x")
+    if "points" not in skip:
+        print(f"\n## Frechet mean of {args.points} points (float64)")
+        x = latents[:args.points]
+        if args.baseline:
+            t_old, old = _time(lambda: baseline_frechet_mean(metric, x))
+            print(f"baseline frechet_mean: {t_old:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU)  converged {old.converged}, "
+                  f"{old.n_iter} iterations, gradient norm {float(old.gradient_norm):.1e}, variance {float(old.variance):.6f}")
+        t_mean, mean = _time(lambda: statistics.frechet_mean(metric, x))
+        print(f"pygeo frechet_mean:   {t_mean:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU)  converged {mean.converged}, "
+              f"{mean.n_iter} iterations, gradient norm {float(mean.gradient_norm):.1e}, variance {float(mean.variance):.6f}"
+              + (f"; |mean - baseline mean| {float((mean.mean - old.mean).norm()):.1e}" if args.baseline else ""))
+        if HAS_GEOMSTATS and "geomstats" not in skip and args.geomstats_points > 0:
+            space = space or geomstats_space(metric)
+            k = args.geomstats_points
+            t_gs, m_gs = _time(lambda: geomstats_frechet_mean(space, x[:k]))
+            m_gs = torch.as_tensor(m_gs).reshape(2).to(x.dtype)
+            small = statistics.frechet_mean(metric, x[:k])
+            logs = pygeo.log_map(metric, m_gs, x[:k])
+            G = metric.metric(m_gs[None])[0]
+            g = logs.mean(0)
+            scaled = t_gs / k * args.points
+            print(f"geomstats FrechetMean: {t_gs:8.2f} s for {k} points -> {scaled:.0f} s for {args.points} (scaled per "
+                  f"point); its gradient norm {float((g @ G @ g).sqrt()):.1e} (pygeo on the same {k}: "
+                  f"{float(small.gradient_norm):.1e}, |mean difference| {float((small.mean - m_gs).norm()):.1e}); "
+                  f"pygeo speed-up {scaled / t_mean:.0f}x")
 
     if "codes" not in skip:
         print(f"\n## Frechet mean of {args.codes} codes (float32, the demo's metric)")
         metric32, codes = demo_setting(args.codes)
+        if args.baseline:
+            k = args.baseline_codes_iterations
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # cut short: "did not converge"
+                t_old, old = _time(lambda: baseline_frechet_mean(metric32, codes, max_iter=k))
+            print(f"baseline frechet_mean: {t_old:8.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU for its first {old.n_iter} "
+                  f"iteration(s) (cut at max_iter={k}: a lower bound), converged {old.converged}, gradient norm "
+                  f"{float(old.gradient_norm):.1e}")
         t_codes, big = _time(lambda: statistics.frechet_mean(metric32, codes, progress=False))
         print(f"pygeo frechet_mean:   {t_codes:8.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU (process), converged "
-              f"{big.converged}, {big.n_iter} iterations, gradient norm {float(big.gradient_norm):.1e}, goal < 30 s: "
+              f"{big.converged}, {big.n_iter} iterations, gradient norm {float(big.gradient_norm):.1e} "
+              f"(<= 2e-3 sqrt(2F) = {2e-3 * float((2 * big.variance).sqrt()):.1e}), variance {float(big.variance):.4f}, "
+              f"log maps converged {int(big.log_maps_converged.sum())}/{args.codes}; goal < 30 s: "
               f"{'met' if t_codes < 30 else 'not met'} (wall)")
 
 

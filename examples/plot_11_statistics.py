@@ -36,7 +36,8 @@ steps = torch.linspace(-2, 2, 21).unsqueeze(-1) * pca.explained_variance.sqrt()
 principal = pygeo.exp_map(metric, mean.mean.expand(21, 2), steps * pca.components[0])
 
 # %%
-# The log map inverts the exponential map: exp_map(z0, log_map(z0, z1)) = z1, and |v|_G is the geodesic distance.
+# The log map inverts the exponential map: ``exp_map(z0, log_map(z0, z1)) = z1``, and the length of ``v`` in the metric
+# at ``z0`` (``sqrt(v^T G v)``) is the geodesic distance.
 v = pygeo.log_map(metric, codes[:4], codes[4:8])
 print("round trip error:", (pygeo.exp_map(metric, codes[:4], v) - codes[4:8]).norm(dim=-1).tolist())
 

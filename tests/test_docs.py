@@ -188,3 +188,14 @@ def test_gallery_examples_have_a_title_and_draw_a_figure():
         assert underline == "=" * len(title), f"{path.name}: the title's underline must match its length"
         assert "plt.show()" in source, f"{path.name} draws no figure"
         assert "progress=False" in source or "progress" not in source
+
+
+def test_every_results_file_is_on_the_experiments_page_and_its_figures_exist():
+    # The site includes experiments/*.md as they are (docs/conf.py copies the folder): a figure linked by a path that
+    # does not exist, or a results file left out of the page's toctree, is a sphinx-build -W error that only the CI's
+    # last step would show.
+    toctree = (ROOT / "docs" / "experiments.md").read_text()
+    for results in sorted((ROOT / "experiments").glob("*.md")):
+        assert f"_generated/experiments/{results.stem}\n" in toctree, f"{results.name} is not on docs/experiments.md"
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", results.read_text()):
+            assert (results.parent / target).is_file(), f"{results.name} links a missing figure {target}"

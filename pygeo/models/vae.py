@@ -75,8 +75,8 @@ class VAE(nn.Module):
             default) is the plain VAE, unchanged.
     Attributes:
         encoder: x [..., D] -> (mu, logvar) [..., d] each.
-        decoder: nn.Sequential of nn.Linear and activations, z [..., d] -> logits or means [..., D]: the first member.
-        decoders: nn.ModuleList of the M decoders, decoders[0] is decoder.
+        decoder: nn.Sequential of nn.Linear and activations, z [..., d] -> logits or means [..., D]: the first member
+            (all M members: the `decoders` property).
         likelihood, sigma, n_decoders: as given (sigma None for "bernoulli").
     """
 

@@ -49,13 +49,15 @@ print("G-norm before / after transport:", metric.norm(codes[:1], edit).item(), m
 volume = pygeo.geometry.volume_map(metric, (z.min(0).values - 1).tolist(), (z.max(0).values + 1).tolist(),
                                    resolution=100, progress=False)
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-axes[0].pcolormesh(*volume.axes, volume.log_volume.T, cmap="Greys", shading="auto")
+mesh = axes[0].pcolormesh(*volume.axes, volume.log_volume.T, cmap="Greys", shading="auto")
+fig.colorbar(mesh, ax=axes[0], label="log volume element, 1/2 log det G")
 axes[0].scatter(*codes.T, color="tab:blue", s=12, label="codes of the digit 3")
 axes[0].plot(*principal.detach().T, color="crimson", lw=2, label="first principal geodesic")
 axes[0].scatter(*mean.mean, marker="*", s=200, color="crimson", label="Frechet mean")
 axes[0].scatter(*codes.mean(0), marker="x", s=100, color="k", label="Euclidean mean")
-axes[0].arrow(*codes[0].tolist(), *edit[0].tolist(), color="tab:green", width=0.02)
-axes[0].arrow(*codes[5].tolist(), *moved[0].detach().tolist(), color="tab:orange", width=0.02)
+axes[0].arrow(*codes[0].tolist(), *edit[0].tolist(), color="tab:green", width=0.02, label="edit direction")
+axes[0].arrow(*codes[5].tolist(), *moved[0].detach().tolist(), color="tab:orange", width=0.02,
+              label="edit, transported")
 axes[0].set(title="Frechet mean, principal geodesic, transported edit", xlabel="$z_1$", ylabel="$z_2$")
 axes[0].legend(loc="lower right", fontsize=8)
 decoded = torch.sigmoid(vae.decoder(torch.stack([mean.mean, codes.mean(0)]))).detach().reshape(2, 28, 28)

@@ -111,6 +111,25 @@ def test_fused_mlp_rates_equal_the_generic_and_christoffel_routes(likelihood, si
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("activation", [torch.nn.Softplus(beta=2.0, threshold=1.0), torch.nn.Tanh()])
+def test_fused_mlp_rates_with_two_hidden_layers_other_activations_and_softplus_branches(activation):
+    """The closed-form Softplus jet (beta != 1, inputs on both sides of its threshold, where it turns linear) and the
+    generic jet (tanh), over two hidden layers (first tangents as combinations of the basis rows at every layer)."""
+    torch.manual_seed(3)
+    decoder = torch.nn.Sequential(torch.nn.Linear(3, 12), activation, torch.nn.Linear(12, 10), activation,
+                                  torch.nn.Linear(10, 20)).double()
+    metric = pygeo.PullbackMetric(decoder, likelihood="bernoulli")
+    generator = torch.Generator().manual_seed(16)
+    c, w, V = (torch.randn(6, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+    if isinstance(activation, torch.nn.Softplus):
+        h = decoder[0](c) * activation.beta
+        assert bool((h > activation.threshold).any()) and bool((h < activation.threshold).any())
+    fused = _rates.mlp_rates(metric, c, w, V)
+    assert fused is not None
+    for a, b in zip(fused, _rates.flat_rates(metric, c, w, V)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("likelihood", ["euclidean", "bernoulli"])
 def test_mlp_pullback_transport_preserves_inner_products(dtype, likelihood):

@@ -213,7 +213,8 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
 
     def met(state):
         level = tol if state["exact"] else inexact_tol
-        return bool(state["gradient_norm"] <= level * (2 * state["variance"]).sqrt()) or bool(state["variance"] == 0)
+        # variance = 2 F: the documented criterion |grad F|_G <= tol sqrt(2 F)
+        return bool(state["gradient_norm"] <= level * state["variance"].sqrt()) or bool(state["variance"] == 0)
 
     state = inexact(m, None) if max_iter > 0 else accurate(m, inexact(m, None))
     n_iter, converged, interrupted = 0, False, False

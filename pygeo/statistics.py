@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks, _linalg
-from .geometry._rates import integrate as _integrate
 from .geometry.geodesic import exp_map
 from .geometry.logmap import _curve_velocity, _energy_curves, _integer, _solve, check_defined, check_metric, log_map
 
@@ -229,9 +228,7 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
                 break
             n_iter += 1
             bar.update(1)
-            # exp_map's RK4 (the same steps), on the fused MLP rates where they apply (Bernoulli decoders: exp_map
-            # itself takes forward-mode AD there, ~40x slower for one point)
-            trial = _integrate(metric, m[None], step * state["gradient"][None], n_steps)[0][0]
+            trial = exp_map(metric, m[None], step * state["gradient"][None], n_steps=n_steps)[0]
             try:
                 check_defined(metric, "the Karcher step", trial[None])
                 shifted = moved(state["curves"], trial - m)

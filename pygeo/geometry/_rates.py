@@ -1,5 +1,6 @@
 """The right-hand sides of the geodesic and parallel-transport equations, c'' = -Gamma(c)[c', c'] and
-V' = -Gamma(c)[c', V], computed together (docs/MATH.md section 9), and an RK4 geodesic integrator over them."""
+V' = -Gamma(c)[c', V], computed together (docs/MATH.md section 9); geodesic._integrate uses mlp_rates for the MLP
+decoders that have no fused acceleration of their own (Bernoulli)."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _linalg
-from ..metrics.base import where_defined
 from ..metrics.pullback import _elementwise_jet
 from .curvature import christoffel, uses_flat_coordinates
-from .geodesic import _integrate, rk4_geodesic
 
 
 def rates(metric, c: torch.Tensor, w: torch.Tensor, V: Optional[torch.Tensor] = None, backend: str = "auto"
@@ -136,23 +135,3 @@ def _activation_jet(activation, h: torch.Tensor):
         linear = scaled > threshold
         return value, torch.where(linear, 1, slope), torch.where(linear, 0, curvature)
     return _elementwise_jet(activation, h)
-
-
-def integrate(metric, z: torch.Tensor, v: torch.Tensor, n_steps: int, record_every: Optional[int] = None,
-              backend: str = "auto", nan_where_undefined: bool = False):
-    """geodesic._integrate (RK4 of (c, w)' = (w, -Gamma(c)[w, w])), with the fused MLP rates where they apply and
-    exp_map has no fused path of its own (Bernoulli decoders): the same scheme and steps, so the same end point up to
-    rounding. Returns (end [B, d], recorded path [B, n_steps / record_every + 1, d] or None)."""
-    if getattr(metric, "_fused_geodesic_acceleration", None) is not None and \
-            metric._fused_geodesic_acceleration(z[:1], v[:1]) is not None:
-        return _integrate(metric, z, v, n_steps, record_every, backend, nan_where_undefined)
-    if mlp_rates(metric, z[:1], v[:1]) is None:
-        return _integrate(metric, z, v, n_steps, record_every, backend, nan_where_undefined)
-
-    def acceleration(c, w):
-        if not nan_where_undefined:
-            return mlp_rates(metric, c, w)[0]
-        return where_defined(lambda a, b: mlp_rates(metric, a, b)[0], (c, w),
-                             lambda count: c.new_full((count, c.shape[-1]), math.nan))
-
-    return rk4_geodesic(acceleration, z, v, n_steps, record_every)

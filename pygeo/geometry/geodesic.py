@@ -325,6 +325,11 @@ def _flat_acceleration(metric, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     flat_c, flat_w = c.reshape(-1, c.shape[-1]), w.reshape(-1, w.shape[-1])
     fused = getattr(metric, "_fused_geodesic_acceleration", None)  # PullbackMetric of an MLP: tangents as GEMMs
     acceleration = fused(flat_c, flat_w) if fused is not None else None
+    if acceleration is None:  # the MLP rates cover the likelihoods with a point-dependent weight (Bernoulli) too
+        from ._rates import mlp_rates  # (a module that imports this one)
+
+        rates = mlp_rates(metric, flat_c, flat_w)
+        acceleration = None if rates is None else rates[0]
     if acceleration is not None:
         return acceleration.reshape(c.shape)
     phi = metric.flat_coordinates

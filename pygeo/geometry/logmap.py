@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks
 from .curvature import uses_flat_coordinates
-from ._rates import integrate as _integrate
-from .geodesic import _default_tol, _minimise_energy
+from .geodesic import _default_tol, _integrate, _minimise_energy
 
 
 @dataclass

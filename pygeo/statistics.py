@@ -25,7 +25,7 @@ class FrechetMeanResult:
     distances are |log_mean(x_i)|^2_G); converged (bool): the gradient criterion was met; n_iter (int): Karcher
     iterations done; gradient_norm (0-d): |sum_i w_i log_mean(x_i) / sum_i w_i|_G(mean), the Riemannian gradient norm
     of variance / 2 at the mean; log_maps [N, d]: log_mean(x_i); log_maps_converged [N] (bool): which of those log
-    maps met their own tolerance."""
+    maps met their tolerance (frechet_mean's tol / 10 on the shooting residual, at least log_map's default)."""
 
     mean: torch.Tensor
     variance: torch.Tensor
@@ -110,23 +110,28 @@ def frechet_mean(metric, x: torch.Tensor, weights: Optional[torch.Tensor] = None
                  *, step: float = 1.0, max_iter: int = 100, tol: Optional[float] = None, n_points: int = 9,
                  n_steps: int = 32, progress: bool = False, **log_map_options) -> FrechetMeanResult:
     """Weighted Frechet (Karcher) mean of the points x [N, d]: the minimiser m of
-    F(m) = sum_i w_i d(m, x_i)^2 / (2 sum_i w_i), by the Karcher flow m <- exp_m(step * sum_i w_i log_m(x_i) / sum w).
+    F(m) = sum_i w_i d(m, x_i)^2 / (2 sum_i w_i), by the Karcher flow m <- exp_m(K g), g = sum_i w_i log_m(x_i) / sum w
+    (minus the Riemannian gradient of F).
 
     weights [N] (default uniform): non-negative, not all zero. init [d]: the starting point (default: the weighted
-    Euclidean mean, or the nearest point of x where the metric is not defined there). Each iteration takes one
-    exponential-map step along the negative Riemannian gradient of F, sum_i w_i log_m(x_i) / sum w, with the N log
-    maps as one batch, in two stages: first inexact log maps, the initial velocities of the minimum-energy curves
-    from m to x_i on 2 (n_points - 1) + 1 points (no shooting; each started from the previous iteration's curve with
-    its start moved to the new m), until that gradient is below tol or the curves' discretisation error, or a step
-    fails to lower that variance; then accurate log maps (pygeo.log_map with n_points, n_steps and log_map_options,
-    to its tolerance), each started from the energy velocity at the new m plus the last accurate-minus-energy
-    difference, and from its last Jacobian estimate. An iteration on accurate log maps that raises F (beyond the log
-    maps' accuracy) is undone and retried with half the step. Converges (linearly; quickly where the points lie
-    within a region of moderate curvature, where F is convex) when the gradient norm |grad F|_G(m) <=
-    tol * sqrt(2 F(m)) with accurate log maps (the reported gradient_norm, variance and log_maps are always those),
-    tol defaulting to 1e-8 in float64 and 2e-3 in float32 (where the variance's rounding hides smaller steps); it may
-    not converge when the points spread beyond where geodesics from m are unique (then converged is False and a
-    RuntimeWarning says so). max_iter bounds the iterations.
+    Euclidean mean, or the nearest point of x where the metric is not defined there). K is step * I on the first
+    iteration (the plain Karcher step) and then a secant (Broyden) estimate of F's inverse Hessian in coordinates,
+    learnt from the gradients of successive iterates, so the flow converges superlinearly instead of by a fixed
+    factor per step; a quasi-Newton step that fails is retried as the plain one. The N log maps of an iteration are
+    one batch, in two stages: first inexact log maps, the initial velocities of the minimum-energy curves from m to
+    x_i on 2 (n_points - 1) + 1 points (no shooting; each started from the previous iteration's curve with its
+    start moved to the new m), until that gradient is below tol or the curves' discretisation error, or a step fails
+    to lower that variance; then accurate log maps (pygeo.log_map's shooting with n_points, n_steps and
+    log_map_options, to a residual tolerance of tol / 10, at least log_map's default), each started from the energy
+    velocity at the new m plus the last accurate-minus-energy difference, and from its last Jacobian estimate. An
+    iteration on accurate log maps is accepted when it lowers F, or, close to the mean where the change in F is
+    below what the log maps resolve (bounded by how far their geodesics miss the x_i), when it keeps F within that
+    bound and lowers the gradient norm; otherwise it is undone and retried with half the step. Converges (quickly
+    where the points lie within a region of moderate curvature, where F is convex) when the gradient norm
+    |grad F|_G(m) <= tol * sqrt(2 F(m)) with accurate log maps (the reported gradient_norm, variance and log_maps
+    are always those), tol defaulting to 1e-8 in float64 and 2e-3 in float32 (where the variance's rounding hides
+    smaller steps); it may not converge when the points spread beyond where geodesics from m are unique (then
+    converged is False and a RuntimeWarning says so). max_iter bounds the iterations.
     Ctrl-C during the iterations returns the last accepted mean (converged False) with a warning (during the
     inexact stage with its inexact log maps, log_maps_converged all False).
 
@@ -156,27 +161,38 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
     lower that variance. Accurate: pygeo.log_map's Newton solution (to its tolerance) at the same m, and from then
     on at every trial point, started from the energy curve's velocity there plus the difference between the
     accurate and the energy velocities at the last accepted point, and from that point's Jacobian estimates. The
-    criterion is only met on accurate log maps."""
+    criterion is only met on accurate log maps. The step is K g (g the mean log map), K a secant (Broyden) estimate
+    of the inverse Hessian of F in coordinates, started at step * I and learnt from successive gradients of the same
+    stage; a failed quasi-Newton step is retried as the plain step * g, a failed plain step halves step."""
     N, d = x.shape
     fine_points = 2 * (n_points - 1) + 1
     energy_max_iter = log_map_options.get("energy_max_iter", 300)
     energy_tol = _ENERGY_TOL.get(x.dtype)
+    # The accurate log maps' residual tolerance: a tenth of the criterion's (relative) tolerance, so that their errors
+    # stay well below the gradient norm the criterion asks for, and no tighter than log_map's default
+    log_tol = max(tol / 10, 1e-10 if x.dtype == torch.float64 else 1e-5)
+    G_x = metric.metric(x)  # [N, d, d]: measures how far each accurate log map's geodesic misses its x_i
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
 
     def moved(curves, shift):  # the curves to x_i with their start moved by shift, linearly fading to x_i
         fade = torch.linspace(1, 0, curves.shape[1], dtype=x.dtype, device=x.device)[None, :, None]
         return curves + fade * shift
 
-    def summary(point, logs, error=None):
-        """(variance, gradient [d], gradient norm, the variance's uncertainty) of the log maps logs [N, d] at point,
-        whose errors are about error [N, d] (None: exact)."""
+    def summary(point, logs, miss=None):
+        """(variance, gradient [d], gradient norm, G(point), the variance's uncertainty) of the log maps logs [N, d]
+        at point, whose geodesics end at x + miss (miss [N, d]; None: inexact log maps, no bound)."""
         G = metric.metric(point[None])[0]
         squared = torch.einsum("ni,ij,nj->n", logs, G, logs).clamp_min(0)
         gradient = w @ logs
         uncertainty = 0
-        if error is not None:  # |v + e|^2 - |v|^2 <= 2 |v| |e| + |e|^2, in G
-            size = torch.einsum("ni,ij,nj->n", error, G, error).clamp_min(0).sqrt()
-            uncertainty = w @ (2 * squared.sqrt() * size + size * size)
-        return w @ squared, gradient, (gradient @ G @ gradient).clamp_min(0).sqrt(), uncertainty
+        if miss is not None:
+            # |u_i|_G is the length of a geodesic from point to x_i + miss_i, so by the triangle inequality
+            # |d(point, x_i) - |u_i|_G| <= |miss_i|_G(x_i) (to first order), and d^2 is off by at most 2 d gap + gap^2
+            gap = torch.nan_to_num(torch.einsum("ni,nij,nj->n", miss, G_x, miss).clamp_min(0).sqrt(), nan=0.0,
+                                   posinf=0.0)
+            uncertainty = w @ (2 * squared.sqrt() * gap + gap * gap)
+        return dict(variance=w @ squared, gradient=gradient, gradient_norm=(gradient @ G @ gradient).clamp_min(0).sqrt(),
+                    G=G, uncertainty=uncertainty)
 
     def energy_velocities(point, curves):
         """(velocities [N, d], curves [N, fine_points, d]): the minimum-energy curves from point to x_i (from curves
@@ -189,7 +205,7 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
     def inexact(point, curves):
         velocity, curves = energy_velocities(point, curves)
         return dict(logs=velocity, ok=torch.zeros(N, dtype=torch.bool, device=x.device), curves=curves,
-                    energy=velocity, jacobian=None, exact=False) | _named(summary(point, velocity))
+                    energy=velocity, jacobian=None, exact=False) | summary(point, velocity)
 
     def accurate(point, state, curves=None):
         """The accurate log maps at point: from state's energy velocities there (curves None), or from the energy
@@ -200,11 +216,10 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
             energy, curves = energy_velocities(point, curves)
             guess, jacobian = energy + (state["logs"] - state["energy"]), state["jacobian"]
         start = point.expand(N, d).contiguous()
-        result = _solve(metric, start, x, n_points=n_points, n_steps=n_steps, velocity=guess, jacobian=jacobian,
-                        **log_map_options)
+        result = _solve(metric, start, x, n_points=n_points, n_steps=n_steps, tol=log_tol, velocity=guess,
+                        jacobian=jacobian, **log_map_options)
         return dict(logs=result.v, ok=result.converged, curves=state["curves"] if curves is None else curves,
-                    energy=energy, jacobian=result.jacobian, exact=True) | _named(summary(point, result.v,
-                                                                                           result.correction))
+                    energy=energy, jacobian=result.jacobian, exact=True) | summary(point, result.v, result.miss)
 
     # The inexact stage stops where its own gradient is below the energy curves' discretisation error (about h^2
     # relative, h = 1 / (fine_points - 1); a fraction of it in practice) rather than go on to tol.
@@ -215,7 +230,16 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
         # variance = 2 F: the documented criterion |grad F|_G <= tol sqrt(2 F)
         return bool(state["gradient_norm"] <= level * state["variance"].sqrt()) or bool(state["variance"] == 0)
 
+    def acceptable(state, trial_state):
+        """A trial that lowers the variance, or (near the mean, where the change in F is below what the log maps
+        resolve) that keeps it within both variances' uncertainty and lowers the gradient norm."""
+        lower = trial_state["variance"] <= state["variance"] * (1 + 1e3 * torch.finfo(x.dtype).eps)
+        within = trial_state["variance"] <= (state["variance"] * (1 + 1e3 * torch.finfo(x.dtype).eps)
+                                             + state["uncertainty"] + trial_state["uncertainty"])
+        return bool(lower) or (bool(within) and bool(trial_state["gradient_norm"] < state["gradient_norm"]))
+
     state = inexact(m, None) if max_iter > 0 else accurate(m, inexact(m, None))
+    K, plain = step * eye, True  # the step is K @ gradient; K = step * I is the plain Karcher step
     n_iter, converged, interrupted = 0, False, False
     bar = tqdm(total=max_iter, desc="Frechet mean (Karcher flow)", disable=not progress, leave=False)
     try:
@@ -228,25 +252,39 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
                 break
             n_iter += 1
             bar.update(1)
-            trial = exp_map(metric, m[None], step * state["gradient"][None], n_steps=n_steps)[0]
+            gradient, G = state["gradient"], state["G"]
+            direction = K @ gradient
+            if not plain:  # a secant estimate far from the plain step is not trusted beyond 4x its length
+                length, limit = (direction @ G @ direction).clamp_min(0).sqrt(), 4 * step * state["gradient_norm"]
+                if bool(length > limit):
+                    direction = direction * (limit / length)
+            trial = exp_map(metric, m[None], direction[None], n_steps=n_steps)[0]
             try:
                 check_defined(metric, "the Karcher step", trial[None])
                 shifted = moved(state["curves"], trial - m)
                 trial_state = accurate(trial, state, shifted) if state["exact"] else inexact(trial, shifted)
-                # within rounding of the old variance (float32 near the minimum), or within the accuracy of the log
-                # maps behind both variances, counts as no increase
-                accepted = bool(trial_state["variance"] <= state["variance"] * (1 + 1e3 * torch.finfo(x.dtype).eps)
-                                + state["uncertainty"] + trial_state["uncertainty"])
+                accepted = acceptable(state, trial_state)
             except ValueError:  # the step left where the metric is defined
                 accepted = False
             if accepted:
+                # Broyden's update of K ~ -(d gradient / dm)^{-1} from s = trial - m, y = change of the gradient
+                # (in coordinates; both gradients from the same stage): K y = -s afterwards
+                s, y = trial - m, trial_state["gradient"] - gradient
+                Ky = K @ y
+                denominator = s @ Ky
+                update = torch.outer(s + Ky, s @ K) / denominator
+                if bool(denominator.abs() > 1e-8 * s.norm() * Ky.norm()) and bool(torch.isfinite(update).all()):
+                    K, plain = K - update, False
                 m, state = trial, trial_state
                 bar.set_postfix(gradient=f"{float(state['gradient_norm']):.2e}",
                                 variance=f"{float(state['variance']):.4g}")
             elif not state["exact"]:  # an inexact variance does not decide step sizes: accurate log maps from here
                 state = accurate(m, state)
+            elif not plain:  # the secant estimate failed: the plain step
+                K, plain = step * eye, True
             else:
                 step *= 0.5
+                K = step * eye
                 if step < 1e-6:
                     break
     except KeyboardInterrupt:
@@ -270,11 +308,6 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
 
 
 _ENERGY_TOL = {torch.float32: 1e-3}
-
-
-def _named(summary):
-    variance, gradient, gradient_norm, uncertainty = summary
-    return dict(variance=variance, gradient=gradient, gradient_norm=gradient_norm, uncertainty=uncertainty)
 
 
 def tangent_pca(metric, x: torch.Tensor, n_components: Optional[int] = None, mean: Optional[torch.Tensor] = None, *,

@@ -179,7 +179,7 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
     """The solver of log_map on validated z0, z1 [B, d]. velocity [B, d] (a first guess that replaces the energy
     stage) and jacobian [B, d, d] (a guess of d exp_z0(v) / dv that replaces the first finite-difference Jacobian) are
     warm starts for callers that solve nearby problems again (the Karcher flow); the result's .jacobian holds the last
-    Jacobian estimate of each pair for the next such call."""
+    Jacobian estimate of each pair for the next such call, its .miss the residual vectors exp_map(z0, v) - z1."""
     B, d = z1.shape
     dtype, device = z1.dtype, z1.device
     if B == 0:
@@ -308,8 +308,7 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
     result = LogMapResult(v=velocity, converged=converged, residual=size(residual), distance=distance, points=points,
                           iterations=iterations)
     result.jacobian = J
-    # the next Newton step -J^{-1} r: an estimate of each v's remaining error (zero where r is not finite)
-    result.correction = torch.where(torch.isfinite(residual).all(-1, keepdim=True), _newton_step(J, residual), 0)
+    result.miss = residual  # exp_map(z0, v) - z1 [B, d]: with the triangle inequality, bounds |v|_G - d(z0, z1)
     return result
 
 

@@ -130,6 +130,27 @@ def test_fused_mlp_rates_with_two_hidden_layers_other_activations_and_softplus_b
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("layers", ["no output bias", "hidden layer without activation", "single layer"])
+@pytest.mark.parametrize("with_V", [False, True])
+def test_fused_mlp_rates_output_layer_layouts(layers, with_V):
+    """The output layer's value, tangents and second tangents go through one GEMM and G | rhs come out of one product
+    where both kinds of rows exist; the other layouts (no second tangents, no hidden layer, no bias) agree too."""
+    torch.manual_seed(5)
+    decoder = {"no output bias": torch.nn.Sequential(torch.nn.Linear(3, 12), torch.nn.Tanh(),
+                                                     torch.nn.Linear(12, 20, bias=False)),
+               "hidden layer without activation": torch.nn.Sequential(torch.nn.Linear(3, 12), torch.nn.Linear(12, 20)),
+               "single layer": torch.nn.Sequential(torch.nn.Linear(3, 20))}[layers].double()
+    metric = pygeo.PullbackMetric(decoder, likelihood="bernoulli")
+    generator = torch.Generator().manual_seed(17)
+    c, w, V = (torch.randn(6, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+    V = V if with_V else None
+    fused = _rates.mlp_rates(metric, c, w, V)
+    assert fused is not None and (fused[1] is None) == (V is None)
+    for a, b in zip(fused, _rates.flat_rates(metric, c, w, V)):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("likelihood", ["euclidean", "bernoulli"])
 def test_mlp_pullback_transport_preserves_inner_products(dtype, likelihood):

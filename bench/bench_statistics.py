@@ -20,7 +20,8 @@ both libraries; the Frechet means' gradient norm |mean of log_m(x_i)|_G(m) with 
 
 Run: cd bench && python -m pytest bench_statistics.py        (small sizes; geomstats where installed), or the table:
      python bench_statistics.py [--pairs 1000] [--points 200] [--codes 2000] [--geomstats-pairs 10]
-     [--geomstats-points 20] [--skip pairs,points,codes,geomstats] [--baseline REV [--baseline-codes-iterations 1]]
+     [--geomstats-points 20] [--skip pairs,points,codes,geomstats] [--baseline REV [--baseline-points-iterations 100]
+     [--baseline-codes-iterations 1]]
 --baseline REV times the log map and the Frechet mean of an earlier git revision too (its pygeo/geometry/logmap.py,
 _rates.py and pygeo/statistics.py, loaded beside the working tree's), each run right before the current one on the
 same data (before/after in one process, interleaved); on the codes its Karcher flow is cut after
@@ -220,6 +221,8 @@ def main(argv=None):
     parser.add_argument("--skip", default="", help="comma-separated: pairs,points,codes,geomstats; pygeo skips pygeo's "
                         "own Frechet mean of --points (to time geomstats's alone)")
     parser.add_argument("--baseline", default=None, help="a git revision to time beside the working tree")
+    parser.add_argument("--baseline-points-iterations", type=int, default=100,
+                        help="max_iter of the baseline's float64 Frechet mean of --points (its default: 100)")
     parser.add_argument("--baseline-codes-iterations", type=int, default=1,
                         help="Karcher iterations of the baseline on the codes (a lower bound on its time)")
     args = parser.parse_args(argv)
@@ -273,7 +276,9 @@ def main(argv=None):
         print(f"\n## Frechet mean of {args.points} points (float64)")
         x = latents[:args.points]
         if args.baseline:
-            t_old, old = _time(lambda: baseline_frechet_mean(metric, x))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # "did not converge": in the line below
+                t_old, old = _time(lambda: baseline_frechet_mean(metric, x, max_iter=args.baseline_points_iterations))
             print(f"baseline frechet_mean: {t_old:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU)  converged {old.converged}, "
                   f"{old.n_iter} iterations, gradient norm {float(old.gradient_norm):.1e}, variance {float(old.variance):.6f}")
         t_mean = math.nan

@@ -87,39 +87,26 @@ def mlp_rates(metric, c, w, V=None):
         second = mixed if second is None else torch.addcmul(mixed, slope.unsqueeze(1), second)
         rows = slope.unsqueeze(1) * rows
     last = mlp.linears[-1]
+    output = last(a)
+    metric._check_rows(output)
     D = last.out_features
     if rows is None:  # a single linear layer
-        output = last(a)
         J_rows = last.weight.t().unsqueeze(0).expand(B, d, D)
-        u = None
     else:
-        # the value, the d basis tangents and the n second tangents through the output layer as one GEMM, laid out
-        # [B, 1 + d + n, D] so that G and the right-hand sides come out of one batched product below
-        stacked = torch.cat([a.unsqueeze(1), rows] + ([] if second is None else [second]), 1)
-        out_rows = (stacked.reshape(-1, stacked.shape[-1]) @ last.weight.t()).reshape(B, -1, D)
-        output = out_rows[:, 0] if last.bias is None else out_rows[:, 0] + last.bias
-        J_rows = out_rows[:, 1:1 + d]  # l' along e_i [B, d, D]
-        u = None if second is None else out_rows[:, 1 + d:]  # l'' along (w, w) (and (w, V)) [B, n, D]
-    metric._check_rows(output)
+        J_rows = (rows.reshape(-1, rows.shape[-1]) @ last.weight.t()).reshape(B, d, D)  # l' along e_i [B, d, D]
+    # l'' along (w, w) (and (w, V)) [B, n, D]; zero through linear layers alone
+    u = None if second is None else (second.reshape(-1, second.shape[-1]) @ last.weight.t()).reshape(B, n, D)
+    weight = metric._weight(output)  # None, [D] or [B, D]
+    weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)  # J_l^T diag(w), as rows
     if metric.likelihood == "bernoulli":
-        p = torch.sigmoid(output)
-        clamped = p.clamp(metric.eps, 1 - metric.eps)
-        weight = clamped * (1 - clamped)  # metric._weight(output), with the sigmoid shared with q
         inside = ((output > math.log(metric.eps) - math.log1p(-metric.eps))
                   & (output < math.log1p(-metric.eps) - math.log(metric.eps)))
-        q = torch.where(inside, 0.5 - p, 0)  # psi'' / psi' [B, D]
+        q = torch.where(inside, 0.5 - torch.sigmoid(output), 0)  # psi'' / psi' [B, D]
         along = _combine(tangents, J_rows)  # l'[w] (and l'[V]) [B, n, D]
         bent = (q.unsqueeze(1) * along[:, :1]) * along
-        u = bent if u is None else u.add_(bent)  # in place: u is a view of out_rows
-    else:
-        weight = metric._weight(output)  # None, [D] or [B, D]
-    weighted = J_rows if weight is None else J_rows * weight.unsqueeze(-2)  # J_l^T diag(w), as rows
-    if rows is not None and second is not None:  # u is out_rows[:, 1 + d:], right after J_rows: one product
-        both = torch.bmm(weighted, out_rows[:, 1:].transpose(1, 2))  # [G | rhs] [B, d, d + n]
-        G, rhs = both[..., :d], both[..., d:]
-    else:
-        G = torch.bmm(weighted, J_rows.transpose(1, 2))
-        rhs = G.new_zeros(B, d, n) if u is None else torch.bmm(weighted, u.transpose(1, 2))  # [B, d, n]
+        u = bent if u is None else u + bent
+    G = torch.bmm(weighted, J_rows.transpose(1, 2))
+    rhs = G.new_zeros(B, d, n) if u is None else torch.bmm(weighted, u.transpose(1, 2))  # [B, d, n]
     solved = -torch.cholesky_solve(rhs, _linalg.cholesky(G, "metric(z)"))
     return solved[..., 0], (None if V is None else solved[..., 1])
 

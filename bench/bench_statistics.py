@@ -313,8 +313,9 @@ def main(argv=None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # cut short: "did not converge"
                 t_old, old = _time(lambda: baseline_frechet_mean(metric32, codes, max_iter=k))
-            print(f"baseline frechet_mean: {t_old:8.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU for its first {old.n_iter} "
-                  f"iteration(s) (cut at max_iter={k}: a lower bound), converged {old.converged}, gradient norm "
+            extent = (f"converged in {old.n_iter} iterations" if old.converged else
+                      f"for its first {old.n_iter} iteration(s) (cut at max_iter={k}: a lower bound)")
+            print(f"baseline frechet_mean: {t_old:8.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU {extent}, gradient norm "
                   f"{float(old.gradient_norm):.1e}")
         t_codes, big = _time(lambda: statistics.frechet_mean(metric32, codes, progress=False))
         print(f"pygeo frechet_mean:   {t_codes:8.2f} s wall, {CPU_SECONDS[-1]:.2f} s CPU (process), converged "

@@ -268,7 +268,7 @@ def main(argv=None):
             v_gs = torch.as_tensor(v_gs).reshape(k, 2).to(z0.dtype)
             residual_gs = relative_residual(metric, z0[:k], z1[:k], v_gs)
             scaled = t_gs / k * args.pairs
-            print(f"geomstats 2.8 log:    {t_gs:8.2f} s for {k} pairs -> {scaled:.0f} s for {args.pairs} (scaled per pair); "
+            print(f"geomstats 2.8 log:    {t_gs:8.2f} s ({CPU_SECONDS[-1]:.2f} s CPU) for {k} pairs -> {scaled:.0f} s for {args.pairs} (scaled per pair); "
                   f"relative residual median {float(residual_gs.median()):.1e} max {float(residual_gs.max()):.1e}; "
                   f"pygeo speed-up {scaled / t_log:.0f}x")
 
@@ -294,13 +294,14 @@ def main(argv=None):
             print(f"geomstats FrechetMean of {k} points started {time.strftime('%H:%M:%S')} (if the run is stopped "
                   f"before it ends, the time from here is a lower bound)", flush=True)
             t_gs, m_gs = _time(lambda: geomstats_frechet_mean(space, x[:k]))
+            cpu_gs = CPU_SECONDS[-1]
             m_gs = torch.as_tensor(m_gs).reshape(2).to(x.dtype)
             small = statistics.frechet_mean(metric, x[:k])
             logs = pygeo.log_map(metric, m_gs, x[:k])
             G = metric.metric(m_gs[None])[0]
             g = logs.mean(0)
             scaled = t_gs / k * args.points
-            print(f"geomstats FrechetMean: {t_gs:8.2f} s for {k} points -> {scaled:.0f} s for {args.points} (scaled per "
+            print(f"geomstats FrechetMean: {t_gs:8.2f} s ({cpu_gs:.2f} s CPU) for {k} points -> {scaled:.0f} s for {args.points} (scaled per "
                   f"point); its gradient norm {float((g @ G @ g).sqrt()):.1e} (pygeo on the same {k}: "
                   f"{float(small.gradient_norm):.1e}, |mean difference| {float((small.mean - m_gs).norm()):.1e}); "
                   f"pygeo speed-up {scaled / t_mean:.0f}x")

@@ -46,6 +46,7 @@ import contextlib
 import math
 import os
 import random as _random
+import warnings
 
 import pytest
 import torch
@@ -520,6 +521,82 @@ def test_fuzz_christoffel_and_curvature_of_metrics(seed, scale, d, B, which):
         if kind == "ok":
             assert all(finite(t) for t in out), f"{which} {backend}: NaN/Inf out of finite input"
 
+
+
+class _HalfPlane(pygeo.FunctionMetric):
+    """G = I / y^2 on y > 0 (d = 2), with in_domain: points below the axis must be refused, not integrated."""
+
+    def __init__(self):
+        super().__init__(lambda z: torch.eye(2, dtype=z.dtype) / z[..., 1, None, None] ** 2, dim=2)
+
+    def in_domain(self, z):
+        return z[..., 1] > 0
+
+
+def _manifold_metric(kind: str, d: int, seed: int, weight_scale: float, dtype):
+    """(metric, d): the half-plane (d = 2), a linear embedding (flat), or a small Bernoulli MLP pullback."""
+    if kind == "half-plane":
+        return _HalfPlane(), 2
+    torch.manual_seed(seed)
+    if kind == "flat":
+        decoder = torch.nn.Linear(d, d + 1)
+    else:
+        decoder = torch.nn.Sequential(torch.nn.Linear(d, 6), torch.nn.Softplus(), torch.nn.Linear(6, 5))
+    decoder = decoder.to(dtype)
+    with torch.no_grad():
+        for parameter in decoder.parameters():
+            parameter.mul_(weight_scale)
+            parameter.requires_grad_(False)
+    return pygeo.PullbackMetric(decoder, likelihood="euclidean" if kind == "flat" else "bernoulli"), d
+
+
+def _fields(result):
+    """The tensors of a result dataclass, or the tensor itself."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    values = list(result) if isinstance(result, tuple) else list(vars(result).values())  # named tuples, dataclasses
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+@fuzz_settings(6)
+@example(seed=0, scale=1.0, weight_scale=1.0, dtype=torch.float64, B=2, d=2, kind="half-plane", op="frechet_mean")
+@example(seed=1, scale=10.0, weight_scale=1.0, dtype=torch.float32, B=2, d=2, kind="mlp", op="log_map")
+@given(seed=seeds, scale=st.sampled_from([0.0, 1e-6, 0.3, 1.0, 10.0, 1e3]),
+       weight_scale=st.sampled_from([1e-3, 1.0, 30.0]), dtype=real_dtypes, B=st.integers(1, 3), d=st.integers(1, 2),
+       kind=st.sampled_from(["half-plane", "flat", "mlp"]),
+       op=st.sampled_from(["log_map", "parallel_transport", "frechet_mean", "tangent_pca", "wrapped_normal",
+                           "geodesic_kmedoids", "brownian_motion"]))
+def test_fuzz_manifold_statistics(seed, scale, weight_scale, dtype, B, d, kind, op):
+    """The statistics ops (issue 25) on random points, extreme ones included (points outside the half-plane,
+    saturated decoders whose G is singular): each returns or refuses with a ValueError / TypeError, and what it
+    returns from finite input is finite (log maps that do not converge say so in .converged, with their best finite
+    v; Brownian paths that escape are flagged). Iteration counts are cut so that an example takes well under a
+    second; convergence itself is tested in test_log_map.py and test_statistics.py."""
+    metric, d = _manifold_metric(kind, d, seed, weight_scale, dtype)
+    z0, z1, v = (random((B, d), seed + k, scale, dtype) for k in range(3))
+    if not finite(z0, z1, v):
+        return
+    statistics, quick = pygeo.statistics, dict(max_iter=3, energy_max_iter=20)
+    calls = {
+        "log_map": lambda: pygeo.log_map(metric, z0, z1, return_result=True, **quick),
+        "parallel_transport": lambda: pygeo.parallel_transport(metric, z0, z1, v, **quick),
+        "frechet_mean": lambda: statistics.frechet_mean(metric, z1, weights=z0[:, 0].abs(), max_iter=2,
+                                                        energy_max_iter=20),
+        "tangent_pca": lambda: statistics.tangent_pca(metric, z1, n_components=max(1, d - 1), mean=z0[0]),
+        "wrapped_normal": lambda: statistics.wrapped_normal(metric, z0[0], torch.diag(v[0] * v[0]), 3, seed=seed),
+        "geodesic_kmedoids": lambda: pygeo.cluster.geodesic_kmedoids(metric, z1, k=min(2, B), seed=seed,
+                                                                     progress=False),
+        "brownian_motion": lambda: pygeo.sample.brownian_motion(metric, z0[0], t=0.1, n_steps=4, n_paths=3,
+                                                                seed=seed, progress=False),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "did not converge" warnings: what is checked here is the returned values
+        kind_, out = outcome(lambda: _fields(calls[op]()))
+    hypothesis.event(f"{op}: {kind_}")  # --hypothesis-show-statistics: how many examples each op ran, not refused
+    if kind_ == "ok":
+        for t in out:
+            if t.dtype != torch.bool and t.is_floating_point():
+                assert finite(t), f"{op} on {kind}: NaN/Inf out of finite input"
 
 def test_fuzz_bad_arguments_are_refused_clearly():
     """Wrong types, ranks and dtypes at every op: a ValueError or TypeError, nothing else."""

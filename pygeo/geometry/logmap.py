@@ -22,10 +22,13 @@ class LogMapResult:
 
     v [B, d]: initial velocities, exp_map(z0, v) = z1 to the tolerance where converged.
     converged [B] (bool): the shooting residual |exp_map(z0, v) - z1| met the tolerance.
-    residual [B]: |exp_map(z0, v) - z1| (Euclidean, in coordinates).
+    residual [B]: |exp_map(z0, v) - z1| (Euclidean, in coordinates); +inf where the path from v leaves the region
+      where the metric is defined (such a pair is never converged).
     distance [B]: |v|_G(z0) = sqrt(v^T G(z0) v), the length of the geodesic (the geodesic distance when it minimises).
     points [B, n_points, d]: the geodesic sampled at t = 0, 1/(n_points - 1), ..., 1 by the integrator (the last
-      point is exp_map(z0, v), within the residual of z1): a warm start (init=) for nearby pairs.
+      point is exp_map(z0, v), within the residual of z1): a warm start (init=) for nearby pairs. Where that path
+      leaves the metric's domain (residual inf), the minimum-energy curve from z0 to z1 of the first stage instead
+      (the straight line when the first stage was skipped), so that the points are always finite.
     iterations [B]: Newton iterations each pair used.
     """
 
@@ -189,6 +192,7 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
                             iterations=torch.zeros(0, dtype=torch.long, device=device))
     if tol is None:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
+    curves = None
     if velocity is None:
         curves = _energy_curves(metric, z0, z1, n_points, init, energy_max_iter)
         velocity = _curve_velocity(curves)
@@ -303,6 +307,13 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
         bar.close()
     if record is None:  # the recorded curve needs its own step count; the residual stays the one of n_steps
         _, points = shoot(z0, velocity, substeps * (n_points - 1), record_every=substeps)
+    failed = ~torch.isfinite(points).flatten(1).all(-1)
+    if bool(failed.any()):  # paths that left the domain: the energy curve (or the straight line) instead
+        weights = torch.linspace(0, 1, n_points, dtype=dtype, device=device)[:, None]
+        fallback = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+        if curves is not None:
+            fallback = torch.where(torch.isfinite(curves).flatten(1).all(-1)[:, None, None], curves, fallback)
+        points = torch.where(failed[:, None, None], fallback, points)
     G0 = metric.metric(z0)
     distance = torch.einsum("bi,bij,bj->b", velocity, G0, velocity).clamp_min(0).sqrt()
     result = LogMapResult(v=velocity, converged=converged, residual=size(residual), distance=distance, points=points,

@@ -38,6 +38,12 @@ The run after the last fix: 110,000 randomised cases (13 tests, one process at a
 from finite input, 0 disagreements beyond the tolerances, and a second one of 63,900 cases (660 s) just as clean; per
 test cases and seeds in bench/RESULTS.md.
 
+test_fuzz_manifold_statistics (2026-12-07, issue 25) runs the statistics ops (log_map, parallel_transport,
+frechet_mean, tangent_pca, wrapped_normal, geodesic_kmedoids, brownian_motion) on the half-plane, a flat embedding and
+a Bernoulli MLP; its finding F10 (log_map's .points NaN where the best velocity's path leaves the domain of a saturated
+float32 decoder) is fixed in geometry/logmap.py (@example). After the fix, 1,200 cases with the seed that found it
+(2512, N = 8000) were clean (bench/RESULTS.md, "Quasi-Newton Karcher flow ...").
+
 Tolerances: the dtype's (TOLERANCE) relative to the result's magnitude, times the problem's condition number where
 the output goes through an exponent (exponent_condition) or through G^-1 (the log-volume gradient: cond(G)), plus
 the terms a kernel may drop as negligible (NEGLIGIBLE, dropped_terms_allowance) and tiny / eps near zero.

@@ -25,7 +25,7 @@ class FrechetMeanResult:
     distances are |log_mean(x_i)|^2_G); converged (bool): the gradient criterion was met; n_iter (int): Karcher
     iterations done; gradient_norm (0-d): |sum_i w_i log_mean(x_i) / sum_i w_i|_G(mean), the Riemannian gradient norm
     of variance / 2 at the mean; log_maps [N, d]: log_mean(x_i); log_maps_converged [N] (bool): which of those log
-    maps met their tolerance (frechet_mean's tol / 10 on the shooting residual, at least log_map's default)."""
+    maps met their tolerance (log_map's default on the shooting residual, or frechet_mean's tol / 10 where tighter)."""
 
     mean: torch.Tensor
     variance: torch.Tensor
@@ -122,7 +122,7 @@ def frechet_mean(metric, x: torch.Tensor, weights: Optional[torch.Tensor] = None
     x_i on 2 (n_points - 1) + 1 points (no shooting; each started from the previous iteration's curve with its
     start moved to the new m), until that gradient is below tol or the curves' discretisation error, or a step fails
     to lower that variance; then accurate log maps (pygeo.log_map's shooting with n_points, n_steps and
-    log_map_options, to a residual tolerance of tol / 10, at least log_map's default), each started from the energy
+    log_map_options, to log_map's residual tolerance, or tol / 10 where tighter), each started from the energy
     velocity at the new m plus the last accurate-minus-energy difference, and from its last Jacobian estimate. An
     iteration on accurate log maps is accepted when it lowers F, or, close to the mean where the change in F is
     below what the log maps resolve (bounded by how far their geodesics miss the x_i), when it keeps F within that
@@ -168,9 +168,11 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
     fine_points = 2 * (n_points - 1) + 1
     energy_max_iter = log_map_options.get("energy_max_iter", 300)
     energy_tol = _ENERGY_TOL.get(x.dtype)
-    # The accurate log maps' residual tolerance: a tenth of the criterion's (relative) tolerance, so that their errors
-    # stay well below the gradient norm the criterion asks for, and no tighter than log_map's default
-    log_tol = max(tol / 10, 1e-10 if x.dtype == torch.float64 else 1e-5)
+    # The accurate log maps' residual tolerance: log_map's default, or a tenth of the criterion's (relative) tolerance
+    # where that is tighter, so that their errors stay well below the gradient norm the criterion asks for (a looser
+    # one, tol / 10 = 2e-4 in float32, saved 15 % on 2,000 demo codes but left the reported variance off by ~2e-4
+    # relative: more than the Frechet mean's own gain over the Euclidean mean on a small class)
+    log_tol = min(tol / 10, 1e-10 if x.dtype == torch.float64 else 1e-5)
     G_x = metric.metric(x)  # [N, d, d]: measures how far each accurate log map's geodesic misses its x_i
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
 

@@ -64,7 +64,7 @@ def test_karcher_flow_is_quasi_newton_on_widely_spread_points():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_frechet_mean_reports_accurate_log_maps_and_an_honest_gradient(dtype):
     """The Karcher flow starts on inexact log maps (energy-curve velocities); what it reports, and the convergence
-    test, are on log maps solved by shooting (to a tenth of its tol) at the returned mean."""
+    test, are on log maps solved by shooting (to log_map's tolerance) at the returned mean."""
     generator = torch.Generator().manual_seed(26)
     x = half_plane_points(9, generator).to(dtype)
     metric = HalfPlane()

@@ -193,8 +193,8 @@ def _karcher_flow(metric, x, w, m, step, max_iter, tol, n_points, n_steps, progr
             gap = torch.nan_to_num(torch.einsum("ni,nij,nj->n", miss, G_x, miss).clamp_min(0).sqrt(), nan=0.0,
                                    posinf=0.0)
             uncertainty = w @ (2 * squared.sqrt() * gap + gap * gap)
-        return dict(variance=w @ squared, gradient=gradient, gradient_norm=(gradient @ G @ gradient).clamp_min(0).sqrt(),
-                    G=G, uncertainty=uncertainty)
+        gradient_norm = (gradient @ G @ gradient).clamp_min(0).sqrt()
+        return dict(variance=w @ squared, gradient=gradient, gradient_norm=gradient_norm, G=G, uncertainty=uncertainty)
 
     def energy_velocities(point, curves):
         """(velocities [N, d], curves [N, fine_points, d]): the minimum-energy curves from point to x_i (from curves

@@ -47,7 +47,7 @@ import torch
 import pygeo
 import pygeo.statistics as statistics
 from pygeo.geometry import distances as distances_module
-from pygeo.geometry.geodesic import _default_tol
+from pygeo.geometry.geodesic import _default_tol, _straight_lines
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distance_setting import demo_setting  # noqa: E402
@@ -113,9 +113,8 @@ def pygeo_log_maps(metric, z0, z1):
 
 def pygeo_pair_distances(metric, z0, z1, n_points: int = 9):
     """The energy solver of geodesic_distances on the pairs (z0[k], z1[k]) from straight lines."""
-    weights = torch.linspace(0, 1, n_points, dtype=z0.dtype)[:, None]
-    curves = z0[:, None] * (1 - weights) + z1[:, None] * weights
     with torch.no_grad():
+        curves = _straight_lines(z0, z1, n_points)
         return distances_module._solve(metric, curves, 300, _default_tol(z0.dtype, "energy"))[0]
 
 

@@ -101,8 +101,7 @@ def geodesic(metric, z0: torch.Tensor, z1: torch.Tensor, n_points: int = 16, met
                 coarse = geodesic(metric, z0, z1, n_points=(n_points - 1) // 4 + 1, max_iter=max_iter, tol=tol)
                 init, coarse_iterations = _resample(coarse.points, n_points), coarse.iterations
             if init is None:
-                weights = torch.linspace(0, 1, n_points, dtype=z0.dtype, device=z0.device)[:, None]
-                init = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+                init = _straight_lines(z0, z1, n_points)
             else:
                 _checks.real_tensor("init", init, min_dim=3)
                 if init.shape != (z0.shape[0], n_points, z0.shape[1]):
@@ -119,14 +118,20 @@ _COARSE_FROM = 17  # curves with more points than this start from a solved coars
 _SHOOTING_GUESS_POINTS = 9  # points of the energy solve that gives the shooting method its first velocity
 
 
+def _straight_lines(z0: torch.Tensor, z1: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The straight lines [B, n_points, d] from z0 [B, d] to z1 [B, d], at t = k / (n_points - 1): the energy solvers'
+    default start."""
+    weights = torch.linspace(0, 1, n_points, dtype=z0.dtype, device=z0.device)[:, None]
+    return z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+
+
 def _initial_velocity(metric, z0: torch.Tensor, z1: torch.Tensor, max_iter: int) -> torch.Tensor:
     """c'(0) [B, d] of the minimum-energy curve on a coarse grid (t = 0, h, 2h, ...), by the second-order one-sided
     difference (-3 c_0 + 4 c_1 - c_2) / (2h). The straight-line velocity z1 - z0 can overshoot wildly where the metric
     varies (hyperbolic space) and Newton never recovers; this guess is close enough for Newton to converge."""
     T = _SHOOTING_GUESS_POINTS
-    weights = torch.linspace(0, 1, T, dtype=z0.dtype, device=z0.device)[:, None]
-    line = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
-    curve = _minimise_energy(metric, line, max_iter, _default_tol(z0.dtype, "energy"), progress=False).points
+    curve = _minimise_energy(metric, _straight_lines(z0, z1, T), max_iter, _default_tol(z0.dtype, "energy"),
+                             progress=False).points
     velocity = (-3 * curve[:, 0] + 4 * curve[:, 1] - curve[:, 2]) * ((T - 1) / 2)
     return torch.where(torch.isfinite(velocity).all(-1, keepdim=True), velocity, z1 - z0)
 

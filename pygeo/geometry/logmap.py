@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks
 from .curvature import uses_flat_coordinates
-from .geodesic import _default_tol, _integrate, _minimise_energy
+from .geodesic import _default_tol, _integrate, _minimise_energy, _straight_lines
 
 
 @dataclass
@@ -309,8 +309,7 @@ def _log_map(metric, z0, z1, n_points, n_steps, max_iter, tol, init, energy_max_
         _, points = shoot(z0, velocity, substeps * (n_points - 1), record_every=substeps)
     failed = ~torch.isfinite(points).flatten(1).all(-1)
     if bool(failed.any()):  # paths that left the domain: the energy curve (or the straight line) instead
-        weights = torch.linspace(0, 1, n_points, dtype=dtype, device=device)[:, None]
-        fallback = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+        fallback = _straight_lines(z0, z1, n_points)
         if curves is not None:
             fallback = torch.where(torch.isfinite(curves).flatten(1).all(-1)[:, None, None], curves, fallback)
         points = torch.where(failed[:, None, None], fallback, points)
@@ -327,8 +326,7 @@ def _energy_curves(metric, z0, z1, n_points, init, max_iter, tol: Optional[float
     """Minimum-energy curves [B, n_points, d] from z0 to z1 (from init or the straight line), to the energy solvers'
     tolerance tol (default: geodesic()'s)."""
     if init is None:
-        weights = torch.linspace(0, 1, n_points, dtype=z0.dtype, device=z0.device)[:, None]
-        curves = z0[:, None, :] * (1 - weights) + z1[:, None, :] * weights
+        curves = _straight_lines(z0, z1, n_points)
     else:
         curves = torch.cat([z0[:, None], init[:, 1:-1].detach(), z1[:, None]], 1)
     if max_iter == 0:

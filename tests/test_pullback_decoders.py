@@ -90,7 +90,9 @@ def test_output_key_reads_the_reconstruction(wrapper, likelihood):
     if wrapper == "pythae ModelOutput":
         model_output = pythae_model_output()
         if model_output is None:
-            pytest.skip("pythae is not installed")
+            pytest.skip("pythae is not installed (an optional peer, not a dependency: pip install pythae): this case "
+                        "checks pythae's own ModelOutput class; the stand-in ModelOutput, dict and object cases above "
+                        "cover output_key without it")
         wrap = lambda x: model_output(reconstruction=x)  # noqa: E731
     else:
         wrap = WRAPPERS[wrapper]
